@@ -1,0 +1,1 @@
+"""pstrain client: the Keras-style API (client.nn), datasets and the psctl CLI."""

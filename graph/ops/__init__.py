@@ -1,0 +1,2 @@
+"""Op definitions; importing this package registers every op."""
+from graph.ops import array, elementwise, losses, nn  # noqa: F401

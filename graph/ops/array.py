@@ -1,0 +1,297 @@
+"""Shape-changing ops: matmul, reshape, expand_dims, transpose and reductions."""
+from __future__ import annotations
+
+import numpy as np
+
+from graph.errors import GraphError, ShapeError
+from graph.ops._util import (
+    broadcast_shapes,
+    defop,
+    fmt_shape,
+    norm_axes,
+    num_elements,
+    require_float,
+    same_dtype,
+    unbroadcast,
+)
+from graph.registry import TensorSpec
+
+
+# ---- matmul ------------------------------------------------------------------
+def _mm_dims(shape, transpose):
+    m, k = shape[-2], shape[-1]
+    return (k, m) if transpose else (m, k)
+
+
+def _matmul_infer(node, specs, attrs):
+    a, b = specs
+    for s, what in ((a, "a"), (b, "b")):
+        if s.rank < 2:
+            raise ShapeError(f"matmul input {what} must have rank >= 2, got shape {fmt_shape(s.shape)}", node, "matmul")
+        require_float(s, node, "matmul", f"matmul input {what}")
+    dt = same_dtype(specs, node, "matmul")
+    m, k1 = _mm_dims(a.shape, attrs["transpose_a"])
+    k2, n = _mm_dims(b.shape, attrs["transpose_b"])
+    if k1 is not None and k2 is not None and k1 != k2:
+        raise ShapeError(
+            f"inner dimensions differ: {fmt_shape(a.shape)} @ {fmt_shape(b.shape)} "
+            f"(transpose_a={attrs['transpose_a']}, transpose_b={attrs['transpose_b']}) needs {k1} == {k2}",
+            node,
+            "matmul",
+        )
+    batch = broadcast_shapes(a.shape[:-2], b.shape[:-2], node, "matmul")
+    return TensorSpec(batch + (m, n), dt)
+
+
+def _matmul_ref(ctx, a, b, transpose_a, transpose_b):
+    if transpose_a:
+        a = np.swapaxes(a, -1, -2)
+    if transpose_b:
+        b = np.swapaxes(b, -1, -2)
+    return np.matmul(a, b)
+
+
+def _matmul_grad(g, y, dy):
+    a, b = (g.tensor(n) for n in y.node.inputs)
+    ta, tb = y.node.attrs["transpose_a"], y.node.attrs["transpose_b"]
+    if not ta and not tb:
+        da, db = g.matmul(dy, b, transpose_b=True), g.matmul(a, dy, transpose_a=True)
+    elif ta and not tb:
+        da, db = g.matmul(b, dy, transpose_b=True), g.matmul(a, dy)
+    elif not ta and tb:
+        da, db = g.matmul(dy, b), g.matmul(dy, a, transpose_a=True)
+    else:
+        da = g.matmul(b, dy, transpose_a=True, transpose_b=True)
+        db = g.matmul(dy, a, transpose_a=True, transpose_b=True)
+    return [unbroadcast(g, da, a), unbroadcast(g, db, b)]
+
+
+defop(
+    "matmul",
+    _matmul_infer,
+    _matmul_ref,
+    _matmul_grad,
+    attrs={"transpose_a": False, "transpose_b": False},
+    num_inputs=2,
+)
+
+
+# ---- reshape family ------------------------------------------------------------
+def _reshape_infer(node, specs, attrs):
+    (x,) = specs
+    target = [None if d is None else int(d) for d in attrs["shape"]]
+    if sum(1 for d in target if d is None or d == -1) > 1:
+        raise ShapeError(f"reshape target {attrs['shape']} has more than one unknown (-1) dimension", node, "reshape")
+    n_in = num_elements(x.shape)
+    known = 1
+    for d in target:
+        if d is not None and d != -1:
+            if d < 0:
+                raise ShapeError(f"reshape target {attrs['shape']} has a negative dimension", node, "reshape")
+            known *= d
+    if -1 in target or None in target:
+        idx = target.index(-1) if -1 in target else target.index(None)
+        if n_in is not None:
+            if known == 0 or n_in % known:
+                raise ShapeError(
+                    f"cannot reshape {fmt_shape(x.shape)} ({n_in} elements) to {tuple(attrs['shape'])}", node, "reshape"
+                )
+            target[idx] = n_in // known
+        else:
+            target[idx] = None
+            # the known part must divide the known part of the input
+            known_in = num_elements(tuple(d for d in x.shape if d is not None))
+            if known and known_in % known and known % known_in:
+                raise ShapeError(
+                    f"cannot reshape {fmt_shape(x.shape)} to {tuple(attrs['shape'])}: element counts never match",
+                    node,
+                    "reshape",
+                )
+    elif n_in is not None and n_in != known:
+        raise ShapeError(
+            f"cannot reshape {fmt_shape(x.shape)} ({n_in} elements) to {tuple(attrs['shape'])} ({known} elements)",
+            node,
+            "reshape",
+        )
+    return TensorSpec(tuple(target), x.dtype)
+
+
+def _reshape_ref(ctx, x, shape):
+    return np.reshape(x, [-1 if d is None else d for d in shape])
+
+
+def _reshape_like_grad(g, y, dy):
+    return [g.reshape_like(dy, g.tensor(y.node.inputs[0]))]
+
+
+defop("reshape", _reshape_infer, _reshape_ref, _reshape_like_grad, attrs={"shape": ()}, num_inputs=1)
+defop(
+    "reshape_like",
+    lambda node, specs, attrs: TensorSpec(specs[1].shape, specs[0].dtype),
+    lambda ctx, x, like: np.reshape(x, like.shape),
+    num_inputs=2,
+    differentiable=False,
+)
+
+
+def _expand_dims_infer(node, specs, attrs):
+    (x,) = specs
+    axis = int(attrs["axis"])
+    if not -(x.rank + 1) <= axis <= x.rank:
+        raise ShapeError(f"axis {axis} is out of range for rank {x.rank}", node, "expand_dims")
+    axis %= x.rank + 1
+    return TensorSpec(x.shape[:axis] + (1,) + x.shape[axis:], x.dtype)
+
+
+defop(
+    "expand_dims",
+    _expand_dims_infer,
+    lambda ctx, x, axis: np.expand_dims(x, axis),
+    _reshape_like_grad,
+    attrs={"axis": 0},
+    num_inputs=1,
+)
+
+
+def _perm(attrs, rank, node):
+    perm = attrs["perm"]
+    if perm is None or len(perm) == 0:
+        return tuple(reversed(range(rank)))
+    perm = tuple(int(p) % rank if -rank <= int(p) < rank else -1 for p in perm)
+    if sorted(perm) != list(range(rank)):
+        raise ShapeError(f"perm {attrs['perm']} is not a permutation of {rank} axes", node, "transpose")
+    return perm
+
+
+def _transpose_infer(node, specs, attrs):
+    (x,) = specs
+    perm = _perm(attrs, x.rank, node)
+    return TensorSpec(tuple(x.shape[p] for p in perm), x.dtype)
+
+
+def _transpose_grad(g, y, dy):
+    perm = _perm(y.node.attrs, len(y.shape), y.name)
+    inverse = [0] * len(perm)
+    for i, p in enumerate(perm):
+        inverse[p] = i
+    return [g.transpose(dy, perm=inverse)]
+
+
+defop(
+    "transpose",
+    _transpose_infer,
+    lambda ctx, x, perm: np.transpose(x, None if not perm else perm),
+    _transpose_grad,
+    attrs={"perm": None},
+    num_inputs=1,
+)
+
+
+# ---- reductions ------------------------------------------------------------------
+def _reduce_infer(op):
+    def infer(node, specs, attrs):
+        (x,) = specs
+        if op != "reduce_max":
+            require_float(x, node, op) if op == "reduce_mean" else None
+        axes = norm_axes(attrs["axis"], x.rank, node, op)
+        if attrs["keepdims"]:
+            shape = tuple(1 if i in axes else d for i, d in enumerate(x.shape))
+        else:
+            shape = tuple(d for i, d in enumerate(x.shape) if i not in axes)
+        return TensorSpec(shape, x.dtype)
+
+    return infer
+
+
+def _axis_arg(axis):
+    if axis is None:
+        return None
+    return axis if isinstance(axis, (int, np.integer)) else tuple(axis)
+
+
+def _reduce_max_ref(ctx, x, axis, keepdims):
+    if x.size == 0:
+        raise ValueError("reduce_max of an empty tensor")
+    return np.max(x, axis=_axis_arg(axis), keepdims=keepdims)
+
+
+def _reduce_grad(mean):
+    def grad(g, y, dy):
+        x = g.tensor(y.node.inputs[0])
+        a = y.node.attrs
+        return [g.unreduce(dy, x, axis=a["axis"], keepdims=a["keepdims"], mean=mean)]
+
+    return grad
+
+
+def _reduce_max_grad(g, y, dy):
+    x = g.tensor(y.node.inputs[0])
+    a = y.node.attrs
+    return [g.reduce_max_grad(dy, x, y, axis=a["axis"], keepdims=a["keepdims"])]
+
+
+_RATTRS = {"axis": None, "keepdims": False}
+defop(
+    "reduce_sum",
+    _reduce_infer("reduce_sum"),
+    lambda ctx, x, axis, keepdims: np.sum(x, axis=_axis_arg(axis), keepdims=keepdims),
+    _reduce_grad(False),
+    attrs=_RATTRS,
+    num_inputs=1,
+)
+defop(
+    "reduce_mean",
+    _reduce_infer("reduce_mean"),
+    lambda ctx, x, axis, keepdims: np.mean(x, axis=_axis_arg(axis), keepdims=keepdims),
+    _reduce_grad(True),
+    attrs=_RATTRS,
+    num_inputs=1,
+)
+defop("reduce_max", _reduce_infer("reduce_max"), _reduce_max_ref, _reduce_max_grad, attrs=_RATTRS, num_inputs=1)
+
+
+def _expand_back(dy, x_shape, axis, keepdims):
+    axes = norm_axes(axis, len(x_shape), None, "unreduce")
+    if not keepdims:
+        for a in axes:
+            dy = np.expand_dims(dy, a)
+    return dy, axes
+
+
+def _unreduce_ref(ctx, dy, x, axis, keepdims, mean):
+    dy, axes = _expand_back(dy, x.shape, axis, keepdims)
+    out = np.broadcast_to(dy, x.shape).astype(dy.dtype, copy=True)
+    if mean:
+        count = int(np.prod([x.shape[a] for a in axes])) if axes else 1
+        out /= np.asarray(max(count, 1), dtype=out.dtype)
+    return out
+
+
+def _reduce_max_grad_ref(ctx, dy, x, y, axis, keepdims):
+    dy, _ = _expand_back(dy, x.shape, axis, keepdims)
+    y, _ = _expand_back(y, x.shape, axis, keepdims)
+    mask = (x == y).astype(dy.dtype)
+    # Ties share the gradient evenly (PyTorch's amax rule).
+    count = np.sum(mask, axis=_axis_arg(axis), keepdims=True)
+    return mask * dy / count
+
+
+defop(
+    "unreduce",
+    lambda node, specs, attrs: TensorSpec(specs[1].shape, specs[0].dtype),
+    _unreduce_ref,
+    attrs={"axis": None, "keepdims": False, "mean": False},
+    num_inputs=2,
+    differentiable=False,
+    doc="Broadcast a reduction's gradient back over the reduced axes.",
+)
+defop(
+    "reduce_max_grad",
+    lambda node, specs, attrs: TensorSpec(specs[1].shape, specs[0].dtype),
+    _reduce_max_grad_ref,
+    attrs=_RATTRS,
+    num_inputs=3,
+    differentiable=False,
+)
+
+__all__ = ["GraphError"]

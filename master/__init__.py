@@ -1,0 +1,1 @@
+"""pstrain master: validation, graph passes, planning and job tracking (distributed runtime)."""

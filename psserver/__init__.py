@@ -1,0 +1,1 @@
+"""pstrain parameter-server shards (the distributed runtime builds here)."""

@@ -1,0 +1,1 @@
+"""pstrain worker: runs a graph's forward and backward passes with Numba kernels."""
