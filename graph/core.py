@@ -164,7 +164,8 @@ class Graph:
             raise GraphError(
                 f"unknown attrs {sorted(unknown)}; allowed: {sorted(opdef.attrs)}", name or op_type, op_type
             )
-        full_attrs = {**opdef.attrs, **attrs}
+        # Sequences become tuples so attrs hash (CSE) and compare equal after decoding.
+        full_attrs = {**opdef.attrs, **{k: tuple(v) if isinstance(v, list) else v for k, v in attrs.items()}}
         tensors = self._as_tensors(inputs, name or op_type)
         specs = [t.node.spec for t in tensors]
         node_name = self._unique(name or op_type)

@@ -1,0 +1,370 @@
+"""``Sequential`` models: Keras's API, lowered to the graph IR and trained by the
+same pieces the distributed runtime uses (``master.plan`` for the backward pass,
+``worker.runner`` for steps, ``psserver.store`` for parameters and optimizer).
+
+Usage::
+
+    from client import nn
+    model = nn.Sequential([nn.Dense(128, activation="relu", input_dim=784),
+                           nn.Dense(10, activation="softmax")])
+    model.compile(nn.optimizers.SGD(0.1, momentum=0.9),
+                  "sparse_categorical_crossentropy", metrics=["accuracy"])
+    model.fit(x, y, batch_size=128, epochs=5, validation_data=(xt, yt))
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+
+from client.datasets import epoch_permutation
+from client.nn import layers as layers_mod
+from client.nn import losses, metrics as metrics_mod, optimizers
+from client.progress import ProgressBar, write_epoch_header
+from graph.core import Graph
+from graph.registry import RunContext
+from master.plan import TrainPlan, build_train_plan
+from psserver.optimizers import Optimizer
+from psserver.store import ParameterStore
+from worker.runner import StepRunner
+
+FORMAT = "pstrain-model/1"
+
+
+@dataclass
+class History:
+    """What ``fit`` returns: per-epoch ``history["loss"]``, ``["accuracy"]``, ``["val_..."]``."""
+
+    history: dict[str, list[float]] = field(default_factory=dict)
+    epoch: list[int] = field(default_factory=list)
+
+    def add(self, epoch: int, logs: dict) -> None:
+        self.epoch.append(epoch)
+        for k, v in logs.items():
+            self.history.setdefault(k, []).append(float(v))
+
+
+class Sequential:
+    """A linear stack of layers.
+
+    ``dtype`` is the float type of weights and activations ("float32" or "float64");
+    ``seed`` fixes initialization, dropout masks and shuffling (None: random);
+    ``device`` picks the kernel backend ("cpu", "cuda", "auto", "reference").
+    """
+
+    def __init__(self, layers: Sequence[layers_mod.Layer] = (), dtype="float32", seed: int | None = None, device: str = "cpu", name: str = "sequential"):
+        self.layers: list[layers_mod.Layer] = []
+        self.dtype = np.dtype(dtype)
+        if self.dtype not in (np.float32, np.float64):
+            raise ValueError(f"Sequential: dtype must be float32 or float64, got {dtype}")
+        self.seed = int(seed) if seed is not None else int(np.random.SeedSequence().entropy % (2**31))
+        self.device = device
+        self.name = name
+        self._plan: TrainPlan | None = None
+        self._store: ParameterStore | None = None
+        self._runner: StepRunner | None = None
+        self._compiled: dict | None = None
+        self._step = 0
+        for layer in layers:
+            self.add(layer)
+
+    # ---- building -----------------------------------------------------------------
+    def add(self, layer: layers_mod.Layer) -> None:
+        if not isinstance(layer, layers_mod.Layer):
+            raise TypeError(f"Sequential.add takes a layer (e.g. nn.Dense), got {type(layer).__name__}")
+        if self._plan is not None:
+            raise RuntimeError("cannot add layers after the model is built")
+        counts = sum(1 for l in self.layers if l.kind == layer.kind)
+        if layer.name is None:
+            layer.name = layer.kind if counts == 0 else f"{layer.kind}_{counts}"
+        if any(l.name == layer.name for l in self.layers):
+            raise ValueError(f"two layers are named '{layer.name}'; layer names must be unique")
+        self.layers.append(layer)
+
+    def compile(self, optimizer="sgd", loss="mse", metrics=None) -> None:
+        """Choose optimizer (name or nn.optimizers.*), loss (Keras name) and metrics."""
+        self._compiled = {
+            "optimizer": optimizers.get(optimizer),
+            "loss": losses.check(loss),
+            "metrics": metrics_mod.check(metrics),
+        }
+        self._plan = self._store = self._runner = None
+        if self.layers and self.layers[0].input_shape is not None:
+            self.build(self.layers[0].input_shape)
+
+    @property
+    def built(self) -> bool:
+        return self._plan is not None
+
+    def build(self, input_shape: tuple) -> None:
+        """Lower the model to a graph for inputs of shape (batch, *input_shape)."""
+        if not self.layers:
+            raise ValueError("the model has no layers; add some before building")
+        if self._compiled is None:
+            raise RuntimeError("compile the model (model.compile(optimizer, loss)) before using it")
+        input_shape = tuple(int(d) for d in input_shape)
+        g = Graph()
+        rng = np.random.default_rng(self.seed)
+        x = g.placeholder((None,) + input_shape, self.dtype, name="x")
+        h, shape = x, input_shape
+        for layer in self.layers:
+            layer.build(g, shape, self.dtype, rng)
+            h = layer.call(g, h)
+            shape = layer.output_shape(shape)
+        loss_name = self._compiled["loss"]
+        head = self.layers[-1]
+        head_act = getattr(head, "activation", None)
+        logits = head.logits if losses.FUSED_HEAD.get(loss_name) == head_act else None
+        label_shape, label_dtype = losses.label_spec(loss_name, h.shape, self.dtype)
+        y = g.placeholder(label_shape, label_dtype, name="y")
+        total = losses.build(g, loss_name, h, logits, y)
+        for layer in self.layers:
+            for p in layer.penalties:
+                total = g.add(total, p, name="total_loss")
+        self._plan = build_train_plan(g, total, h, features="x", labels="y")
+        backend_runner = StepRunner(self._plan, backend=self.device)
+        self._runner = backend_runner
+        trainable = set(self._plan.grads)
+        self._store = ParameterStore(
+            g.initial_values, trainable, Optimizer(self._compiled["optimizer"], backend_runner.backend)
+        )
+        self._input_shape = input_shape
+
+    def _ensure_built(self, x: np.ndarray) -> None:
+        if self._plan is None:
+            self.build(x.shape[1:])
+        elif tuple(x.shape[1:]) != self._input_shape:
+            raise ValueError(
+                f"model '{self.name}' expects inputs of shape (batch, {', '.join(map(str, self._input_shape))}), "
+                f"got {tuple(x.shape)}"
+            )
+
+    # ---- data helpers ------------------------------------------------------------------
+    def _prep(self, x, y=None):
+        x = np.ascontiguousarray(np.asarray(x, dtype=self.dtype))
+        if x.ndim < 2:
+            raise ValueError(f"inputs must be batch-major with at least 2 dimensions, got shape {x.shape}")
+        self._ensure_built(x)
+        if y is None:
+            return x, None
+        y = np.asarray(y)
+        if len(y) != len(x):
+            raise ValueError(f"x has {len(x)} examples but y has {len(y)}")
+        node = self._plan.graph.nodes[self._plan.labels]
+        if node.dtype.kind in "iu":
+            if y.dtype.kind not in "iu":
+                if not np.all(np.mod(y, 1) == 0):
+                    raise ValueError(f"labels for {self._compiled['loss']} must be integer class indices")
+            y = y.reshape(len(y), *[d for d in node.shape[1:]]) if y.ndim > 1 else y
+            y = y.reshape(len(y)).astype(node.dtype)
+        else:
+            y = np.asarray(y, dtype=node.dtype)
+            if y.ndim == 1 and len(node.shape) == 2 and node.shape[1] == 1:
+                y = y.reshape(-1, 1)
+        return x, np.ascontiguousarray(y)
+
+    # ---- training --------------------------------------------------------------------------
+    def train_on_batch(self, x, y) -> float | list[float]:
+        """One optimizer step on one batch; returns the loss (and metrics, if compiled with any)."""
+        x, y = self._prep(x, y)
+        loss, correct = self._train_batch(x, y)
+        if self._compiled["metrics"]:
+            return [loss, correct / len(x)]
+        return loss
+
+    def _train_batch(self, x, y) -> tuple[float, float]:
+        out = self._runner.train_step(x, y, self._store.pull(), RunContext(training=True, step=self._step, seed=self.seed))
+        self._store.push(out.grads, out.updates)
+        self._step += 1
+        correct = metrics_mod.correct(self._compiled["loss"], out.prediction, y) if self._compiled["metrics"] else 0.0
+        return out.loss, correct
+
+    def fit(self, x, y, batch_size: int = 32, epochs: int = 1, shuffle: bool = True, validation_data=None, verbose: int = 1, cluster: str | None = None) -> History:
+        """Train with mini-batch gradient descent (batch_size = len(x): batch GD;
+        1: stochastic GD), reshuffling every epoch."""
+        if cluster is not None:
+            raise NotImplementedError(
+                "fit(cluster='host:port') needs the distributed runtime, which is not built yet; "
+                "use cluster=None to train in-process"
+            )
+        if int(batch_size) <= 0 or int(epochs) < 0:
+            raise ValueError(f"batch_size must be >= 1 and epochs >= 0, got {batch_size}, {epochs}")
+        x, y = self._prep(x, y)
+        n, bs = len(x), int(batch_size)
+        steps = (n + bs - 1) // bs
+        history = History()
+        xb_full = np.empty((bs,) + x.shape[1:], x.dtype)
+        yb_full = np.empty((bs,) + y.shape[1:], y.dtype)
+        for epoch in range(int(epochs)):
+            write_epoch_header(epoch + 1, epochs, verbose)
+            bar = ProgressBar(steps, verbose=verbose)
+            order = epoch_permutation(n, self.seed, epoch) if shuffle else np.arange(n)
+            seen, loss_sum, correct_sum = 0, 0.0, 0.0
+            for s in range(steps):
+                idx = order[s * bs : (s + 1) * bs]
+                m = len(idx)
+                xb, yb = xb_full[:m], yb_full[:m]
+                np.take(x, idx, axis=0, out=xb)
+                np.take(y, idx, axis=0, out=yb)
+                loss, correct = self._train_batch(xb, yb)
+                if not np.isfinite(loss):
+                    raise FloatingPointError(
+                        f"loss became {loss} at epoch {epoch + 1}, step {s + 1}; lower the learning rate "
+                        "or check the inputs for NaN/Inf"
+                    )
+                seen += m
+                loss_sum += loss * m
+                correct_sum += correct
+                bar.update(s + 1, **self._logs(loss_sum, correct_sum, seen))
+            logs = self._logs(loss_sum, correct_sum, seen)
+            if validation_data is not None:
+                vx, vy = validation_data[0], validation_data[1]
+                val = self.evaluate(vx, vy, batch_size=max(bs, 256), verbose=0, return_dict=True)
+                logs.update({f"val_{k}": v for k, v in val.items()})
+                bar.finish(**{k: v for k, v in logs.items() if k.startswith("val_")})
+            else:
+                bar.finish()
+            history.add(epoch, logs)
+        return history
+
+    def _logs(self, loss_sum, correct_sum, seen) -> dict:
+        logs = {"loss": loss_sum / max(seen, 1)}
+        if self._compiled["metrics"]:
+            logs["accuracy"] = correct_sum / max(seen, 1)
+        return logs
+
+    # ---- inference -------------------------------------------------------------------------
+    def evaluate(self, x, y, batch_size: int = 256, verbose: int = 0, return_dict: bool = False):
+        """Loss (and metrics) over a dataset, in inference mode."""
+        x, y = self._prep(x, y)
+        params = self._store.pull()
+        loss_sum, correct_sum = 0.0, 0.0
+        for s in range(0, len(x), int(batch_size)):
+            xb, yb = x[s : s + batch_size], y[s : s + batch_size]
+            loss, pred = self._runner.eval_step(xb, yb, params)
+            loss_sum += loss * len(xb)
+            if self._compiled["metrics"]:
+                correct_sum += metrics_mod.correct(self._compiled["loss"], pred, yb)
+        logs = self._logs(loss_sum, correct_sum, len(x))
+        if verbose:
+            print(" - ".join(f"{k}: {v:.4f}" for k, v in logs.items()), file=sys.stdout)
+        if return_dict:
+            return logs
+        return list(logs.values()) if len(logs) > 1 else logs["loss"]
+
+    def predict(self, x, batch_size: int = 256) -> np.ndarray:
+        """Model outputs for ``x`` (probabilities for a softmax head)."""
+        x, _ = self._prep(x)
+        params = self._store.pull()
+        return np.concatenate(
+            [self._runner.predict_step(x[s : s + batch_size], params).copy() for s in range(0, len(x), batch_size)]
+        )
+
+    # ---- weights -------------------------------------------------------------------------------
+    def _weight_names(self) -> list[str]:
+        self._require_built()
+        return [w.name for layer in self.layers for w in layer.weights]
+
+    def _require_built(self):
+        if self._plan is None:
+            raise RuntimeError("the model is not built yet: give the first layer input_dim= or call fit/build")
+
+    def get_weights(self) -> list[np.ndarray]:
+        """Copies of all weights, in Keras order (per layer: kernel, bias, ...)."""
+        params = self._store.pull()
+        return [np.array(self._store.backend.to_host(params[n]), copy=True) for n in self._weight_names()]
+
+    def set_weights(self, weights: Sequence[np.ndarray]) -> None:
+        names = self._weight_names()
+        if len(weights) != len(names):
+            raise ValueError(f"set_weights got {len(weights)} arrays; the model has {len(names)} ({', '.join(names)})")
+        params = self._store.pull()
+        for name, w in zip(names, weights):
+            w = np.asarray(w)
+            if w.shape != tuple(params[name].shape):
+                raise ValueError(f"weight '{name}' has shape {tuple(params[name].shape)}, got {w.shape}")
+            params[name][...] = self._store.backend.asarray(w.astype(self.dtype))
+
+    @property
+    def trainable_weights_names(self) -> list[str]:
+        return list(self._plan.grads)
+
+    def summary(self) -> str:
+        self._require_built()
+        lines = [f"Model: {self.name}", f"{'Layer':<28}{'Output shape':<20}{'Params':>10}"]
+        shape, total = self._input_shape, 0
+        for layer in self.layers:
+            shape = layer.output_shape(shape)
+            n = sum(int(np.prod(w.shape)) for w in layer.weights)
+            total += n
+            lines.append(f"{layer.name + ' (' + type(layer).__name__ + ')':<28}{str((None,) + tuple(shape)):<20}{n:>10}")
+        lines.append(f"Total params: {total}")
+        text = "\n".join(lines)
+        print(text)
+        return text
+
+    # ---- saving ------------------------------------------------------------------------------------
+    def get_config(self) -> dict:
+        return {
+            "format": FORMAT,
+            "name": self.name,
+            "dtype": str(self.dtype),
+            "seed": self.seed,
+            "input_shape": list(self._input_shape) if self._plan is not None else None,
+            "layers": [l.get_config() for l in self.layers],
+            "compile": None
+            if self._compiled is None
+            else {
+                "optimizer": self._compiled["optimizer"].get_config(),
+                "loss": self._compiled["loss"],
+                "metrics": self._compiled["metrics"],
+            },
+        }
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write config and weights to one ``.npz`` file (atomically)."""
+        self._require_built()
+        arrays = {f"weight_{i}": w for i, w in enumerate(self.get_weights())}
+        save_arrays(path, self.get_config(), arrays)
+
+
+def save_arrays(path, config: dict, arrays: dict) -> None:
+    """Write a model file: JSON config plus arrays, via a temp file and rename."""
+    path = os.fspath(path)
+    d = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=d, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, __config__=np.frombuffer(json.dumps(config).encode(), np.uint8), **arrays)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def load_model(path: str | os.PathLike, device: str = "cpu") -> Sequential:
+    """Load a model written by ``model.save`` (or ``psctl export``)."""
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            config = json.loads(bytes(f["__config__"]).decode())
+            weights = [f[f"weight_{i}"] for i in range(len([k for k in f.files if k.startswith("weight_")]))]
+    except (OSError, KeyError, ValueError) as exc:
+        raise ValueError(f"{path}: not a pstrain model file ({exc})") from exc
+    if config.get("format") != FORMAT:
+        raise ValueError(f"{path}: unsupported model format {config.get('format')!r}; expected {FORMAT}")
+    model = Sequential([layers_mod.from_config(c) for c in config["layers"]], dtype=config["dtype"], seed=config["seed"], device=device, name=config["name"])
+    comp = config["compile"] or {"optimizer": "sgd", "loss": "mse", "metrics": []}
+    model.compile(optimizers.get(comp["optimizer"]), comp["loss"], comp["metrics"])
+    if not model.built:
+        model.build(tuple(config["input_shape"]))
+    model.set_weights(weights)
+    return model
