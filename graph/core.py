@@ -221,7 +221,7 @@ class Graph:
                     raise GraphError(f"input '{t.name}' belongs to another graph", where)
                 out.append(t)
             elif isinstance(t, (bool, int, float, np.number)) and np.ndim(t) == 0:
-                out.append(self.constant(t, dtype=dtypes.weak_scalar_dtype(t, other)))
+                out.append(self.constant(t, dtype=dtypes.weak_scalar_dtype(t, other, where)))
             elif isinstance(t, np.ndarray):
                 out.append(self.constant(t))
             else:

@@ -1,7 +1,9 @@
 """Dtypes the graph IR accepts, and NumPy-style promotion.
 
-Promotion follows NumPy (NEP 50) with one pstrain rule: a Python float is a "weak"
-float32, so ``int32 + 0.5`` is float32 and ``float64 + 0.5`` stays float64.
+Promotion follows NumPy (NEP 50): a Python scalar is "weak" and takes the dtype of
+the tensor it meets (``float32 + 0.5`` is float32, ``int8 + 3`` is int8), and a
+Python float next to a bool or integer tensor gives float64 (``int32 + 0.5``). One
+pstrain rule: a bare Python float, with no tensor to take a dtype from, is float32.
 """
 from __future__ import annotations
 
@@ -40,14 +42,18 @@ def promote(a: np.dtype, b: np.dtype, node: str | None = None) -> np.dtype:
     return np.result_type(a, b)
 
 
-def weak_scalar_dtype(value, other: np.dtype | None) -> np.dtype:
-    """The dtype a Python scalar takes next to a tensor of dtype ``other``."""
+def weak_scalar_dtype(value, other: np.dtype | None, node: str | None = None) -> np.dtype:
+    """The dtype a Python scalar takes next to a tensor of dtype ``other`` (None: alone)."""
     if isinstance(value, (bool, np.bool_)):
         return np.dtype(bool) if other is None else other
-    if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
-        return np.dtype("int64") if other is None or other == np.dtype(bool) else other
+    if isinstance(value, (int, np.integer)):
+        if other is None or other == np.dtype(bool):
+            return np.dtype("int64")
+        if other.kind in "iu" and not np.iinfo(other).min <= value <= np.iinfo(other).max:
+            raise DTypeError(f"the Python int {value} does not fit the {other} tensor it meets; cast one of them", node)
+        return other
     if isinstance(value, (float, np.floating)):
-        if other is not None and is_float(other):
-            return other
-        return np.dtype("float32")
-    raise DTypeError(f"cannot use {type(value).__name__} value {value!r} as a tensor")
+        if other is None:
+            return np.dtype("float32")
+        return other if is_float(other) else np.dtype("float64")
+    raise DTypeError(f"cannot use {type(value).__name__} value {value!r} as a tensor", node)

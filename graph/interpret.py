@@ -43,7 +43,7 @@ def evaluate(
         if node.op == "placeholder":
             if name not in feeds:
                 raise GraphError("placeholder was not fed", name, "placeholder")
-            values[name] = np.asarray(feeds[name])
+            values[name] = np.asarray(feeds[name], dtype=node.dtype)
         elif node.op == "variable":
             values[name] = np.asarray(params.get(name, g.initial_values[name]))
         else:
@@ -51,7 +51,7 @@ def evaluate(
             args = [values[i] for i in node.inputs]
             try:
                 out = opdef.reference(ctx, *args, **node.attrs)
-            except (ValueError, FloatingPointError) as exc:
+            except (ValueError, TypeError, FloatingPointError) as exc:
                 raise GraphError(str(exc), name, node.op) from exc
             values[name] = np.asarray(out, dtype=node.dtype)
     return [values[n] for n in names]

@@ -13,7 +13,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from graph import dtypes
-from graph.core import Graph, Node
+from graph.core import _NAME_OK, Graph, Node
 from graph.errors import CycleError, DanglingInputError, DTypeError, GraphError, ShapeError
 from graph.registry import TensorSpec, get_op
 
@@ -55,11 +55,20 @@ def topological_order(records: Sequence[Mapping[str, Any]]) -> list[Mapping[str,
 def load_nodes(records: Sequence[Mapping[str, Any]], initial_values: Mapping[str, np.ndarray] | None = None) -> Graph:
     """Validate node records and return the equivalent ``Graph``."""
     initial_values = dict(initial_values or {})
+    for i, r in enumerate(records):
+        missing = {"name", "op", "inputs", "dtype", "shape"} - set(r)
+        if missing:
+            raise GraphError(f"node record is missing {sorted(missing)}", r.get("name") or f"nodes[{i}]", r.get("op"))
     g = Graph()
     for r in topological_order(records):
         name, op = r["name"], r["op"]
         opdef = get_op(op, name)
-        declared = TensorSpec(tuple(r["shape"]), dtypes.as_dtype(r["dtype"], name))
+        if not _NAME_OK.match(str(name)):
+            raise GraphError("node names must start with a letter or '_' and use [A-Za-z0-9_./:-]", name, op)
+        shape = tuple(None if d is None or d == -1 else int(d) for d in r["shape"])
+        if any(d is not None and d < 0 for d in shape):
+            raise ShapeError(f"negative dimension in declared shape {tuple(r['shape'])}", name, op)
+        declared = TensorSpec(shape, dtypes.as_dtype(r["dtype"], name))
         attrs = dict(r.get("attrs") or {})
         unknown = set(attrs) - set(opdef.attrs)
         if unknown:

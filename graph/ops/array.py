@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from graph.errors import GraphError, ShapeError
+from graph import dtypes
+from graph.errors import ShapeError
 from graph.ops._util import (
     broadcast_shapes,
     defop,
@@ -79,40 +80,33 @@ defop(
 # ---- reshape family ------------------------------------------------------------
 def _reshape_infer(node, specs, attrs):
     (x,) = specs
-    target = [None if d is None else int(d) for d in attrs["shape"]]
-    if sum(1 for d in target if d is None or d == -1) > 1:
-        raise ShapeError(f"reshape target {attrs['shape']} has more than one unknown (-1) dimension", node, "reshape")
+    want = tuple(attrs["shape"])
+    target = [-1 if d is None else int(d) for d in want]  # None in the target means -1
+
+    def cannot(why):
+        return ShapeError(f"cannot reshape {fmt_shape(x.shape)} to {want}: {why}", node, "reshape")
+
+    if target.count(-1) > 1:
+        raise cannot("more than one unknown (-1) dimension")
+    if any(d < -1 for d in target):
+        raise cannot("negative dimension")
+    known = num_elements(d for d in target if d != -1)
     n_in = num_elements(x.shape)
-    known = 1
-    for d in target:
-        if d is not None and d != -1:
-            if d < 0:
-                raise ShapeError(f"reshape target {attrs['shape']} has a negative dimension", node, "reshape")
-            known *= d
-    if -1 in target or None in target:
-        idx = target.index(-1) if -1 in target else target.index(None)
-        if n_in is not None:
-            if known == 0 or n_in % known:
-                raise ShapeError(
-                    f"cannot reshape {fmt_shape(x.shape)} ({n_in} elements) to {tuple(attrs['shape'])}", node, "reshape"
-                )
-            target[idx] = n_in // known
-        else:
-            target[idx] = None
-            # the known part must divide the known part of the input
-            known_in = num_elements(tuple(d for d in x.shape if d is not None))
-            if known and known_in % known and known % known_in:
-                raise ShapeError(
-                    f"cannot reshape {fmt_shape(x.shape)} to {tuple(attrs['shape'])}: element counts never match",
-                    node,
-                    "reshape",
-                )
-    elif n_in is not None and n_in != known:
-        raise ShapeError(
-            f"cannot reshape {fmt_shape(x.shape)} ({n_in} elements) to {tuple(attrs['shape'])} ({known} elements)",
-            node,
-            "reshape",
-        )
+    if -1 not in target:
+        if n_in is not None and n_in != known:
+            raise cannot(f"{n_in} elements into {known}")
+        return TensorSpec(tuple(target), x.dtype)
+    if known == 0:
+        raise cannot("-1 next to a zero-size dimension is ambiguous")
+    idx = target.index(-1)
+    if n_in is None:
+        # An unknown (batch) input dim fits any target for some batch size;
+        # the run-time reshape checks the actual one.
+        target[idx] = None
+    elif n_in % known:
+        raise cannot(f"{n_in} elements do not divide into rows of {known}")
+    else:
+        target[idx] = n_in // known
     return TensorSpec(tuple(target), x.dtype)
 
 
@@ -191,14 +185,19 @@ defop(
 def _reduce_infer(op):
     def infer(node, specs, attrs):
         (x,) = specs
-        if op != "reduce_max":
-            require_float(x, node, op) if op == "reduce_mean" else None
+        if op == "reduce_mean":
+            require_float(x, node, op)
         axes = norm_axes(attrs["axis"], x.rank, node, op)
         if attrs["keepdims"]:
             shape = tuple(1 if i in axes else d for i, d in enumerate(x.shape))
         else:
             shape = tuple(d for i, d in enumerate(x.shape) if i not in axes)
-        return TensorSpec(shape, x.dtype)
+        dtype = x.dtype
+        if op == "reduce_sum" and not dtypes.is_float(dtype):
+            # NumPy sums bool and integers in int64 (uint8 in uint64, which pstrain
+            # does not support; int64 holds any such sum as well).
+            dtype = np.dtype("int64")
+        return TensorSpec(shape, dtype)
 
     return infer
 
@@ -293,5 +292,3 @@ defop(
     num_inputs=3,
     differentiable=False,
 )
-
-__all__ = ["GraphError"]

@@ -49,7 +49,7 @@ def _binary_infer(op):
             raise DTypeError(f"'{op}' is not defined for bool tensors", node, op)
         dt = dtypes.promote(a.dtype, b.dtype, node)
         if op == "div" and not dtypes.is_float(dt):
-            dt = np.dtype("float64") if dt.itemsize >= 4 or dt == np.bool_ else np.dtype("float32")
+            dt = np.dtype("float64")  # NumPy's true division of any integers
         return TensorSpec(broadcast_shapes(a.shape, b.shape, node, op), dt)
 
     return infer
@@ -134,8 +134,9 @@ def _unary_infer(op, float_only=True):
         (x,) = specs
         if float_only:
             require_float(x, node, op)
-        elif x.dtype == np.bool_ and op == "neg":
-            raise DTypeError("'neg' is not defined for bool tensors; use logical ops", node, op)
+        elif x.dtype == np.bool_ and op in ("neg", "sign", "square"):
+            # NumPy has no bool loop for these (square would silently give int8)
+            raise DTypeError(f"'{op}' is not defined for bool tensors; cast to a number first", node, op)
         return x
 
     return infer

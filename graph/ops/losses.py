@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from graph.errors import DTypeError, ShapeError
+from graph.errors import DTypeError, GraphError, ShapeError
 from graph.ops._util import defop, fmt_shape, require_float
 from graph.ops.nn import log_softmax_ref, softmax_ref
 from graph.registry import TensorSpec
@@ -179,7 +179,7 @@ def _penalty_infer(op):
     def infer(node, specs, attrs):
         require_float(specs[0], node, op)
         if float(attrs["l"]) < 0:
-            raise ShapeError(f"penalty factor must be >= 0, got {attrs['l']}", node, op)
+            raise GraphError(f"penalty factor l must be >= 0, got {attrs['l']}", node, op)
         return _scalar(specs[0])
 
     return infer

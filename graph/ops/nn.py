@@ -3,16 +3,20 @@ from __future__ import annotations
 
 import numpy as np
 
-from graph.errors import ShapeError
+from graph.errors import GraphError, ShapeError
 from graph.ops._util import defop, fmt_shape, norm_axes, require_float, same_dtype
-from graph.registry import TensorSpec
 
 
-def _float_like(op):
+def _require_int_axis(axis, node, op):
+    if isinstance(axis, bool) or not isinstance(axis, (int, np.integer)):
+        raise GraphError(f"axis must be one int, got {axis!r}", node, op)
+
+
+def _softmax_infer(op):
     def infer(node, specs, attrs):
         require_float(specs[0], node, op)
-        if "axis" in attrs:
-            norm_axes(attrs["axis"], specs[0].rank, node, op)
+        _require_int_axis(attrs["axis"], node, op)
+        norm_axes(attrs["axis"], specs[0].rank, node, op)
         return specs[0]
 
     return infer
@@ -32,7 +36,7 @@ def log_softmax_ref(ctx, x, axis=-1):
 
 defop(
     "softmax",
-    _float_like("softmax"),
+    _softmax_infer("softmax"),
     softmax_ref,
     lambda g, y, dy: [g.softmax_grad(dy, y, axis=y.node.attrs["axis"])],
     attrs={"axis": -1},
@@ -40,7 +44,7 @@ defop(
 )
 defop(
     "log_softmax",
-    _float_like("log_softmax"),
+    _softmax_infer("log_softmax"),
     log_softmax_ref,
     lambda g, y, dy: [g.log_softmax_grad(dy, y, axis=y.node.attrs["axis"])],
     attrs={"axis": -1},
@@ -76,7 +80,7 @@ def dropout_mask(shape, dtype, rate: float, seed: int, step: int, run_seed: int 
 def _dropout_infer(node, specs, attrs):
     require_float(specs[0], node, "dropout")
     if not 0.0 <= float(attrs["rate"]) < 1.0:
-        raise ShapeError(f"dropout rate must be in [0, 1), got {attrs['rate']}", node, "dropout")
+        raise GraphError(f"dropout rate must be in [0, 1), got {attrs['rate']}", node, "dropout")
     return specs[0]
 
 
@@ -122,6 +126,7 @@ def _bn_infer(node, specs, attrs):
     x, gamma, beta, mm, mv = specs
     require_float(x, node, "batch_norm")
     same_dtype(specs, node, "batch_norm")
+    _require_int_axis(attrs["axis"], node, "batch_norm")
     (ax,) = norm_axes(attrs["axis"], x.rank, node, "batch_norm")
     c = x.shape[ax]
     for s, what in ((gamma, "gamma"), (beta, "beta"), (mm, "moving_mean"), (mv, "moving_variance")):

@@ -34,6 +34,7 @@ from worker.kernels.reference import reference_kernel
 
 TPB = 256  # threads per block of 1-D launches
 TILE = 16  # matmul tile edge: TILE x TILE threads per block
+TILE_ROW = TILE + 1  # shared tile row, padded (a shared-array shape must be a constant)
 SUM_CHUNK = 16 * TPB  # elements one block sums when a reduction is split over blocks
 ENOUGH_BLOCKS = 128  # blocks that already keep a large GPU busy (an H100 has 132 SMs)
 MAX_RANK = 4  # broadcasting binary kernels index 4-D views
@@ -174,10 +175,15 @@ def _leaky_relu_grad(dy, x, p):
     return dy if x > 0 else dy * p
 
 
+# (Kernels avoid the builtins min and max: Numba 0.68 fails to compile them for CUDA.)
+@cuda.jit(device=True)
+def _bi(i, n):
+    return i if n > 1 else 0  # a size-1 axis broadcasts
+
+
 @cuda.jit(device=True)
 def _bcast(x, i0, i1, i2, i3):
-    # A size-1 axis broadcasts: min(i, 0) is 0 there, and i itself on full-size axes.
-    return x[min(i0, x.shape[0] - 1), min(i1, x.shape[1] - 1), min(i2, x.shape[2] - 1), min(i3, x.shape[3] - 1)]
+    return x[_bi(i0, x.shape[0]), _bi(i1, x.shape[1]), _bi(i2, x.shape[2]), _bi(i3, x.shape[3])]
 
 
 def _map_kernel(f):
@@ -275,20 +281,19 @@ _ACTIVATIONS = {"linear": _identity, "relu": _relu, "sigmoid": _sigmoid, "tanh":
 
 
 @functools.lru_cache(maxsize=None)
-def _matmul_kernel(dtype: np.dtype, act: str = "linear", bias: bool = False):
+def _matmul_kernel(dtype: np.dtype, act: str = "linear", has_bias: bool = False):
     """``out = act(op(a) @ op(b) [+ bias])`` for 2-D ``a``, ``b``; ``op`` transposes when
     ``ta`` / ``tb`` is set. One TILE x TILE block per output tile."""
     tile_type = numba.from_dtype(dtype)
     zero = dtype.type(0)  # a constant of the tile dtype keeps the accumulator in it
     activate = _ACTIVATIONS[act]
-    has_bias = bias
 
     @cuda.jit
     def k(a, b, bias_vec, out, ta, tb):
         # +1 column: the transposed stores below write columns, and padding puts each
         # element of a column in a different shared-memory bank.
-        sa = cuda.shared.array((TILE, TILE + 1), tile_type)
-        sb = cuda.shared.array((TILE, TILE + 1), tile_type)
+        sa = cuda.shared.array((TILE, TILE_ROW), tile_type)
+        sb = cuda.shared.array((TILE, TILE_ROW), tile_type)
         tx = cuda.threadIdx.x
         ty = cuda.threadIdx.y
         row0 = cuda.blockIdx.y * TILE
@@ -360,7 +365,22 @@ def _fused_dense(act):
 
 # ---- reductions: any contiguous run of axes, as the middle axis of an (A, R, B) view ------------
 @cuda.jit
-def _sum_kernel(x, out, chunk, scale):
+def _sum_walk_kernel(x, out, scale):
+    """``out[a, 0, b] = scale * sum(x[a, :, b])``, one thread per output. Neighbouring
+    threads read neighbouring ``b``, so column sums (the bias gradient) load coalesced."""
+    i = cuda.grid(1)
+    nb = x.shape[2]
+    if i < x.shape[0] * nb:
+        ia = i // nb
+        ib = i % nb
+        acc = 0.0
+        for r in range(x.shape[1]):
+            acc += x[ia, r, ib]
+        out[ia, 0, ib] = acc * scale
+
+
+@cuda.jit
+def _sum_tree_kernel(x, out, chunk, scale):
     """``out[a, s, b] = scale * sum(x[a, s*chunk : (s+1)*chunk, b])``: block (a*B + b, s)
     strides over its chunk, then halves a shared buffer until one sum is left."""
     buf = cuda.shared.array(TPB, numba.float64)
@@ -370,7 +390,9 @@ def _sum_kernel(x, out, chunk, scale):
     ib = cuda.blockIdx.x % nb
     s = cuda.blockIdx.y
     start = s * chunk
-    stop = min(start + chunk, x.shape[1])
+    stop = start + chunk
+    if stop > x.shape[1]:
+        stop = x.shape[1]
     acc = 0.0
     for r in range(start + tid, stop, TPB):
         acc += x[ia, r, ib]
@@ -387,36 +409,38 @@ def _sum_kernel(x, out, chunk, scale):
 
 
 def _sum_middle(x3, out3, scale=1.0):
-    """``out3 (A, 1, B) = scale * x3 (A, R, B).sum(axis=1)``."""
+    """``out3 (A, 1, B) = scale * x3 (A, R, B).sum(axis=1)``, accumulated in float64."""
     a, r, b = x3.shape
     if a * b == 0:
         return
     if r == 1 and scale == 1.0:
         out3.copy_to_device(x3)
-        return
-    if a * b >= ENOUGH_BLOCKS or r <= SUM_CHUNK:
-        _sum_kernel[(a * b, 1), TPB](x3, out3, max(r, 1), scale)
-        return
-    # Few long sums (the bias gradient, a total): split each over blocks, then sum the parts.
-    parts = (r + SUM_CHUNK - 1) // SUM_CHUNK
-    partial = cuda.device_array((a, parts, b), np.float64)
-    _sum_kernel[(a * b, parts), TPB](x3, partial, SUM_CHUNK, 1.0)
-    _sum_kernel[(a * b, 1), TPB](partial, out3, parts, scale)
+    elif r <= TPB or a * b >= ENOUGH_BLOCKS * TPB:
+        # Short sums, or enough of them to fill the GPU with one thread each.
+        _sum_walk_kernel[_blocks(a * b), TPB](x3, out3, scale)
+    elif a * b >= ENOUGH_BLOCKS or r <= SUM_CHUNK:
+        _sum_tree_kernel[(a * b, 1), TPB](x3, out3, r, scale)
+    else:
+        # Few long sums (a total, say): split each over blocks, then sum the parts.
+        parts = (r + SUM_CHUNK - 1) // SUM_CHUNK
+        partial = cuda.device_array((a, parts, b), np.float64)
+        _sum_tree_kernel[(a * b, parts), TPB](x3, partial, SUM_CHUNK, 1.0)
+        _sum_walk_kernel[_blocks(a * b), TPB](partial, out3, scale)
 
 
 def _split_reduced(shape, axes):
     """``(A, R, B)`` such that summing ``axes`` of a C-contiguous array of ``shape`` is
     summing axis 1 of its ``(A, R, B)`` view; None when the reduced axes are not one
     contiguous run (size-1 axes don't count either way)."""
-    dims = [(d, i in axes) for i, d in enumerate(shape) if d != 1]
-    reduced = [j for j, (_, red) in enumerate(dims) if red]
+    kept = [i for i, d in enumerate(shape) if d != 1]
+    dims = [shape[i] for i in kept]
+    reduced = [j for j, i in enumerate(kept) if i in axes]
     if not reduced:
-        return math.prod(d for d, _ in dims), 1, 1
+        return math.prod(dims), 1, 1
     lo, hi = reduced[0], reduced[-1] + 1
     if hi - lo != len(reduced):
         return None
-    size = lambda part: math.prod(d for d, _ in part)  # noqa: E731
-    return size(dims[:lo]), size(dims[lo:hi]), size(dims[hi:])
+    return math.prod(dims[:lo]), math.prod(dims[lo:hi]), math.prod(dims[hi:])
 
 
 def _norm_axes(axis, ndim):
@@ -477,7 +501,9 @@ def _via_host(host_kernel, ctx, out, *inputs):
 def _row_max_sumexp(z, r):
     mx = z[r, 0]
     for j in range(1, z.shape[1]):
-        mx = max(mx, z[r, j])
+        v = z[r, j]
+        if v > mx or v != v:  # NaN wins, as np.max
+            mx = v
     s = 0.0
     for j in range(z.shape[1]):
         s += math.exp(z[r, j] - mx)
@@ -522,7 +548,7 @@ def _xent_grad_kernel(dloss, z, labels, inv_rows, out):
 
 def _rows(z):
     """``z`` as a 2-D (rows, classes) view: every axis but the last is a row."""
-    k = z.shape[-1]
+    k = z.shape[z.ndim - 1]  # (the simulator's shapes take no negative index)
     return z.reshape(z.size // k if k else 0, k)
 
 
