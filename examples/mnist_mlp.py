@@ -1,4 +1,4 @@
-"""Train a 784-256-128-10 ReLU MLP on MNIST with SGD + momentum.
+"""Train a 784-256-128-10 ReLU MLP on MNIST with SGD + momentum (cosine-decayed learning rate).
 
 Run it as a script (trains in-process)::
 
@@ -18,7 +18,10 @@ from client import nn  # noqa: E402
 from client.job import Job, run_in_process  # noqa: E402
 
 
-def build_model(seed: int = 0) -> nn.Sequential:
+TRAIN_EXAMPLES = 60000
+
+
+def build_model(seed: int = 0, epochs: int = 10, batch_size: int = 128) -> nn.Sequential:
     model = nn.Sequential(
         [
             nn.Dense(256, activation="relu", input_dim=784),
@@ -27,8 +30,11 @@ def build_model(seed: int = 0) -> nn.Sequential:
         ],
         seed=seed,
     )
+    steps = epochs * -(-TRAIN_EXAMPLES // batch_size)
     model.compile(
-        optimizer=nn.optimizers.SGD(learning_rate=0.05, momentum=0.9),
+        optimizer=nn.optimizers.SGD(
+            learning_rate=nn.optimizers.schedules.CosineDecay(0.1, decay_steps=max(steps, 1)), momentum=0.9
+        ),
         loss="sparse_categorical_crossentropy",
         metrics=["accuracy"],
     )
@@ -36,7 +42,7 @@ def build_model(seed: int = 0) -> nn.Sequential:
 
 
 def job(epochs: int = 10, batch_size: int = 128, seed: int = 0) -> Job:
-    return Job(build_model(seed), dataset="mnist", batch_size=batch_size, epochs=epochs)
+    return Job(build_model(seed, epochs, batch_size), dataset="mnist", batch_size=batch_size, epochs=epochs)
 
 
 def main(argv=None) -> int:

@@ -13,8 +13,9 @@ Usage::
 """
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Union
 
 
 def _check_range(cls: str, field: str, value: float, lo: float, hi: float, lo_open=False, hi_open=False) -> None:
@@ -26,37 +27,113 @@ def _check_range(cls: str, field: str, value: float, lo: float, hi: float, lo_op
 
 
 @dataclass(frozen=True)
+class CosineDecay:
+    """Keras's cosine decay: ``lr(t) = lr0 * ((1 - alpha) * 0.5 * (1 + cos(pi * min(t, T) / T)) + alpha)``
+    for update t = 0, 1, ... and T = ``decay_steps``."""
+
+    initial_learning_rate: float
+    decay_steps: int
+    alpha: float = 0.0
+
+    def __post_init__(self):
+        _check_range("CosineDecay", "initial_learning_rate", float(self.initial_learning_rate), 0.0, math.inf, True, True)
+        _check_range("CosineDecay", "decay_steps", float(self.decay_steps), 1.0, math.inf, hi_open=True)
+        _check_range("CosineDecay", "alpha", float(self.alpha), 0.0, 1.0)
+
+    def __call__(self, step: int) -> float:
+        frac = min(step, self.decay_steps) / self.decay_steps
+        return self.initial_learning_rate * ((1 - self.alpha) * 0.5 * (1 + math.cos(math.pi * frac)) + self.alpha)
+
+    def get_config(self) -> dict:
+        return {"name": "cosine_decay", **asdict(self)}
+
+
+@dataclass(frozen=True)
+class ExponentialDecay:
+    """Keras's exponential decay: ``lr(t) = lr0 * decay_rate ** (t / decay_steps)``
+    (``t // decay_steps`` when ``staircase``)."""
+
+    initial_learning_rate: float
+    decay_steps: int
+    decay_rate: float
+    staircase: bool = False
+
+    def __post_init__(self):
+        _check_range("ExponentialDecay", "initial_learning_rate", float(self.initial_learning_rate), 0.0, math.inf, True, True)
+        _check_range("ExponentialDecay", "decay_steps", float(self.decay_steps), 1.0, math.inf, hi_open=True)
+        _check_range("ExponentialDecay", "decay_rate", float(self.decay_rate), 0.0, 1.0, lo_open=True)
+
+    def __call__(self, step: int) -> float:
+        p = step / self.decay_steps
+        return self.initial_learning_rate * self.decay_rate ** (math.floor(p) if self.staircase else p)
+
+    def get_config(self) -> dict:
+        return {"name": "exponential_decay", **asdict(self)}
+
+
+Schedule = Union[CosineDecay, ExponentialDecay]
+_SCHEDULES = {"cosine_decay": CosineDecay, "exponential_decay": ExponentialDecay}
+
+
+def _check_lr(cls: str, lr) -> None:
+    if isinstance(lr, (CosineDecay, ExponentialDecay)):
+        return
+    if isinstance(lr, dict):
+        raise ValueError(f"{cls}.learning_rate: pass a schedule object, not a dict")
+    _check_range(cls, "learning_rate", float(lr), 0.0, math.inf, lo_open=True, hi_open=True)
+
+
+def _lr_config(lr):
+    return lr.get_config() if hasattr(lr, "get_config") else lr
+
+
+def _lr_from_config(lr):
+    if isinstance(lr, dict):
+        lr = dict(lr)
+        name = lr.pop("name", None)
+        if name not in _SCHEDULES:
+            raise ValueError(f"unknown learning-rate schedule '{name}'; use one of {sorted(_SCHEDULES)}")
+        return _SCHEDULES[name](**lr)
+    return lr
+
+
+def learning_rate_at(lr, step: int) -> float:
+    """The learning rate for update ``step`` (0-based): a constant or a schedule's value."""
+    return lr(step) if callable(lr) else lr
+
+
+@dataclass(frozen=True)
 class SGD:
     """Stochastic gradient descent with optional (heavy-ball) momentum."""
 
-    learning_rate: float = 0.01
+    learning_rate: float | Schedule = 0.01
     momentum: float = 0.0
 
     def __post_init__(self):
-        _check_range("SGD", "learning_rate", float(self.learning_rate), 0.0, float("inf"), lo_open=True, hi_open=True)
+        _check_lr("SGD", self.learning_rate)
         _check_range("SGD", "momentum", float(self.momentum), 0.0, 1.0, hi_open=True)
 
     def get_config(self) -> dict:
-        return {"name": "sgd", **asdict(self)}
+        return {"name": "sgd", "learning_rate": _lr_config(self.learning_rate), "momentum": self.momentum}
 
 
 @dataclass(frozen=True)
 class Adam:
     """Adam (Kingma & Ba)."""
 
-    learning_rate: float = 0.001
+    learning_rate: float | Schedule = 0.001
     beta_1: float = 0.9
     beta_2: float = 0.999
     epsilon: float = 1e-7
 
     def __post_init__(self):
-        _check_range("Adam", "learning_rate", float(self.learning_rate), 0.0, float("inf"), lo_open=True, hi_open=True)
+        _check_lr("Adam", self.learning_rate)
         _check_range("Adam", "beta_1", float(self.beta_1), 0.0, 1.0, hi_open=True)
         _check_range("Adam", "beta_2", float(self.beta_2), 0.0, 1.0, hi_open=True)
         _check_range("Adam", "epsilon", float(self.epsilon), 0.0, float("inf"), lo_open=True, hi_open=True)
 
     def get_config(self) -> dict:
-        return {"name": "adam", **asdict(self)}
+        return {"name": "adam", **asdict(self), "learning_rate": _lr_config(self.learning_rate)}
 
 
 _BY_NAME = {"sgd": SGD, "adam": Adam}
@@ -72,7 +149,12 @@ def optimizer_from_config(config: dict | str | Any) -> SGD | Adam:
     name = str(config.pop("name", "")).lower()
     if name not in _BY_NAME:
         raise ValueError(f"unknown optimizer '{name}'; use one of {sorted(_BY_NAME)}")
-    return _BY_NAME[name](**config)
+    if "learning_rate" in config:
+        config["learning_rate"] = _lr_from_config(config["learning_rate"])
+    try:
+        return _BY_NAME[name](**config)
+    except TypeError as exc:  # an unknown field
+        raise ValueError(f"bad {name} optimizer config {config}: {exc}") from exc
 
 
 class Optimizer:
@@ -85,19 +167,21 @@ class Optimizer:
         self.state: dict[str, dict[str, Any]] = {}
 
     def _zeros(self, like):
-        z = self.backend.empty(like.shape, like.dtype)
-        z[...] = 0
-        return z
+        return self.backend.zeros(like.shape, like.dtype)
 
     def apply(self, name: str, param, grad) -> None:
         c = self.config
         st = self.state.get(name)
         if isinstance(c, SGD):
             if st is None:
-                st = self.state[name] = {"velocity": self._zeros(param) if c.momentum else self.backend.empty((0,), param.dtype)}
-            self.kernels["sgd"](param, grad, st["velocity"], c.learning_rate, c.momentum)
+                velocity = self._zeros(param) if c.momentum else self.backend.empty((0,), param.dtype)
+                st = self.state[name] = {"velocity": velocity, "t": 0}
+            lr = learning_rate_at(c.learning_rate, st["t"])
+            st["t"] += 1
+            self.kernels["sgd"](param, grad, st["velocity"], lr, c.momentum)
         else:
             if st is None:
                 st = self.state[name] = {"m": self._zeros(param), "v": self._zeros(param), "t": 0}
+            lr = learning_rate_at(c.learning_rate, st["t"])
             st["t"] += 1
-            self.kernels["adam"](param, grad, st["m"], st["v"], c.learning_rate, c.beta_1, c.beta_2, c.epsilon, st["t"])
+            self.kernels["adam"](param, grad, st["m"], st["v"], lr, c.beta_1, c.beta_2, c.epsilon, st["t"])

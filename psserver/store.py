@@ -55,7 +55,7 @@ class ParameterStore:
         for name, g in grads.items():
             self.optimizer.apply(name, self.params[name], g)
         for name, v in assign.items():
-            self.params[name][...] = v
+            self.backend.copy_into(self.params[name], v)
         self.version += 1
         return self.version
 
@@ -75,7 +75,9 @@ class ParameterStore:
 
 def _all_finite(a) -> bool:
     if isinstance(a, np.ndarray):
-        # The sum is finite iff every element is, barring float overflow of huge values,
-        # which we reject as well.
-        return math.isfinite(float(np.sum(a, dtype=np.float64)))
+        if a.size == 0:
+            return True
+        # max and min are NaN if any element is, and one of them is +-Inf if any element
+        # is: two passes with no temporary array.
+        return math.isfinite(float(np.max(a))) and math.isfinite(float(np.min(a)))
     return True  # device arrays are checked by the worker before they leave the device

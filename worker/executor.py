@@ -110,7 +110,7 @@ class Executor:
                 opdef = get_op(node.op)
                 host_inputs = [self.backend.to_host(slots[i]) for i in in_slots]
                 new = opdef.state_update(ctx, *host_inputs, **node.attrs)
-                updates.update({var: new[i] for i, var in targets.items()})
+                updates.update({var: new[i] for i, var in targets.items() if i in new})
         return RunResult([slots[i] for i in prog.fetch_slots], updates)
 
     def _check_feeds(self, feeds: Mapping[str, Any]) -> dict[str, Any]:
@@ -120,7 +120,7 @@ class Executor:
                 raise GraphError("placeholder was not fed", name, "placeholder")
             node = self.graph.nodes[name]
             value = feeds[name]
-            if isinstance(value, np.ndarray) or np.isscalar(value) or isinstance(value, list):
+            if not hasattr(value, "shape") or isinstance(value, np.ndarray):
                 arr = np.asarray(value)
                 if arr.dtype != node.dtype:
                     if not np.can_cast(arr.dtype, node.dtype, "same_kind"):
@@ -176,7 +176,7 @@ class Executor:
             elif node.op == "variable":
                 slot_of[name] = param_slots[name] = new_slot()
             elif node.op == "constant":
-                slot_of[name] = new_slot(self.backend.asarray(np.ascontiguousarray(node.attrs["value"])))
+                slot_of[name] = new_slot(self.backend.asarray(np.array(node.attrs["value"], order="C")))
             else:
                 spec = specs[name]
                 slot_of[name] = new_slot(self.backend.empty(spec.shape, spec.dtype))
@@ -229,7 +229,7 @@ class Executor:
                 or mm.attrs["transpose_a"]
                 or mm.attrs["transpose_b"]
                 or len(mm.shape) != 2
-                or len(bias.shape) != 1
+                or bias.shape != (mm.shape[-1],)
                 or bias.dtype != mm.dtype
                 or not sole_use(mm.name, add.name)
             ):

@@ -180,6 +180,11 @@ class Sequential:
 
     def _train_batch(self, x, y) -> tuple[float, float]:
         out = self._runner.train_step(x, y, self._store.pull(), RunContext(training=True, step=self._step, seed=self.seed))
+        if not np.isfinite(out.loss):
+            raise FloatingPointError(
+                f"loss became {out.loss} at step {self._step}; nothing was applied. Lower the learning rate "
+                "or check the inputs for NaN/Inf"
+            )
         self._store.push(out.grads, out.updates)
         self._step += 1
         correct = metrics_mod.correct(self._compiled["loss"], out.prediction, y) if self._compiled["metrics"] else 0.0
@@ -213,11 +218,6 @@ class Sequential:
                 np.take(x, idx, axis=0, out=xb)
                 np.take(y, idx, axis=0, out=yb)
                 loss, correct = self._train_batch(xb, yb)
-                if not np.isfinite(loss):
-                    raise FloatingPointError(
-                        f"loss became {loss} at epoch {epoch + 1}, step {s + 1}; lower the learning rate "
-                        "or check the inputs for NaN/Inf"
-                    )
                 seen += m
                 loss_sum += loss * m
                 correct_sum += correct
@@ -262,6 +262,9 @@ class Sequential:
         """Model outputs for ``x`` (probabilities for a softmax head)."""
         x, _ = self._prep(x)
         params = self._store.pull()
+        if len(x) == 0:
+            out_shape = self._plan.graph.nodes[self._plan.prediction].shape[1:]
+            return np.empty((0,) + tuple(out_shape), self.dtype)
         return np.concatenate(
             [self._runner.predict_step(x[s : s + batch_size], params).copy() for s in range(0, len(x), batch_size)]
         )
@@ -277,8 +280,9 @@ class Sequential:
 
     def get_weights(self) -> list[np.ndarray]:
         """Copies of all weights, in Keras order (per layer: kernel, bias, ...)."""
+        names = self._weight_names()
         params = self._store.pull()
-        return [np.array(self._store.backend.to_host(params[n]), copy=True) for n in self._weight_names()]
+        return [np.array(self._store.backend.to_host(params[n]), copy=True) for n in names]
 
     def set_weights(self, weights: Sequence[np.ndarray]) -> None:
         names = self._weight_names()
@@ -289,7 +293,7 @@ class Sequential:
             w = np.asarray(w)
             if w.shape != tuple(params[name].shape):
                 raise ValueError(f"weight '{name}' has shape {tuple(params[name].shape)}, got {w.shape}")
-            params[name][...] = self._store.backend.asarray(w.astype(self.dtype))
+            self._store.backend.copy_into(params[name], w.astype(self.dtype))
 
     @property
     def trainable_weights_names(self) -> list[str]:

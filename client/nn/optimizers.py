@@ -1,6 +1,11 @@
 """Optimizers, Keras names: ``nn.optimizers.SGD(learning_rate=0.01, momentum=0.0)``
-and ``nn.optimizers.Adam(learning_rate=0.001)``. The update rules live with the
-parameter server (psserver/optimizers.py), which applies them on every path."""
-from psserver.optimizers import SGD, Adam, optimizer_from_config as get
+and ``nn.optimizers.Adam(learning_rate=0.001)``; a learning rate may be a schedule,
+``nn.optimizers.schedules.CosineDecay(0.1, decay_steps=4690)``. The update rules live
+with the parameter server (psserver/optimizers.py), which applies them on every path."""
+from types import SimpleNamespace
 
-__all__ = ["SGD", "Adam", "get"]
+from psserver.optimizers import SGD, Adam, CosineDecay, ExponentialDecay, optimizer_from_config as get
+
+schedules = SimpleNamespace(CosineDecay=CosineDecay, ExponentialDecay=ExponentialDecay)
+
+__all__ = ["SGD", "Adam", "get", "schedules"]

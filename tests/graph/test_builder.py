@@ -209,10 +209,7 @@ def test_unsupported_inputs_raise_dtype_error(build):
         lambda g: g.sub(g.placeholder((2,), "bool"), g.placeholder((2,), "bool"), name="bad"),
         lambda g: g.mse(g.placeholder((2,)), g.placeholder((2,), "float64"), name="bad"),
         lambda g: g.sparse_categorical_crossentropy(g.placeholder((2, 3)), g.placeholder((2,)), name="bad"),
-        pytest.param(
-            lambda g: g.add(g.placeholder((2,), "uint8"), 300, name="bad"),
-            marks=pytest.mark.xfail(reason="graph/core.py _as_tensors does not pass the node to weak_scalar_dtype"),
-        ),
+        lambda g: g.add(g.placeholder((2,), "uint8"), 300, name="bad"),
     ],
     ids=["relu_int", "mean_int", "neg_bool", "sign_bool", "square_bool", "sub_bool", "loss_dtypes", "float_labels",
          "int_overflow"],

@@ -331,7 +331,7 @@ class CpuBackend(ReferenceBackend):
     name = "cpu"
 
     def kernel(self, node):
-        if node.dtype.kind != "f":
+        if node.dtype not in (np.float32, np.float64):  # Numba kernels: f32/f64 only
             return super().kernel(node)
         factory = _KERNELS.get(node.op)
         k = factory(node) if factory else None

@@ -673,6 +673,16 @@ class CudaBackend:
     def to_host(self, a):
         return a.copy_to_host() if cuda.devicearray.is_cuda_ndarray(a) else np.asarray(a)
 
+    def zeros(self, shape, dtype):
+        return cuda.to_device(np.zeros(shape, dtype))
+
+    def copy_into(self, dst, src):
+        """Overwrite device array ``dst`` with ``src`` (host or device, same shape)."""
+        if cuda.devicearray.is_cuda_ndarray(src):
+            dst.copy_to_device(src)
+        else:
+            dst.copy_to_device(np.ascontiguousarray(np.asarray(src, dtype=dst.dtype)))
+
     def kernel(self, node):
         factory = _KERNELS.get(node.op)
         return factory(node) if factory else None

@@ -54,6 +54,13 @@ class ReferenceBackend:
     def to_host(self, a):
         return np.asarray(a)
 
+    def zeros(self, shape, dtype):
+        return np.zeros(shape, dtype)
+
+    def copy_into(self, dst, src):
+        """Overwrite ``dst`` in place with ``src`` (same shape)."""
+        dst[...] = src
+
     def kernel(self, node):
         return reference_kernel(node)
 
