@@ -13,7 +13,6 @@ Usage::
 """
 from __future__ import annotations
 
-import math
 from typing import Mapping
 
 import numpy as np
@@ -69,15 +68,5 @@ class ParameterStore:
             raise PushRejected("shape", name, f"shape {tuple(value.shape)} does not match the variable's {tuple(p.shape)}")
         if value.dtype != p.dtype:
             raise PushRejected("dtype", name, f"dtype {value.dtype} does not match the variable's {p.dtype}")
-        if not _all_finite(value):
+        if not self.backend.all_finite(value):
             raise PushRejected("non_finite", name, "contains NaN or Inf; nothing was applied")
-
-
-def _all_finite(a) -> bool:
-    if isinstance(a, np.ndarray):
-        if a.size == 0:
-            return True
-        # max and min are NaN if any element is, and one of them is +-Inf if any element
-        # is: two passes with no temporary array.
-        return math.isfinite(float(np.max(a))) and math.isfinite(float(np.min(a)))
-    return True  # device arrays are checked by the worker before they leave the device

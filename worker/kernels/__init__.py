@@ -4,7 +4,7 @@ A backend provides:
 
 - ``name``;
 - ``empty(shape, dtype)`` / ``zeros(shape, dtype)`` / ``asarray(host_array)`` /
-  ``to_host(array)`` / ``copy_into(dst, src)`` for its memory (host NumPy arrays for ``reference`` and ``cpu``, device arrays for ``cuda``);
+  ``to_host(array)`` / ``copy_into(dst, src)`` / ``all_finite(array)`` for its memory (host NumPy arrays for ``reference`` and ``cpu``, device arrays for ``cuda``);
 - ``kernel(node)``: a callable ``k(ctx, out, *inputs)`` that computes ``node`` into
   the preallocated ``out``, or ``None`` when the backend has no kernel of its own
   for that op (the executor then falls back to the NumPy reference);

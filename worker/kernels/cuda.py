@@ -676,6 +676,11 @@ class CudaBackend:
     def zeros(self, shape, dtype):
         return cuda.to_device(np.zeros(shape, dtype))
 
+    def all_finite(self, a) -> bool:
+        """True when ``a`` holds no NaN or Inf (checked on a host copy)."""
+        host = self.to_host(a)
+        return host.size == 0 or bool(np.isfinite(np.max(host)) and np.isfinite(np.min(host)))
+
     def copy_into(self, dst, src):
         """Overwrite device array ``dst`` with ``src`` (host or device, same shape)."""
         if cuda.devicearray.is_cuda_ndarray(src):

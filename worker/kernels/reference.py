@@ -61,6 +61,15 @@ class ReferenceBackend:
         """Overwrite ``dst`` in place with ``src`` (same shape)."""
         dst[...] = src
 
+    @staticmethod
+    def all_finite(a) -> bool:
+        """True when ``a`` holds no NaN or Inf."""
+        a = np.asarray(a)
+        if a.size == 0 or a.dtype.kind not in "fc":
+            return True
+        # max/min are NaN if any element is, and +-Inf if any element is: no temporaries.
+        return bool(np.isfinite(np.max(a)) and np.isfinite(np.min(a)))
+
     def kernel(self, node):
         return reference_kernel(node)
 
