@@ -1,4 +1,5 @@
-"""Job specs: what a job file's ``job()`` returns, and running one in-process.
+"""Job specs: what a job file's ``job()`` returns, turning one into the master's
+``JobSpec``, running one in-process, and writing models the master exports.
 
 Usage (a job file)::
 
@@ -7,7 +8,13 @@ Usage (a job file)::
 
     def job():
         model = nn.Sequential([...]); model.compile(...)
-        return Job(model, dataset="mnist", batch_size=128, epochs=10)
+        return Job(model, dataset="mnist", batch_size=128, epochs=10, mode="sync")
+
+and from code::
+
+    job = load_job_file("examples/mnist_mlp.py")
+    spec = job_to_spec(job, name="mnist_mlp")          # -> master_pb2.JobSpec
+    MasterClient().submit(spec)
 """
 from __future__ import annotations
 
@@ -15,14 +22,27 @@ import importlib.util
 import os
 import sys
 from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
 
 from client import datasets
-from client.nn.model import History, Sequential
+from client.nn import layers as layers_mod
+from client.nn import optimizers
+from client.nn.model import FORMAT, History, Sequential, save_arrays
+
+MODES = ("sync", "async", "ssp")
 
 
 @dataclass
 class Job:
-    """A model (compiled) and how to train it."""
+    """A model (compiled) and how to train it.
+
+    ``mode`` is how the parameter servers apply gradients: ``sync`` (one averaged update
+    per step), ``async`` (each gradient as it arrives) or ``ssp`` (async, but no worker
+    runs more than ``staleness`` versions ahead). ``num_workers`` / ``num_shards`` of 0
+    use every registered worker / parameter-server shard.
+    """
 
     model: Sequential
     dataset: str = "mnist"
@@ -30,6 +50,10 @@ class Job:
     epochs: int = 1
     shuffle: bool = True
     validate: bool = True  # evaluate on the test split after every epoch
+    mode: str = "sync"
+    staleness: int = 0
+    num_workers: int = 0
+    num_shards: int = 0
 
     def __post_init__(self):
         if not isinstance(self.model, Sequential):
@@ -40,6 +64,19 @@ class Job:
             raise ValueError(f"Job.batch_size={self.batch_size!r} must be >= 1")
         if int(self.epochs) < 0:
             raise ValueError(f"Job.epochs={self.epochs!r} must be >= 0")
+        if self.mode not in MODES:
+            raise ValueError(f"Job.mode={self.mode!r}: use one of {', '.join(MODES)}")
+        if int(self.staleness) < 0:
+            raise ValueError(f"Job.staleness={self.staleness!r} must be >= 0")
+        if int(self.num_workers) < 0:
+            raise ValueError(f"Job.num_workers={self.num_workers!r} must be >= 0 (0: every registered worker)")
+        if int(self.num_shards) < 0:
+            raise ValueError(f"Job.num_shards={self.num_shards!r} must be >= 0 (0: every registered shard)")
+
+    @property
+    def seed(self) -> int:
+        """The model's seed: it fixes initialization, dropout masks and shuffling."""
+        return self.model.seed
 
 
 def load_job_file(path: str | os.PathLike) -> Job:
@@ -58,6 +95,108 @@ def load_job_file(path: str | os.PathLike) -> Job:
     return job
 
 
+# ---- to the master ----------------------------------------------------------------------------
+def ensure_built(job: Job) -> None:
+    """Build the model's graph if it is not built yet, from the dataset's input shape
+    when the first layer does not declare one (``input_dim=``)."""
+    model = job.model
+    if model.built:
+        return
+    if not model.layers:
+        raise ValueError("the job's model has no layers; add some before submitting it")
+    shape = model.layers[0].input_shape
+    if shape is None:
+        shape = datasets.load(job.dataset).input_shape
+    model.build(shape)
+
+
+def _dataset_ref(dataset: str) -> str:
+    # A relative .npz path means "relative to where I run psctl"; the master and the
+    # workers run elsewhere (another cwd, maybe another host), so send it absolute.
+    if os.path.exists(dataset):
+        return os.path.abspath(dataset)
+    return dataset
+
+
+def job_to_spec(job: Job, name: str, device: str | None = None):
+    """The declarative ``master_pb2.JobSpec`` for ``job``: graph, signature, settings, data.
+
+    ``device`` overrides the model's (``job.model.device``) kernel backend on the workers.
+    """
+    # Imported here so that in-process training never needs grpc.
+    from master.client import ModelSignature, TrainSettings, build_job_spec
+
+    ensure_built(job)
+    model = job.model
+    plan = model._plan
+    compiled = model._compiled
+    sig = ModelSignature(
+        features=plan.features, labels=plan.labels, loss=plan.loss, prediction=plan.prediction,
+        model_config=model.get_config(), weight_order=model._weight_names(),
+    )
+    train = TrainSettings(
+        optimizer=compiled["optimizer"].get_config(), batch_size=int(job.batch_size), epochs=int(job.epochs),
+        mode=job.mode, staleness=int(job.staleness), seed=int(job.seed), loss_name=compiled["loss"],
+        metrics=tuple(compiled["metrics"]), shuffle=bool(job.shuffle), device=device or model.device,
+        num_workers=int(job.num_workers), num_shards=int(job.num_shards),
+    )
+    return build_job_spec(name, plan.graph, sig, train, _dataset_ref(job.dataset))
+
+
+def steps_per_epoch(job: Job) -> int | None:
+    """Global steps in one epoch (the batch is split across workers), or None when the
+    dataset cannot be read here (e.g. a path that exists only on the cluster)."""
+    try:
+        n = len(datasets.load(job.dataset).x_train)
+    except (OSError, ValueError, ImportError):
+        return None
+    return -(-n // int(job.batch_size))
+
+
+# ---- exported models ----------------------------------------------------------------------------
+def _check_export(config: dict, names: Sequence[str], weights: Sequence[np.ndarray]) -> None:
+    if not isinstance(config, dict) or config.get("format") != FORMAT:
+        got = config.get("format") if isinstance(config, dict) else type(config).__name__
+        raise ValueError(f"the exported model config has format {got!r}; expected {FORMAT}")
+    if len(names) != len(weights):
+        raise ValueError(f"the export has {len(names)} weight names but {len(weights)} arrays")
+
+
+def model_from_export(config: dict, names: Sequence[str], weights: Sequence[np.ndarray], device: str = "cpu") -> Sequential:
+    """Rebuild the trained model from what ``MasterClient.export`` returns."""
+    _check_export(config, names, weights)
+    model = Sequential(
+        [layers_mod.from_config(c) for c in config["layers"]], dtype=config["dtype"], seed=config["seed"],
+        device=device, name=config["name"],
+    )
+    comp = config.get("compile") or {"optimizer": "sgd", "loss": "mse", "metrics": []}
+    model.compile(optimizers.get(comp["optimizer"]), comp["loss"], comp["metrics"])
+    if not model.built:
+        if config.get("input_shape") is None:
+            raise ValueError("the exported model config has no input_shape; the model was never built")
+        model.build(tuple(config["input_shape"]))
+    order = model._weight_names()
+    if list(names) != order:
+        missing, extra = sorted(set(order) - set(names)), sorted(set(names) - set(order))
+        if missing or extra:
+            raise ValueError(f"the export's weights do not match the model: missing {missing}, unexpected {extra}")
+        by_name = dict(zip(names, weights))
+        weights = [by_name[n] for n in order]
+    model.set_weights(weights)
+    return model
+
+
+def save_export(path: str | os.PathLike, config: dict, names: Sequence[str], weights: Sequence[np.ndarray]) -> None:
+    """Write an export as a model file that ``nn.load_model`` reads (atomically).
+
+    ``names`` are in the model's weight order (Keras ``get_weights()`` order); the arrays
+    are stored as ``weight_0 .. weight_N`` in that order.
+    """
+    _check_export(config, names, weights)
+    save_arrays(path, config, {f"weight_{i}": np.asarray(w) for i, w in enumerate(weights)})
+
+
+# ---- in-process -----------------------------------------------------------------------------------
 def run_in_process(job: Job, verbose: int = 1) -> tuple[History, dict]:
     """Train ``job`` in this process; returns the history and the final test metrics."""
     data = datasets.load(job.dataset)

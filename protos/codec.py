@@ -267,3 +267,29 @@ def graph_from_bytes(data: bytes) -> Graph:
     except DecodeError as exc:
         raise GraphError(f"not a valid GraphDef: {exc}") from exc
     return graph_from_proto(gd)
+
+
+# ---- named tensors (the parameter-server payloads) ----------------------------------
+def write_named(field, arrays: Mapping[str, np.ndarray]) -> int:
+    """Append ``{name: array}`` to a repeated ``NamedTensor`` field; returns the bytes written."""
+    total = 0
+    for name, a in arrays.items():
+        item = field.add()
+        item.name = name
+        _write_tensor(item.tensor, a)
+        total += len(item.tensor.content)
+    return total
+
+
+def read_named(field) -> dict[str, np.ndarray]:
+    """Decode a repeated ``NamedTensor`` field into ``{name: read-only array}``; a
+    malformed tensor raises ValueError naming it."""
+    out: dict[str, np.ndarray] = {}
+    for item in field:
+        if item.name in out:
+            raise ValueError(f"tensor '{item.name}' appears twice in one message")
+        try:
+            out[item.name] = tensor_from_proto(item.tensor)
+        except ValueError as exc:
+            raise ValueError(f"tensor '{item.name}': {exc}") from None
+    return out

@@ -185,3 +185,36 @@ class Optimizer:
             lr = learning_rate_at(c.learning_rate, st["t"])
             st["t"] += 1
             self.kernels["adam"](param, grad, st["m"], st["v"], lr, c.beta_1, c.beta_2, c.epsilon, st["t"])
+
+    def state_dict(self) -> dict[str, dict[str, Any]]:
+        """The per-variable state as host copies, for checkpoints: SGD ``{"velocity", "t"}``,
+        Adam ``{"m", "v", "t"}`` per variable (``t`` an int, the rest NumPy arrays).
+
+        Usage::
+
+            saved = opt.state_dict()
+            fresh = Optimizer(opt.config, backend)
+            fresh.load_state_dict(saved)   # continues exactly where ``opt`` left off
+        """
+        return {
+            name: {k: int(v) if k == "t" else self.backend.to_host(v).copy() for k, v in st.items()}
+            for name, st in self.state.items()
+        }
+
+    def load_state_dict(self, state: dict[str, dict[str, Any]]) -> None:
+        """Replace all state with ``state`` (as returned by ``state_dict``); variables
+        missing from it start fresh. Raises ValueError when the state is not this
+        optimizer's kind (e.g. Adam moments given to SGD)."""
+        want = {"velocity", "t"} if isinstance(self.config, SGD) else {"m", "v", "t"}
+        kind = type(self.config).__name__
+        for name, st in state.items():
+            if set(st) != want:
+                raise ValueError(
+                    f"optimizer state for variable '{name}' has keys {sorted(st)}; {kind} needs {sorted(want)}"
+                )
+            if int(st["t"]) < 0:
+                raise ValueError(f"optimizer state for variable '{name}' has t={st['t']}; t must be >= 0")
+        self.state = {
+            name: {k: int(v) if k == "t" else self.backend.asarray(v.copy()) for k, v in st.items()}
+            for name, st in state.items()
+        }

@@ -1,0 +1,47 @@
+"""``python -m master``: run the pstrain master.
+
+Flags override PSTRAIN_* environment variables, which override defaults (see
+master/config.py). Prints ``PSTRAIN_READY master HOST:PORT`` once serving.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+
+from master.config import MasterConfig
+from master.service import serve
+from protos.settings import from_sources
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m master", description=__doc__.splitlines()[0])
+    p.add_argument("--host")
+    p.add_argument("--port", type=int)
+    p.add_argument("--db")
+    p.add_argument("--export-dir", dest="export_dir")
+    p.add_argument("--heartbeat-timeout", dest="heartbeat_timeout", type=float)
+    p.add_argument("--heartbeat-interval", dest="heartbeat_interval", type=float)
+    p.add_argument("--log-level", default="INFO")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s master %(name)s: %(message)s")
+    try:
+        config = from_sources(MasterConfig, args)
+    except ValueError as exc:
+        print(f"master: error: {exc}", file=sys.stderr)
+        return 2
+    server, port, coordinator = serve(config)
+    print(f"PSTRAIN_READY master {config.host}:{port}", flush=True)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    stop.wait()
+    server.stop(grace=2).wait()
+    coordinator.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

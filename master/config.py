@@ -1,0 +1,28 @@
+"""Master process configuration (flags over PSTRAIN_* variables over defaults)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from protos.settings import check_port, check_positive
+
+
+@dataclass(frozen=True)
+class MasterConfig:
+    host: str = "127.0.0.1"
+    port: int = 50051
+    db: str = "pstrain-master.db"  # SQLite file (":memory:" for tests)
+    export_dir: str = ""  # final weights of finished jobs (default: beside the db)
+    heartbeat_interval: float = 0.5  # what nodes are told to use
+    heartbeat_timeout: float = 5.0  # a node silent this long is lost
+    monitor_interval: float = 0.25
+    max_workers: int = 64
+
+    def __post_init__(self):
+        check_port("MasterConfig", "port", self.port)
+        for name in ("heartbeat_interval", "heartbeat_timeout", "monitor_interval", "max_workers"):
+            check_positive("MasterConfig", name, getattr(self, name))
+        if self.heartbeat_timeout <= self.heartbeat_interval:
+            raise ValueError(
+                f"MasterConfig.heartbeat_timeout={self.heartbeat_timeout} must exceed "
+                f"heartbeat_interval={self.heartbeat_interval}"
+            )

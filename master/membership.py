@@ -1,0 +1,70 @@
+"""A node's membership in a cluster: register with the master, then heartbeat.
+
+Used by parameter servers and workers alike. The heartbeat thread hands every
+response to ``on_response`` (workers receive their tasks that way) and registers
+again if the master forgot the node (e.g. after a master restart).
+
+Usage::
+
+    m = NodeMembership("127.0.0.1:50051", "worker", on_response=handle)
+    m.start(); ...; m.stop()
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Callable
+
+import grpc
+
+from master.client import MasterClient
+from protos import rpc
+
+log = logging.getLogger(__name__)
+
+
+class NodeMembership:
+    def __init__(self, master: str, role: str, address: str = "", name: str = "", interval: float = 0.5,
+                 on_response: Callable | None = None, register_timeout: float = 60.0):
+        self.client = MasterClient(master, timeout=10.0, connect_timeout=register_timeout)
+        self.role, self.address, self.name = role, address, name
+        self.interval = interval
+        self.on_response = on_response
+        self.node_id: str | None = None
+        self.index: int | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name=f"{role}-heartbeat", daemon=True)
+        self.status: dict = {}
+
+    def register(self) -> None:
+        r = self.client.register(self.role, self.address, self.name)
+        self.node_id, self.index = r.node_id, r.index
+        self.interval = r.heartbeat_interval or self.interval
+        log.info("registered with the master as %s (index %d)", self.node_id, self.index)
+
+    def start(self) -> None:
+        self.register()
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                resp = self.client.heartbeat(self.node_id, self.status)
+                if not resp.known:
+                    log.warning("the master does not know this node any more; registering again")
+                    self.register()
+                    continue
+                if self.on_response is not None:
+                    self.on_response(resp)
+            except grpc.RpcError as exc:
+                log.warning("heartbeat failed: %s", rpc.describe(exc))
+                time.sleep(self.interval)
+            except Exception:  # noqa: BLE001 - keep heartbeating
+                log.exception("heartbeat handling failed")
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=2)
+        self.client.close()

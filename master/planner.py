@@ -1,0 +1,149 @@
+"""Plan a job: validate the submitted graph, optimise it, add the backward pass,
+optimise again, and place every variable on the parameter-server shards.
+
+Pure (no gRPC): the master's SubmitJob and GetPlan, and ``psctl plan`` offline, all
+call ``plan_job``.
+
+Usage::
+
+    plan = plan_job(spec, num_shards=2)
+    print(plan.text)
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import numpy as np
+
+from graph.core import Graph, Tensor
+from graph.errors import GraphError
+from master.passes import PassReport, optimize
+from master.placement import Placement, format_placement, place, split
+from master.plan import TrainPlan, build_train_plan
+from protos import codec
+
+
+@dataclass
+class JobPlan:
+    train: TrainPlan  # the training graph (forward + backward), optimised
+    placement: Placement
+    forward_report: PassReport
+    train_report: PassReport
+    optimizer: dict
+    mode: str
+    staleness: int
+    weight_order: list
+
+    @property
+    def graph(self) -> Graph:
+        return self.train.graph
+
+    def variables(self) -> list[str]:
+        return [n.name for n in self.graph.nodes.values() if n.op == "variable"]
+
+    def shard_tensors(self, shard: int) -> dict[str, np.ndarray]:
+        """Initial values of the slices shard ``shard`` holds, by slice key."""
+        out = {}
+        for var in self.variables():
+            value = self.graph.initial_values[var]
+            slices = self.placement.slices_of(var)
+            for sl, part in zip(slices, split(value, slices)):
+                if sl.shard == shard:
+                    out[sl.key] = np.ascontiguousarray(part)
+        return out
+
+    def trainable_keys(self) -> set[str]:
+        return {sl.key for var in self.train.grads for sl in self.placement.slices_of(var)}
+
+    @property
+    def text(self) -> str:
+        g = self.graph
+        lines = [
+            "== graph passes ==",
+            f"forward: {self.forward_report.nodes_before} -> {self.forward_report.nodes_after} nodes; "
+            f"folded {len(self.forward_report.folded)}, merged {len(self.forward_report.merged)}, "
+            f"pruned {len(self.forward_report.pruned)}",
+            f"training graph: {self.train_report.nodes_before} -> {self.train_report.nodes_after} nodes; "
+            f"folded {len(self.train_report.folded)}, merged {len(self.train_report.merged)}, "
+            f"pruned {len(self.train_report.pruned)}",
+        ]
+        folded = list(self.forward_report.folded) + list(self.train_report.folded)
+        if folded:
+            lines.append("folded constants: " + ", ".join(folded[:20]) + (" ..." if len(folded) > 20 else ""))
+        lines += ["", "== worker subgraph (replicated on every worker) =="]
+        for node in g.nodes.values():
+            if node.op in ("variable",):
+                continue
+            where = "input" if node.op == "placeholder" else "const" if node.op == "constant" else "worker"
+            shape = "(" + ", ".join("?" if d is None else str(d) for d in node.shape) + ")"
+            lines.append(f"  [{where:6}] {node.name:40} {node.op:34} {shape} {node.dtype}")
+        lines += ["", f"== parameter-server shards ({self.mode}"
+                  + (f", staleness {self.staleness}" if self.mode == "ssp" else "") + f"; optimizer {self.optimizer.get('name')}) =="]
+        lines.append(format_placement(self.placement))
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict:
+        return {
+            "mode": self.mode,
+            "staleness": self.staleness,
+            "optimizer": self.optimizer,
+            "nodes": len(self.graph.nodes),
+            "forward_passes": _report_dict(self.forward_report),
+            "train_passes": _report_dict(self.train_report),
+            "trainable": list(self.train.grads),
+            "state_variables": list(self.train.state_variables),
+            "shard_bytes": list(self.placement.shard_bytes),
+            "slices": [
+                {"variable": s.variable, "key": s.key, "shard": s.shard, "start": s.start, "stop": s.stop}
+                for s in self.placement.slices
+            ],
+        }
+
+
+def _report_dict(r: PassReport) -> dict:
+    return {
+        "nodes_before": r.nodes_before,
+        "nodes_after": r.nodes_after,
+        "folded": list(r.folded),
+        "merged": dict(r.merged),
+        "pruned": list(r.pruned),
+    }
+
+
+def plan_job(spec, num_shards: int) -> JobPlan:
+    """Validate and plan a ``master_pb2.JobSpec`` for ``num_shards`` shards."""
+    m, t = spec.model, spec.train
+    g = codec.graph_from_proto(m.graph)  # validates: ops, edges, cycles, shapes, dtypes
+    names = {"features": m.features, "labels": m.labels, "loss": m.loss, "prediction": m.prediction}
+    for role, name in names.items():
+        if name not in g.nodes:
+            raise GraphError(f"the job's {role} node does not exist in the graph", name or "<empty>")
+    for role in ("features", "labels"):
+        if g.nodes[names[role]].op != "placeholder":
+            raise GraphError(f"the job's {role} must be a placeholder", names[role], g.nodes[names[role]].op)
+    if g.nodes[m.loss].shape != ():
+        raise GraphError(f"the loss must be a scalar, got shape {g.nodes[m.loss].shape}", m.loss, g.nodes[m.loss].op)
+    for name in m.weight_order:
+        if name not in g.nodes or g.nodes[name].op != "variable":
+            raise GraphError("weight_order names a node that is not a variable", name)
+    if t.mode not in ("sync", "async", "ssp"):
+        raise ValueError(f"train.mode={t.mode!r}: use sync, async or ssp")
+    if t.batch_size < 1:
+        raise ValueError(f"train.batch_size={t.batch_size} must be >= 1")
+    if num_shards < 1:
+        raise ValueError(f"num_shards={num_shards} must be >= 1")
+    optimizer = json.loads(t.optimizer_json or '{"name": "sgd"}')
+    from psserver.optimizers import optimizer_from_config
+
+    optimizer_from_config(dict(optimizer))  # validate now, not on the shards
+
+    keep = set(names.values()) | set(m.weight_order)
+    fwd, fwd_report = optimize(g, [m.loss, m.prediction], keep=keep)
+    train = build_train_plan(fwd, Tensor(fwd, m.loss), Tensor(fwd, m.prediction), m.features, m.labels)
+    outputs = [m.loss, m.prediction] + list(train.grads.values())
+    g2, train_report = optimize(train.graph, outputs, keep=keep | set(train.grads.values()))
+    train = TrainPlan(g2, m.features, m.labels, m.loss, m.prediction, dict(train.grads), train.state_variables)
+    variables = {n.name: (n.shape, n.dtype) for n in g2.nodes.values() if n.op == "variable"}
+    placement = place(variables, num_shards)
+    return JobPlan(train, placement, fwd_report, train_report, optimizer, t.mode, t.staleness, list(m.weight_order))

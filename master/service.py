@@ -1,0 +1,519 @@
+"""The master gRPC service: job submission and tracking, node registry, scheduling,
+and the failure detector.
+
+The servicer stays thin: planning is ``master.planner``, the job lifecycle and its
+durable record are ``master.jobs``, and node/job bookkeeping lives in
+``Coordinator`` below, which the servicer methods call.
+
+Usage (normally through ``python -m master``)::
+
+    server, port, servicer = serve(MasterConfig(port=0, db=":memory:"))
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+
+import grpc
+import numpy as np
+
+from client.nn.model import save_arrays
+from master.config import MasterConfig
+from master.jobs import InvalidTransition, JobFinished, JobRecord, JobState, JobStore
+from master.placement import assemble
+from master.planner import JobPlan, plan_job
+from protos import codec, master_pb2, master_pb2_grpc, rpc
+
+log = logging.getLogger(__name__)
+
+rpc.register_error(InvalidTransition, grpc.StatusCode.FAILED_PRECONDITION)
+
+
+class NotReady(RuntimeError):
+    """The request is valid but cannot be served in the job's current state."""
+
+
+rpc.register_error(NotReady, grpc.StatusCode.FAILED_PRECONDITION)
+
+
+@dataclass
+class NodeInfo:
+    node_id: str
+    role: str
+    address: str
+    name: str
+    index: int
+    metrics_address: str = ""
+    last_seen: float = field(default_factory=time.monotonic)
+    alive: bool = True
+    job: str | None = None  # a worker's current job
+    tasks: list = field(default_factory=list)
+    cancelled: list = field(default_factory=list)
+    finished: list = field(default_factory=list)
+
+
+@dataclass
+class JobRuntime:
+    id: str
+    spec: master_pb2.JobSpec
+    plan: JobPlan
+    workers: dict[int, str]  # worker index -> node id
+    shards: list[str]  # shard index -> address
+    live: set[int]
+    done: set[int] = field(default_factory=set)
+    steps: dict[int, int] = field(default_factory=dict)
+    evaluator: int | None = None
+
+
+class Coordinator:
+    """Nodes, running jobs and their transitions. Thread-safe (one lock)."""
+
+    def __init__(self, config: MasterConfig):
+        self.config = config
+        self.store = JobStore(config.db)
+        self.nodes: dict[str, NodeInfo] = {}
+        self.runtimes: dict[str, JobRuntime] = {}
+        self.lock = threading.RLock()
+        self.changed = threading.Condition(self.lock)
+        self._ps_clients: dict[str, object] = {}
+        self._stop = threading.Event()
+        os.makedirs(self.export_dir, exist_ok=True)
+        for rec in self.store.recover_after_restart():
+            log.warning("job %s was %s when the master stopped; marking it FAILED", rec.id, rec.state.value)
+        self.store.fail_interrupted("the workers' task state was lost; resubmit the job")
+        self._monitor = threading.Thread(target=self._monitor_loop, name="master-monitor", daemon=True)
+        self._monitor.start()
+
+    @property
+    def export_dir(self) -> str:
+        if self.config.export_dir:
+            return self.config.export_dir
+        base = os.path.dirname(os.path.abspath(self.config.db)) if self.config.db != ":memory:" else None
+        return os.path.join(base, "exports") if base else os.path.join(_tmp_dir(), "exports")
+
+    def close(self) -> None:
+        self._stop.set()
+        self._monitor.join(timeout=2)
+        for c in self._ps_clients.values():
+            c.close()
+        self.store.close()
+
+    # ---- nodes ------------------------------------------------------------------------
+    def register(self, role: str, address: str, name: str, metrics_address: str) -> NodeInfo:
+        if role not in ("worker", "ps"):
+            raise ValueError(f"role must be 'worker' or 'ps', got {role!r}")
+        if role == "ps" and not address:
+            raise ValueError("a parameter server must register the address it serves on")
+        with self.lock:
+            index = sum(1 for n in self.nodes.values() if n.role == role)
+            node = NodeInfo(f"{role}-{uuid.uuid4().hex[:8]}", role, address, name, index, metrics_address)
+            self.nodes[node.node_id] = node
+            log.info("registered %s %s (%s) as index %d", role, node.node_id, address or name, index)
+            self.changed.notify_all()
+            return node
+
+    def heartbeat(self, node_id: str) -> master_pb2.HeartbeatResponse:
+        with self.lock:
+            node = self.nodes.get(node_id)
+            if node is None or not node.alive:
+                return master_pb2.HeartbeatResponse(known=False)
+            node.last_seen = time.monotonic()
+            resp = master_pb2.HeartbeatResponse(known=True)
+            resp.tasks.extend(node.tasks)
+            resp.cancelled_jobs.extend(node.cancelled)
+            for job, evaluator in node.finished:
+                resp.finished.add(job=job, evaluator=evaluator)
+            node.tasks, node.cancelled, node.finished = [], [], []
+            return resp
+
+    def list_nodes(self) -> list[NodeInfo]:
+        with self.lock:
+            return list(self.nodes.values())
+
+    def _ps(self, address: str):
+        from psserver.service import ParameterServerClient
+
+        client = self._ps_clients.get(address)
+        if client is None:
+            client = self._ps_clients[address] = ParameterServerClient(address, timeout=60)
+        return client
+
+    # ---- jobs ---------------------------------------------------------------------------
+    def plan(self, spec: master_pb2.JobSpec) -> JobPlan:
+        with self.lock:
+            alive_ps = sum(1 for n in self.nodes.values() if n.role == "ps" and n.alive)
+        return plan_job(spec, spec.train.num_shards or max(alive_ps, 1))
+
+    def submit(self, spec: master_pb2.JobSpec) -> JobRecord:
+        self.plan(spec)  # validate before recording anything: bad specs fail INVALID_ARGUMENT
+        rec = self.store.create(spec.name or "job", spec.SerializeToString(), {})
+        self.store.add_event(rec.id, "submitted")
+        self._try_start(rec.id, spec)
+        return self.store.get(rec.id)
+
+    def _try_start(self, job_id: str, spec: master_pb2.JobSpec) -> bool:
+        with self.lock:
+            shards = sorted((n for n in self.nodes.values() if n.role == "ps" and n.alive), key=lambda n: n.index)
+            idle = sorted(
+                (n for n in self.nodes.values() if n.role == "worker" and n.alive and n.job is None), key=lambda n: n.index
+            )
+            want_shards = spec.train.num_shards or len(shards)
+            want_workers = spec.train.num_workers or len(idle)
+            if want_shards < 1 or want_workers < 1 or len(shards) < want_shards or len(idle) < want_workers:
+                return False
+            shards, workers = shards[:want_shards], idle[:want_workers]
+            for w in workers:
+                w.job = job_id  # reserve
+        try:
+            plan = plan_job(spec, want_shards)
+            indices = list(range(want_workers))
+            for s, node in enumerate(shards):
+                self._ps(node.address).init_shard(
+                    job_id, s, plan.shard_tensors(s), plan.trainable_keys() & set(plan.shard_tensors(s)),
+                    json.dumps(plan.optimizer), spec.train.mode, spec.train.staleness, indices,
+                )
+        except Exception as exc:  # noqa: BLE001 - recorded on the job
+            with self.lock:
+                for w in workers:
+                    w.job = None
+            log.exception("job %s failed to start", job_id)
+            self.store.transition(job_id, JobState.FAILED, error=f"could not start the job: {exc}")
+            self._end_on_shards_addresses(job_id, [n.address for n in shards])
+            return True
+        rt = JobRuntime(job_id, spec, plan, {i: w.node_id for i, w in zip(indices, workers)},
+                        [n.address for n in shards], set(indices))
+        with self.lock:
+            self.runtimes[job_id] = rt
+            for i, w in zip(indices, workers):
+                w.tasks.append(self._task(rt, i))
+                self.store.update_worker(job_id, i, node=w.node_id, state="running", step=0, step_time=0.0)
+            self.store.transition(job_id, JobState.RUNNING)
+            self.store.add_event(
+                job_id, f"running on {len(workers)} workers and {len(shards)} shards "
+                f"(shard bytes {list(plan.placement.shard_bytes)})"
+            )
+            self.changed.notify_all()
+        return True
+
+    def _task(self, rt: JobRuntime, index: int) -> master_pb2.Task:
+        plan, spec = rt.plan, rt.spec
+        t = master_pb2.Task(
+            job=rt.id, worker_index=index, num_workers=len(rt.workers), features=plan.train.features,
+            labels=plan.train.labels, loss=plan.train.loss, prediction=plan.train.prediction,
+        )
+        t.graph.CopyFrom(codec.graph_to_proto(plan.graph))
+        t.grads.update(plan.train.grads)
+        t.state_variables.extend(plan.train.state_variables)
+        for s in plan.placement.slices:
+            t.slices.add(variable=s.variable, key=s.key, shard=s.shard, start=s.start, stop=s.stop)
+        t.shard_addresses.extend(rt.shards)
+        t.train.CopyFrom(spec.train)
+        t.data.CopyFrom(spec.data)
+        t.workers.extend(sorted(rt.workers))
+        return t
+
+    def progress(self, r: master_pb2.ProgressReport) -> bool:
+        """Record a worker's report; returns True if the job was cancelled."""
+        rec = self.store.get(r.job)
+        if rec.state == JobState.CANCELLED:
+            return True
+        if rec.state.terminal:
+            return False
+        metrics = dict(r.metrics)
+        if r.error:
+            self._fail(r.job, f"worker {r.worker} failed: {r.error}")
+            return False
+        with self.lock:
+            rt = self.runtimes.get(r.job)
+            if rt is None:
+                return False
+            rt.steps[r.worker] = max(rt.steps.get(r.worker, 0), r.step)
+            step = max(rt.steps.values())
+        if r.done or r.final:
+            self.store.update_worker(r.job, r.worker, step=r.step, state="done")
+        else:
+            self.store.update_worker(r.job, r.worker, step=r.step, step_time=r.step_time, state="running")
+        if not r.done:  # a done report only marks the end; its loss field is unused
+            entry = {"time": time.time(), "worker": r.worker, "step": r.step, "epoch": r.epoch, **metrics}
+            if r.final:
+                entry["final"] = True
+            else:
+                entry["loss"] = r.loss
+            try:
+                self.store.record_progress(
+                    r.job, step, max(r.epoch, rec.epoch), rec.loss if r.final else r.loss, metrics, entry
+                )
+            except JobFinished:  # cancelled or failed meanwhile: a late report
+                return rec.state == JobState.CANCELLED
+        if r.final:
+            self._succeed(r.job)
+        elif r.done:
+            with self.lock:
+                rt.done.add(r.worker)
+                self._maybe_finished(rt)
+        with self.lock:
+            self.changed.notify_all()
+        return False
+
+    def _maybe_finished(self, rt: JobRuntime) -> None:
+        # Caller holds the lock. Every live worker is done: one of them evaluates the final model.
+        if rt.evaluator is None and rt.live and rt.live <= rt.done:
+            rt.evaluator = min(rt.live)
+            node = self.nodes[rt.workers[rt.evaluator]]
+            node.finished.append((rt.id, rt.evaluator))
+            for i in rt.live:
+                other = self.nodes[rt.workers[i]]
+                if other is not node:
+                    other.finished.append((rt.id, rt.evaluator))
+            self.store.add_event(rt.id, f"all workers done; worker {rt.evaluator} evaluates the final model")
+
+    def _succeed(self, job_id: str) -> None:
+        with self.lock:
+            rt = self.runtimes.get(job_id)
+        if rt is None:
+            return
+        try:
+            config, names, weights = self._pull_weights(rt)
+            save_arrays(self._export_path(job_id), config, {f"weight_{i}": w for i, w in enumerate(weights)})
+            self.store.transition(job_id, JobState.SUCCEEDED)
+            self.store.add_event(job_id, "succeeded; final weights saved for export")
+        except Exception as exc:  # noqa: BLE001
+            log.exception("job %s: could not save the final weights", job_id)
+            self._fail(job_id, f"could not save the final weights: {exc}")
+            return
+        self._release(job_id)
+
+    def _fail(self, job_id: str, error: str) -> None:
+        try:
+            self.store.transition(job_id, JobState.FAILED, error=error)
+        except InvalidTransition:
+            return
+        self.store.add_event(job_id, f"failed: {error}")
+        self._release(job_id, cancel_workers=True)
+
+    def cancel(self, job_id: str) -> JobRecord:
+        rec = self.store.transition(job_id, JobState.CANCELLED)
+        self.store.add_event(job_id, "cancelled by the user")
+        self._release(job_id, cancel_workers=True)
+        return rec
+
+    def _release(self, job_id: str, cancel_workers: bool = False) -> None:
+        with self.lock:
+            rt = self.runtimes.pop(job_id, None)
+            if rt is None:
+                return
+            for node_id in rt.workers.values():
+                node = self.nodes.get(node_id)
+                if node is not None and node.job == job_id:
+                    node.job = None
+                    if cancel_workers:
+                        node.cancelled.append(job_id)
+            self.changed.notify_all()
+        self._end_on_shards_addresses(job_id, rt.shards)
+
+    def _end_on_shards_addresses(self, job_id: str, addresses: list[str]) -> None:
+        for address in addresses:
+            try:
+                self._ps(address).end_job(job_id)
+            except grpc.RpcError as exc:
+                log.warning("job %s: could not end the job on shard %s: %s", job_id, address, rpc.describe(exc))
+
+    # ---- export ---------------------------------------------------------------------------
+    def _export_path(self, job_id: str) -> str:
+        return os.path.join(self.export_dir, f"{job_id}.npz")
+
+    def _pull_weights(self, rt: JobRuntime) -> tuple[dict, list[str], list[np.ndarray]]:
+        plan = rt.plan
+        parts: dict[str, np.ndarray] = {}
+        for address in rt.shards:
+            _, params = self._ps(address).pull(rt.id, worker=-1, step=0, min_version=0, timeout=30.0)
+            parts.update(params)
+        weights = []
+        names = list(plan.weight_order) or plan.variables()
+        for var in names:
+            slices = plan.placement.slices_of(var)
+            node = plan.graph.nodes[var]
+            out = np.empty(node.shape, node.dtype)
+            assemble(slices, [parts[s.key] for s in slices], out)
+            weights.append(out)
+        config = json.loads(rt.spec.model.model_config_json or "{}")
+        return config, names, weights
+
+    def export(self, job_id: str) -> tuple[dict, list[str], list[np.ndarray]]:
+        rec = self.store.get(job_id)
+        path = self._export_path(job_id)
+        if os.path.exists(path):
+            with np.load(path) as f:
+                config = json.loads(bytes(f["__config__"]).decode())
+                weights = [f[f"weight_{i}"] for i in range(sum(1 for k in f.files if k.startswith("weight_")))]
+            spec = master_pb2.JobSpec.FromString(rec.spec)
+            return config, list(spec.model.weight_order), weights
+        with self.lock:
+            rt = self.runtimes.get(job_id)
+        if rt is None:
+            raise NotReady(f"job {job_id} is {rec.state.value} and has no saved weights to export")
+        return self._pull_weights(rt)
+
+    # ---- failure detection and scheduling -----------------------------------------------
+    def _monitor_loop(self) -> None:
+        while not self._stop.wait(self.config.monitor_interval):
+            try:
+                self._check_nodes()
+                self._schedule_pending()
+            except Exception:  # noqa: BLE001 - keep the monitor alive
+                log.exception("master monitor iteration failed")
+
+    def _check_nodes(self) -> None:
+        now = time.monotonic()
+        lost: list[NodeInfo] = []
+        with self.lock:
+            for node in self.nodes.values():
+                if node.alive and now - node.last_seen > self.config.heartbeat_timeout:
+                    node.alive = False
+                    lost.append(node)
+        for node in lost:
+            log.warning("%s %s lost: no heartbeat for %.1fs", node.role, node.node_id, now - node.last_seen)
+            for rt in list(self.runtimes.values()):
+                if node.role == "ps" and node.address in rt.shards:
+                    self._fail(rt.id, f"parameter-server shard {rt.shards.index(node.address)} ({node.address}) "
+                                      f"lost: no heartbeat for {self.config.heartbeat_timeout:.1f}s")
+                elif node.role == "worker" and node.node_id in rt.workers.values():
+                    self._lose_worker(rt, node)
+
+    def _lose_worker(self, rt: JobRuntime, node: NodeInfo) -> None:
+        index = next(i for i, nid in rt.workers.items() if nid == node.node_id)
+        with self.lock:
+            rt.live.discard(index)
+            live = sorted(rt.live)
+        step = rt.steps.get(index, 0)
+        self.store.add_event(rt.id, f"worker {index} lost at step {step} (no heartbeat for "
+                                    f"{self.config.heartbeat_timeout:.1f}s); continuing with workers {live}")
+        self.store.update_worker(rt.id, index, state="lost")
+        if not live:
+            self._fail(rt.id, "every worker was lost")
+            return
+        for address in rt.shards:
+            try:
+                self._ps(address).set_membership(rt.id, live)
+            except grpc.RpcError as exc:
+                log.warning("job %s: membership update to %s failed: %s", rt.id, address, rpc.describe(exc))
+        with self.lock:
+            if rt.evaluator == index:  # the evaluator died: pick again
+                rt.evaluator = None
+            self._maybe_finished(rt)
+            self.changed.notify_all()
+
+    def _schedule_pending(self) -> None:
+        for rec in self.store.list(states=[JobState.PENDING]):
+            self._try_start(rec.id, master_pb2.JobSpec.FromString(rec.spec))
+
+
+def _tmp_dir() -> str:
+    import tempfile
+
+    return tempfile.gettempdir()
+
+
+def _status(rec: JobRecord) -> master_pb2.JobStatus:
+    s = master_pb2.JobStatus(
+        id=rec.id, name=rec.name, state=rec.state.value, step=rec.step, epoch=rec.epoch,
+        error=rec.error or "", created=rec.created, updated=rec.updated,
+    )
+    if rec.loss is not None:
+        s.has_loss, s.loss = True, rec.loss
+    s.metrics.update({k: float(v) for k, v in rec.metrics.items() if isinstance(v, (int, float))})
+    s.events.extend(e["text"] if isinstance(e, dict) else str(e) for e in rec.events)
+    s.workers_json = json.dumps(rec.workers)
+    return s
+
+
+class MasterServicer(master_pb2_grpc.MasterServicer):
+    def __init__(self, coordinator: Coordinator):
+        self.c = coordinator
+
+    @rpc.guarded
+    def SubmitJob(self, request, context):
+        return _status(self.c.submit(request.spec))
+
+    @rpc.guarded
+    def GetJob(self, request, context):
+        return _status(self.c.store.get(request.id))
+
+    @rpc.guarded
+    def ListJobs(self, request, context):
+        return master_pb2.ListJobsResponse(jobs=[_status(r) for r in self.c.store.list()])
+
+    @rpc.guarded
+    def CancelJob(self, request, context):
+        return _status(self.c.cancel(request.id))
+
+    def WatchJob(self, request, context):
+        try:
+            self.c.store.get(request.id)
+        except KeyError as exc:
+            rpc.abort(context, exc)
+        seq = request.since
+        while context.is_active():
+            rec = self.c.store.get(request.id)
+            history = self.c.store.history(request.id, since_seq=seq)
+            seq += len(history)
+            yield master_pb2.JobEvent(job=_status(rec), history_json=[json.dumps(h) for h in history], seq=seq)
+            if rec.state.terminal:
+                return
+            with self.c.changed:
+                self.c.changed.wait(timeout=0.5)
+
+    @rpc.guarded
+    def GetPlan(self, request, context):
+        plan = self.c.plan(request.spec)
+        resp = master_pb2.GetPlanResponse(text=plan.text, plan_json=json.dumps(plan.to_dict()))
+        resp.graph.CopyFrom(codec.graph_to_proto(plan.graph))
+        return resp
+
+    @rpc.guarded
+    def ExportModel(self, request, context):
+        config, names, weights = self.c.export(request.id)
+        resp = master_pb2.ExportModelResponse(model_config_json=json.dumps(config), names=names)
+        for w in weights:
+            resp.weights.append(codec.tensor_to_proto(w))
+        return resp
+
+    @rpc.guarded
+    def RegisterNode(self, request, context):
+        node = self.c.register(request.role, request.address, request.name, request.metrics_address)
+        return master_pb2.RegisterNodeResponse(
+            node_id=node.node_id, index=node.index, heartbeat_interval=self.c.config.heartbeat_interval
+        )
+
+    @rpc.guarded
+    def Heartbeat(self, request, context):
+        return self.c.heartbeat(request.node_id)
+
+    @rpc.guarded
+    def ReportProgress(self, request, context):
+        return master_pb2.ProgressAck(cancelled=self.c.progress(request))
+
+    @rpc.guarded
+    def ListNodes(self, request, context):
+        now = time.monotonic()
+        return master_pb2.ListNodesResponse(nodes=[
+            master_pb2.NodeStatus(node_id=n.node_id, role=n.role, address=n.address, index=n.index, alive=n.alive,
+                                  last_seen=now - n.last_seen, name=n.name, metrics_address=n.metrics_address)
+            for n in self.c.list_nodes()
+        ])
+
+
+def serve(config: MasterConfig) -> tuple[grpc.Server, int, Coordinator]:
+    """Start a master; returns (server, bound port, coordinator)."""
+    coordinator = Coordinator(config)
+    server = rpc.make_server(max_workers=config.max_workers)
+    master_pb2_grpc.add_MasterServicer_to_server(MasterServicer(coordinator), server)
+    port = rpc.bind(server, config.host, config.port)
+    server.start()
+    log.info("master listening on %s:%d", config.host, port)
+    return server, port, coordinator

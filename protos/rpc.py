@@ -1,0 +1,127 @@
+"""The one place where gRPC channels and servers are created, and where domain
+errors become gRPC status codes.
+
+Message-size limits are raised on purpose (tensors travel in single messages) and
+enforced: a message over the limit fails with RESOURCE_EXHAUSTED naming its size and
+the limit (``PSTRAIN_MAX_MESSAGE_BYTES`` raises it). TLS and token auth will hook in
+here.
+
+Usage::
+
+    server = make_server(max_workers=16)
+    add_ParameterServerServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0"); server.start()
+    channel = make_channel(f"127.0.0.1:{port}")
+"""
+from __future__ import annotations
+
+import logging
+import os
+from concurrent import futures
+from typing import Callable
+
+import grpc
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_MESSAGE_BYTES = 256 * 1024 * 1024
+
+
+def max_message_bytes() -> int:
+    value = os.environ.get("PSTRAIN_MAX_MESSAGE_BYTES")
+    if value is None:
+        return DEFAULT_MAX_MESSAGE_BYTES
+    try:
+        n = int(value)
+    except ValueError:
+        raise ValueError(f"PSTRAIN_MAX_MESSAGE_BYTES={value!r} is not an integer number of bytes") from None
+    if not 1024 <= n <= 2**31 - 1:
+        raise ValueError(f"PSTRAIN_MAX_MESSAGE_BYTES={n} is out of range; allowed [1024, {2**31 - 1}]")
+    return n
+
+
+def _options(limit: int | None) -> list[tuple[str, int]]:
+    limit = limit or max_message_bytes()
+    return [
+        ("grpc.max_send_message_length", limit),
+        ("grpc.max_receive_message_length", limit),
+        ("grpc.so_reuseport", 0),
+    ]
+
+
+def make_server(max_workers: int = 32, max_message: int | None = None) -> grpc.Server:
+    """A threaded gRPC server with pstrain's message limits."""
+    return grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), options=_options(max_message))
+
+
+def make_channel(address: str, max_message: int | None = None) -> grpc.Channel:
+    """A channel to ``address`` (host:port) with pstrain's message limits."""
+    return grpc.insecure_channel(address, options=_options(max_message))
+
+
+def bind(server: grpc.Server, host: str, port: int) -> int:
+    """Bind ``host:port`` (port 0 picks a free one); returns the bound port."""
+    bound = server.add_insecure_port(f"{host}:{port}")
+    if bound == 0:
+        raise OSError(f"cannot listen on {host}:{port}: the address is in use or not available")
+    return bound
+
+
+def wait_ready(channel: grpc.Channel, address: str, timeout: float) -> None:
+    """Block until the channel connects; raise ConnectionError naming the address."""
+    try:
+        grpc.channel_ready_future(channel).result(timeout=timeout)
+    except grpc.FutureTimeoutError:
+        raise ConnectionError(f"no pstrain service answers at {address} (waited {timeout:.0f}s); is it running?") from None
+
+
+# ---- errors -------------------------------------------------------------------------------
+# Domain exception type -> status code. Servicers call ``abort(context, exc)``.
+_STATUS: list[tuple[type, grpc.StatusCode]] = []
+
+
+def register_error(exc_type: type, code: grpc.StatusCode) -> None:
+    _STATUS.append((exc_type, code))
+
+
+def status_for(exc: BaseException) -> grpc.StatusCode:
+    for exc_type, code in _STATUS:
+        if isinstance(exc, exc_type):
+            return code
+    if isinstance(exc, KeyError):
+        return grpc.StatusCode.NOT_FOUND
+    if isinstance(exc, TimeoutError):
+        return grpc.StatusCode.DEADLINE_EXCEEDED
+    if isinstance(exc, (ValueError, TypeError)):
+        return grpc.StatusCode.INVALID_ARGUMENT
+    return grpc.StatusCode.INTERNAL
+
+
+def abort(context: grpc.ServicerContext, exc: BaseException) -> None:
+    code = status_for(exc)
+    message = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
+    if code == grpc.StatusCode.INTERNAL:
+        log.exception("internal error in a servicer")
+    context.abort(code, message)
+
+
+def guarded(fn: Callable) -> Callable:
+    """Decorate a servicer method: domain errors become status codes (in one place)."""
+
+    def wrapper(self, request, context):
+        try:
+            return fn(self, request, context)
+        except Exception as exc:  # noqa: BLE001 - mapped to a status code
+            abort(context, exc)
+
+    wrapper.__name__ = fn.__name__
+    wrapper.__doc__ = fn.__doc__
+    return wrapper
+
+
+def describe(err: grpc.RpcError) -> str:
+    """A one-line description of a failed call for users."""
+    try:
+        return f"{err.code().name}: {err.details()}"
+    except Exception:  # noqa: BLE001
+        return str(err)

@@ -1,0 +1,69 @@
+"""Service configuration: CLI flags over ``PSTRAIN_*`` environment variables over
+defaults, into one frozen dataclass per service, validated on construction.
+
+Usage::
+
+    @dataclass(frozen=True)
+    class PSConfig:
+        port: int = 0
+        ...
+    cfg = from_sources(PSConfig, args, prefix="PSTRAIN_PS_")   # args: argparse.Namespace
+
+Each field ``f`` reads the flag ``--f`` (argparse dest ``f``) when given, else the
+variable ``PSTRAIN_<F>`` (or ``prefix + F``), else the dataclass default.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from typing import Any
+
+
+def _cast(field: dataclasses.Field, raw: str, env: str) -> Any:
+    """Parse ``raw`` as the type of the field's default (str when the default is None)."""
+    kind = type(field.default) if field.default is not None else str
+    try:
+        if kind is bool:
+            if raw.lower() in ("1", "true", "yes", "on"):
+                return True
+            if raw.lower() in ("0", "false", "no", "off", ""):
+                return False
+            raise ValueError(raw)
+        return kind(raw)
+    except ValueError:
+        raise ValueError(f"{env}={raw!r} is not a valid {kind.__name__} for '{field.name}'") from None
+
+
+def env_name(field: str, prefix: str = "PSTRAIN_") -> str:
+    return prefix + field.upper()
+
+
+def from_sources(cls, args: argparse.Namespace | None = None, prefix: str = "PSTRAIN_", environ=None):
+    """Build ``cls`` from flags, then environment variables, then defaults."""
+    environ = os.environ if environ is None else environ
+    values = {}
+    for f in dataclasses.fields(cls):
+        flag = getattr(args, f.name, None) if args is not None else None
+        if flag is not None:
+            values[f.name] = flag
+            continue
+        env = env_name(f.name, prefix)
+        if env in environ:
+            values[f.name] = _cast(f, environ[env], env)
+    return cls(**values)
+
+
+def env_variables(cls, prefix: str = "PSTRAIN_") -> list[str]:
+    """Every environment variable ``cls`` reads (for checking deploy files)."""
+    return [env_name(f.name, prefix) for f in dataclasses.fields(cls)]
+
+
+def check_port(cls_name: str, field: str, value: int) -> None:
+    if not 0 <= int(value) <= 65535:
+        raise ValueError(f"{cls_name}.{field}={value!r} is out of range; allowed [0, 65535] (0 picks a free port)")
+
+
+def check_positive(cls_name: str, field: str, value: float) -> None:
+    if not float(value) > 0:
+        raise ValueError(f"{cls_name}.{field}={value!r} must be > 0")

@@ -1,0 +1,54 @@
+"""``python -m psserver``: run a parameter-server process and register it with the master.
+
+Prints ``PSTRAIN_READY ps HOST:PORT`` once serving.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+
+from protos.settings import from_sources
+from psserver.config import PSConfig
+from psserver.service import serve
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m psserver", description=__doc__.splitlines()[0])
+    p.add_argument("--host")
+    p.add_argument("--port", type=int)
+    p.add_argument("--advertise-host", dest="advertise_host")
+    p.add_argument("--master")
+    p.add_argument("--checkpoint-dir", dest="checkpoint_dir")
+    p.add_argument("--log-level", default="INFO")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s ps %(name)s: %(message)s")
+    try:
+        config = from_sources(PSConfig, args)
+    except ValueError as exc:
+        print(f"psserver: error: {exc}", file=sys.stderr)
+        return 2
+    server, port, servicer = serve(config)
+    address = f"{config.advertise_host or config.host}:{port}"
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    heart = None
+    if config.master:
+        from master.membership import NodeMembership
+
+        heart = NodeMembership(config.master, "ps", address=address, interval=config.heartbeat_interval)
+        heart.start()
+    print(f"PSTRAIN_READY ps {address}", flush=True)
+    stop.wait()
+    if heart is not None:
+        heart.stop()
+    server.stop(grace=2).wait()
+    servicer.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

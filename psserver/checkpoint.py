@@ -1,0 +1,134 @@
+"""Atomic checkpoint files: named NumPy arrays plus JSON metadata.
+
+A checkpoint is written to a temporary file in the destination's directory,
+flushed and fsynced, then renamed over the destination (``os.replace`` is atomic
+on POSIX) and the directory is fsynced so the rename itself survives a power
+cut. A crash at any point therefore leaves either the previous checkpoint or
+the new one, never a torn file. The format is a zip of ``.npy`` members (what
+``np.savez`` writes) plus a ``__meta__.json`` member; nothing is pickled.
+
+Usage::
+
+    save_checkpoint("ckpt/shard-0.ckpt", CheckpointState({"w": w}, {"version": 7}))
+    state = load_checkpoint("ckpt/shard-0.ckpt")   # None when there is none yet
+    state.arrays["w"], state.meta["version"]
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+
+_META = "__meta__.json"
+_NPY = ".npy"
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    """Where a shard keeps its checkpoint and how often it writes one.
+
+    ``every_versions``: write after this many new versions (0: only on ``close()``).
+    """
+
+    path: str | os.PathLike
+    every_versions: int = 100
+
+    def __post_init__(self):
+        if not str(self.path):
+            raise ValueError("CheckpointConfig.path is empty; give the checkpoint file's path")
+        if isinstance(self.every_versions, bool) or not isinstance(self.every_versions, int) or self.every_versions < 0:
+            raise ValueError(
+                f"CheckpointConfig.every_versions={self.every_versions!r} is out of range; allowed integers [0, inf) "
+                "(0 writes only on close)"
+            )
+
+
+@dataclass
+class CheckpointState:
+    """What a checkpoint holds: named arrays and JSON-serialisable metadata."""
+
+    arrays: dict[str, np.ndarray] = field(default_factory=dict)
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+def save_checkpoint(path: str | os.PathLike, state: CheckpointState) -> None:
+    """Write ``state`` to ``path`` atomically (temp file, fsync, rename, fsync dir).
+
+    Creates the parent directory if needed. Raises ValueError for an array that
+    would need pickling (object dtype) or metadata JSON cannot represent (NaN,
+    Inf); the previous checkpoint at ``path``, if any, is then untouched.
+    """
+    path = Path(path)
+    meta = json.dumps(_jsonable(state.meta), sort_keys=True, allow_nan=False)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            with zipfile.ZipFile(f, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
+                for key, array in state.arrays.items():
+                    with zf.open(key + _NPY, "w", force_zip64=True) as member:
+                        np.lib.format.write_array(member, np.asarray(array), allow_pickle=False)
+                zf.writestr(_META, meta)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        # Never leave half-written temp files behind; the old checkpoint is untouched.
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    _fsync_dir(path.parent)
+
+
+def load_checkpoint(path: str | os.PathLike) -> CheckpointState | None:
+    """The checkpoint at ``path``, or None when there is none.
+
+    A file that exists but cannot be read raises ValueError (rather than
+    silently starting over): atomic writes never produce one, so it means
+    outside damage, and someone should look before training restarts from zero.
+    """
+    path = Path(path)
+    if not path.exists():
+        return None
+    try:
+        with zipfile.ZipFile(path, "r") as zf:
+            meta = json.loads(zf.read(_META))
+            arrays = {}
+            for name in zf.namelist():
+                if name.endswith(_NPY):
+                    with zf.open(name) as member:
+                        arrays[name[: -len(_NPY)]] = np.lib.format.read_array(member, allow_pickle=False)
+    except (zipfile.BadZipFile, KeyError, ValueError, OSError, EOFError) as exc:
+        raise ValueError(
+            f"checkpoint {path} is unreadable ({type(exc).__name__}: {exc}); move it aside to start over"
+        ) from exc
+    return CheckpointState(arrays, meta)
+
+
+def _fsync_dir(directory: Path) -> None:
+    if os.name != "posix":  # directories cannot be opened for fsync on Windows
+        return
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _jsonable(value: Any) -> Any:
+    """``value`` with NumPy scalars made Python ones, so json can write it."""
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, np.generic):
+        return value.item()
+    return value

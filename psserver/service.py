@@ -1,0 +1,202 @@
+"""The parameter-server gRPC service: a thin servicer over ``psserver.shard.Shard``.
+
+Decode → call the shard → encode; domain errors become status codes in
+``protos.rpc``. One process serves any number of jobs, one ``Shard`` each.
+
+Usage (normally through ``python -m psserver``)::
+
+    server, port, servicer = serve(PSConfig(port=0))
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+
+import grpc
+
+from protos import codec, ps_pb2, ps_pb2_grpc, rpc
+from psserver.config import PSConfig
+from psserver.optimizers import optimizer_from_config
+from psserver.shard import CheckpointConfig, Shard
+from psserver.store import PushRejected
+
+log = logging.getLogger(__name__)
+
+rpc.register_error(PushRejected, grpc.StatusCode.INVALID_ARGUMENT)
+
+
+class UnknownJob(KeyError):
+    pass
+
+
+rpc.register_error(UnknownJob, grpc.StatusCode.NOT_FOUND)
+
+
+class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
+    def __init__(self, config: PSConfig):
+        self.config = config
+        self.shards: dict[str, Shard] = {}
+        self._lock = threading.Lock()
+
+    def _shard(self, job: str) -> Shard:
+        shard = self.shards.get(job)
+        if shard is None:
+            raise UnknownJob(f"this parameter server holds no shard of job '{job}' (not initialised, or ended)")
+        return shard
+
+    def _checkpoint(self, job: str, shard: int) -> CheckpointConfig | None:
+        if not self.config.checkpoint_dir:
+            return None
+        path = os.path.join(self.config.checkpoint_dir, job, f"shard-{shard}.ckpt")
+        return CheckpointConfig(path=path, every_versions=0)
+
+    @rpc.guarded
+    def InitShard(self, request, context):
+        with self._lock:
+            shard = self.shards.get(request.job)
+            if shard is None:
+                ckpt = self._checkpoint(request.job, request.shard)
+                if ckpt is not None and request.checkpoint_every:
+                    ckpt = CheckpointConfig(path=ckpt.path, every_versions=int(request.checkpoint_every))
+                shard = Shard(
+                    job=request.job,
+                    shard_id=request.shard,
+                    variables={k: v.copy() for k, v in codec.read_named(request.variables).items()},
+                    trainable=set(request.trainable),
+                    optimizer=optimizer_from_config(json.loads(request.optimizer_json)),
+                    mode=request.mode,
+                    staleness=request.staleness,
+                    workers=list(request.workers),
+                    backend=self.config.backend,
+                    checkpoint=ckpt,
+                )
+                self.shards[request.job] = shard
+                log.info("job %s: shard %d holds %d tensors", request.job, request.shard, len(request.variables))
+            stats = shard.stats()
+        return ps_pb2.InitShardResponse(
+            version=stats["version"], bytes=stats.get("bytes", 0), restored=bool(stats.get("restored", False))
+        )
+
+    @rpc.guarded
+    def Push(self, request, context):
+        shard = self._shard(request.job)
+        ack = shard.push(
+            request.worker,
+            request.step,
+            codec.read_named(request.grads),
+            codec.read_named(request.assigns),
+            request.weight,
+        )
+        response = ps_pb2.PushResponse(version=ack.version, duplicate=ack.duplicate)
+        if request.pull:
+            version, params = shard.pull(
+                request.worker, request.step + 1, request.min_version, request.timeout or self.config.pull_timeout
+            )
+            response.version = version
+            codec.write_named(response.params, params)
+        return response
+
+    @rpc.guarded
+    def Pull(self, request, context):
+        shard = self._shard(request.job)
+        version, params = shard.pull(
+            request.worker, request.step, request.min_version, request.timeout or self.config.pull_timeout
+        )
+        response = ps_pb2.PullResponse(version=version)
+        codec.write_named(response.params, params)
+        return response
+
+    @rpc.guarded
+    def SetMembership(self, request, context):
+        self._shard(request.job).set_live_workers(list(request.live_workers))
+        return ps_pb2.MembershipResponse()
+
+    @rpc.guarded
+    def Status(self, request, context):
+        return ps_pb2.ShardStatusResponse(stats_json=json.dumps(self._shard(request.job).stats(), default=str))
+
+    @rpc.guarded
+    def EndJob(self, request, context):
+        with self._lock:
+            shard = self.shards.pop(request.job, None)
+        if shard is not None:
+            shard.close()
+        return ps_pb2.EndJobResponse()
+
+    def Echo(self, request, context):
+        return request
+
+    def close(self) -> None:
+        with self._lock:
+            shards, self.shards = list(self.shards.values()), {}
+        for shard in shards:
+            shard.close()
+
+
+def serve(config: PSConfig) -> tuple[grpc.Server, int, ParameterServerServicer]:
+    """Start a parameter server; returns (server, bound port, servicer)."""
+    server = rpc.make_server(max_workers=config.max_workers)
+    servicer = ParameterServerServicer(config)
+    ps_pb2_grpc.add_ParameterServerServicer_to_server(servicer, server)
+    port = rpc.bind(server, config.host, config.port)
+    server.start()
+    log.info("parameter server listening on %s:%d", config.host, port)
+    return server, port, servicer
+
+
+class ParameterServerClient:
+    """Client side of the PS protocol for one shard address (workers, master, tests)."""
+
+    def __init__(self, address: str, timeout: float = 30.0):
+        self.address = address
+        self.channel = rpc.make_channel(address)
+        self.stub = ps_pb2_grpc.ParameterServerStub(self.channel)
+        self.timeout = timeout
+
+    def init_shard(self, job, shard, variables, trainable, optimizer_json, mode, staleness, workers, checkpoint_every=0):
+        req = ps_pb2.InitShardRequest(
+            job=job, shard=shard, trainable=sorted(trainable), optimizer_json=optimizer_json, mode=mode,
+            staleness=staleness, workers=list(workers), checkpoint_every=checkpoint_every,
+        )
+        codec.write_named(req.variables, variables)
+        return self.stub.InitShard(req, timeout=self.timeout)
+
+    def push_request(self, job, worker, step, grads, assigns=None, weight=1.0, pull=False, min_version=0, timeout=0.0):
+        req = ps_pb2.PushRequest(
+            job=job, worker=worker, step=step, weight=weight, pull=pull, min_version=min_version, timeout=timeout
+        )
+        codec.write_named(req.grads, grads)
+        codec.write_named(req.assigns, assigns or {})
+        return req
+
+    def push(self, request, timeout=None):
+        """Send a prepared push; returns (version, duplicate, params or None)."""
+        resp = self.stub.Push(request, timeout=timeout or self.timeout)
+        return resp.version, resp.duplicate, codec.read_named(resp.params) if request.pull else None
+
+    def push_future(self, request, timeout=None):
+        return self.stub.Push.future(request, timeout=timeout or self.timeout)
+
+    def pull(self, job, worker, step, min_version=0, timeout=0.0):
+        resp = self.stub.Pull(
+            ps_pb2.PullRequest(job=job, worker=worker, step=step, min_version=min_version, timeout=timeout),
+            timeout=(timeout or self.timeout) + 5,
+        )
+        return resp.version, codec.read_named(resp.params)
+
+    def set_membership(self, job, live_workers):
+        self.stub.SetMembership(ps_pb2.MembershipRequest(job=job, live_workers=list(live_workers)), timeout=self.timeout)
+
+    def status(self, job) -> dict:
+        return json.loads(self.stub.Status(ps_pb2.ShardStatusRequest(job=job), timeout=self.timeout).stats_json)
+
+    def end_job(self, job):
+        self.stub.EndJob(ps_pb2.EndJobRequest(job=job), timeout=self.timeout)
+
+    def echo(self, payload: bytes) -> bytes:
+        return self.stub.Echo(ps_pb2.EchoMessage(payload=payload), timeout=self.timeout).payload
+
+    def close(self):
+        self.channel.close()

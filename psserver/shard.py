@@ -1,0 +1,566 @@
+"""A parameter-server shard with no transport: pushes, pulls, consistency modes, checkpoints.
+
+A shard owns some of a job's variables (slices, by name) and applies the
+workers' gradients to them with the job's optimizer. gRPC server threads call
+it concurrently; one ``threading.Condition`` guards all state, and waiters
+(blocked pulls) are woken whenever the version, the clocks or the membership
+change.
+
+Modes:
+
+- ``sync``: pushes for step t are buffered until every live worker has pushed
+  step t, then their weighted average ``sum_k w_k g_k / sum_k w_k`` (summed in
+  ascending worker order, so the result never depends on arrival order) is
+  applied once and the version becomes t + 1.
+- ``async``: each push is applied as it arrives (no averaging).
+- ``ssp`` (stale synchronous parallel, staleness s): applied as in async, but a
+  worker's pull for step t waits until the slowest live worker has pushed step
+  t - s - 1, i.e. no worker runs more than s steps ahead of the slowest.
+
+Pushes are idempotent: each worker's steps arrive in increasing order (a worker
+retries a push until it is acknowledged before starting the next step), so a
+push whose step is not above the worker's highest received step is a retry; it
+is acknowledged with ``duplicate=True`` and never applied twice.
+
+Usage::
+
+    shard = Shard("mnist", 0, {"dense/kernel": w}, trainable={"dense/kernel"},
+                  optimizer=SGD(0.1), mode="sync", workers=[0, 1],
+                  checkpoint=CheckpointConfig("ckpt/mnist-0.ckpt", every_versions=100))
+    version, params = shard.pull(worker=0, step=0, min_version=0)
+    ack = shard.push(worker=0, step=0, grads={"dense/kernel": g}, assigns={}, weight=32)
+    shard.close()   # writes a final checkpoint
+"""
+from __future__ import annotations
+
+import logging
+import math
+import threading
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any, Iterable, Mapping
+
+import numpy as np
+
+from psserver.checkpoint import CheckpointConfig, CheckpointState, load_checkpoint, save_checkpoint
+from psserver.optimizers import SGD, Adam, Optimizer, optimizer_from_config
+from psserver.store import ParameterStore, PushRejected
+from worker.kernels import get_backend
+
+log = logging.getLogger(__name__)
+
+MODES = ("sync", "async", "ssp")
+CHECKPOINT_FORMAT = 1
+
+
+@dataclass(frozen=True)
+class PushAck:
+    """The answer to an accepted push: the shard's version after it, and whether it
+    was a retry of a push already received (then nothing was applied)."""
+
+    version: int
+    duplicate: bool = False
+
+
+class PushRefused(PushRejected):
+    """A push refused for who sent it or when, not for its contents: ``reason`` is
+    unknown_worker, stale_step, out_of_order, bad_step or bad_weight; ``variable`` is None."""
+
+    def __init__(self, reason: str, message: str):
+        ValueError.__init__(self, message)
+        self.reason = reason
+        self.variable = None
+
+
+@dataclass(frozen=True)
+class _Push:
+    """A sync push waiting at its step's barrier (the shard's own copies)."""
+
+    weight: float
+    grads: dict[str, np.ndarray]
+    assigns: dict[str, np.ndarray]
+
+
+class Shard:
+    """The state of one parameter-server shard; thread-safe. See the module docstring."""
+
+    def __init__(
+        self,
+        job: str,
+        shard_id: int,
+        variables: Mapping[str, np.ndarray],
+        trainable: set[str] | None,
+        optimizer: SGD | Adam | dict | str,
+        mode: str = "sync",
+        *,
+        staleness: int = 0,
+        workers: Iterable[int],
+        backend: str = "cpu",
+        checkpoint: CheckpointConfig | None = None,
+    ):
+        if mode not in MODES:
+            raise ValueError(f"Shard.mode={mode!r} is not a consistency mode; use one of {list(MODES)}")
+        if isinstance(staleness, bool) or not isinstance(staleness, int) or staleness < 0:
+            raise ValueError(f"Shard.staleness={staleness!r} is out of range; allowed integers [0, inf)")
+        self.job = job
+        self.shard_id = int(shard_id)
+        self.mode = mode
+        self.staleness = staleness  # only ssp uses it; a job may carry one whatever its mode
+        self.checkpoint_config = checkpoint
+        self._backend = get_backend(backend)
+        self._store = ParameterStore(variables, trainable, Optimizer(optimizer_from_config(optimizer), self._backend))
+        self._cond = threading.Condition()
+        self._live: set[int] = _worker_set(workers)
+        self._clocks: dict[int, int] = {k: 0 for k in self._live}  # worker -> steps pushed (its last step + 1)
+        self._last_step: dict[int, int] = {}  # worker -> highest step received: the idempotency key
+        self._pending: dict[int, dict[int, _Push]] = {}  # sync: step -> worker -> push
+        self._closed = False
+        self._applied = 0
+        self._duplicates = 0
+        self._rejected: Counter[str] = Counter()
+        self._pushed_bytes = 0
+        self._pulled_bytes = 0
+        # Checkpoint snapshots are taken under the condition and written outside it, so
+        # file I/O never stalls pushes; the write lock keeps an older snapshot from
+        # replacing a newer one.
+        self._write_lock = threading.Lock()
+        self._snapshot_seq = 0
+        self._written_seq = 0
+        self._snapshot_version = 0
+        self._checkpoint_version: int | None = None
+        self._checkpoints_written = 0
+        self._checkpoint_errors = 0
+        self._restored = False
+        if checkpoint is not None:
+            state = load_checkpoint(checkpoint.path)
+            if state is not None:
+                self._restore(state)
+
+    # ---- public API ------------------------------------------------------------------------
+    @property
+    def version(self) -> int:
+        """Updates applied so far (sync: completed steps)."""
+        with self._cond:
+            return self._store.version
+
+    @property
+    def live_workers(self) -> frozenset[int]:
+        with self._cond:
+            return frozenset(self._live)
+
+    def push(
+        self,
+        worker: int,
+        step: int,
+        grads: Mapping[str, np.ndarray],
+        assigns: Mapping[str, np.ndarray] | None = None,
+        weight: float = 1.0,
+    ) -> PushAck:
+        """Receive worker ``worker``'s gradients (trainable variables) and assignments
+        (state such as batch-norm moving statistics) for ``step``.
+
+        The whole push is checked before anything is buffered or applied; a bad one
+        raises ``PushRejected`` (``PushRefused`` for worker/step/weight problems) and
+        changes nothing. ``weight`` (e.g. the batch size) weights the sync average;
+        in async/ssp only ``weight == 0`` matters: nothing is applied.
+        """
+        worker, step, weight = int(worker), int(step), float(weight)
+        grads = {name: np.asarray(g) for name, g in grads.items()}
+        assigns = {name: np.asarray(a) for name, a in (assigns or {}).items()}
+        try:
+            # Outside the lock: it reads only the variables' shapes and dtypes, which never change.
+            self._check_contents(worker, step, weight, grads, assigns)
+        except PushRejected as exc:
+            if not isinstance(exc, PushRefused):  # the store's message names the variable, not who sent it
+                exc.args = (f"job '{self.job}' shard {self.shard_id}: push from worker {worker} step {step}: {exc}",)
+            with self._cond:
+                self._rejected[exc.reason] += 1
+            log.warning("%s", exc)
+            raise
+        if self.mode == "sync":  # buffered: keep our own copies (taken before locking)
+            grads = {n: g.copy() for n, g in grads.items()}
+            assigns = {n: a.copy() for n, a in assigns.items()}
+        with self._cond:
+            self._check_open()
+            if self._is_duplicate(worker, step):
+                self._duplicates += 1
+                log.debug("job %s shard %d: duplicate push worker %d step %d", self.job, self.shard_id, worker, step)
+                return PushAck(self._store.version, duplicate=True)
+            self._last_step[worker] = step
+            self._clocks[worker] = max(self._clocks.get(worker, 0), step + 1)
+            self._pushed_bytes += sum(a.nbytes for a in grads.values()) + sum(a.nbytes for a in assigns.values())
+            if self.mode == "sync":
+                self._pending.setdefault(step, {})[worker] = _Push(weight, grads, assigns)
+                self._advance_sync()
+            elif weight != 0:
+                self._apply(grads, assigns)
+                self._applied += 1
+                self._store.version += 1
+            self._cond.notify_all()
+            version = self._store.version
+            due = self._due_snapshot()
+        if due is not None:
+            self._write(*due, raise_errors=False)
+        return PushAck(version)
+
+    def pull(
+        self, worker: int, step: int, min_version: int = 0, timeout: float | None = None
+    ) -> tuple[int, dict[str, np.ndarray]]:
+        """The version and copies of all variables, once the mode allows worker
+        ``worker`` to compute ``step``: sync waits for ``version >= min_version``, ssp
+        until the slowest live worker's clock is ``>= step - staleness``, async never.
+
+        Raises TimeoutError after ``timeout`` seconds (None: wait as long as it takes).
+        """
+        with self._cond:
+            ready = self._ready(step, min_version)
+            if not self._cond.wait_for(lambda: self._closed or ready(), timeout):
+                raise TimeoutError(self._wait_message(worker, step, min_version, timeout))
+            self._check_open()
+            params = {name: self._host_copy(p) for name, p in self._store.params.items()}
+            self._pulled_bytes += sum(a.nbytes for a in params.values())
+            return self._store.version, params
+
+    def set_live_workers(self, workers: Iterable[int]) -> None:
+        """Change membership (a worker died or joined). A removed worker's buffered
+        pushes are dropped and its later pushes refused (unknown_worker); sync
+        barriers and ssp waits are re-evaluated against the remaining workers. A new
+        worker starts at the slowest live worker's clock, so it holds nobody back."""
+        new = _worker_set(workers)
+        with self._cond:
+            self._check_open()
+            self._set_live(new)
+            if self.mode == "sync":
+                self._advance_sync()
+            self._cond.notify_all()
+            due = self._due_snapshot()
+        if due is not None:
+            self._write(*due, raise_errors=False)
+
+    def stats(self) -> dict[str, Any]:
+        """Counters for metrics and debugging (a consistent snapshot)."""
+        with self._cond:
+            return {
+                "job": self.job,
+                "shard": self.shard_id,
+                "mode": self.mode,
+                "version": self._store.version,
+                "live_workers": sorted(self._live),
+                "clocks": dict(sorted(self._clocks.items())),
+                "pending_steps": {t: sorted(ws) for t, ws in sorted(self._pending.items())},
+                "bytes": sum(int(p.nbytes) for p in self._store.params.values()),  # held here
+                "restored": self._restored,
+                "pushed_bytes": self._pushed_bytes,
+                "pulled_bytes": self._pulled_bytes,
+                "applied_pushes": self._applied,
+                "duplicates": self._duplicates,
+                "rejected": dict(self._rejected),
+                "checkpoint_version": self._checkpoint_version,
+                "checkpoints_written": self._checkpoints_written,
+                "checkpoint_errors": self._checkpoint_errors,
+            }
+
+    def optimizer_state(self) -> dict[str, dict[str, Any]]:
+        """Host copies of the optimizer's per-variable state (see ``Optimizer.state_dict``)."""
+        with self._cond:
+            return self._store.optimizer.state_dict()
+
+    def close(self) -> None:
+        """Stop serving: blocked pulls raise RuntimeError, and a final checkpoint is
+        written (raising if that fails). Closing twice does nothing."""
+        with self._cond:
+            if self._closed:
+                return
+            self._closed = True
+            self._cond.notify_all()
+            snap = self._snapshot() if self.checkpoint_config is not None else None
+        if snap is not None:
+            self._write(*snap, raise_errors=True)
+
+    def __enter__(self) -> Shard:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # ---- pushes ----------------------------------------------------------------------------
+    def _check_contents(self, worker: int, step: int, weight: float, grads: dict, assigns: dict) -> None:
+        where = f"job '{self.job}' shard {self.shard_id}: push from worker {worker} step {step}"
+        if step < 0:
+            raise PushRefused("bad_step", f"{where}: steps count from 0")
+        if not math.isfinite(weight) or weight < 0:
+            raise PushRefused("bad_weight", f"{where}: weight {weight!r} must be finite and >= 0 (e.g. the batch size)")
+        for name, g in grads.items():
+            self._store._check(name, g, trainable=True)
+        for name, a in assigns.items():
+            self._store._check(name, a, trainable=False)
+
+    def _is_duplicate(self, worker: int, step: int) -> bool:
+        """True for a retry; raises PushRefused for a push that may not be applied."""
+        where = f"job '{self.job}' shard {self.shard_id}: push from worker {worker} step {step}"
+        if worker not in self._live:
+            raise self._refuse(
+                "unknown_worker",
+                f"{where}: worker {worker} is not live here (live: {sorted(self._live)}); "
+                "it was removed after a failure or never registered",
+            )
+        if step <= self._last_step.get(worker, -1):
+            return True
+        if self.mode == "sync":
+            version = self._store.version
+            if step < version:
+                raise self._refuse(
+                    "stale_step",
+                    f"{where}: step {step} was already completed without it (version is {version}); "
+                    f"pull version {version} and push step {version}",
+                )
+            if step > version and self._last_step.get(worker) != step - 1:
+                raise self._refuse(
+                    "out_of_order",
+                    f"{where}: step {step - 1} has not arrived from this worker; sync pushes come in step order",
+                )
+        return False
+
+    def _refuse(self, reason: str, message: str) -> PushRefused:
+        self._rejected[reason] += 1
+        log.warning("%s", message)
+        return PushRefused(reason, message)
+
+    def _advance_sync(self) -> None:
+        """Complete every barrier whose live workers have all pushed (several when
+        workers ran ahead). Caller holds the lock."""
+        while self._live:
+            step = self._store.version
+            arrived = self._pending.get(step)
+            if arrived is None or not self._live <= arrived.keys():
+                return
+            del self._pending[step]
+            order = sorted(arrived)  # a fixed summation order makes sync results deterministic
+            pushes = [arrived[k] for k in order]
+            self._apply(self._average(pushes, "grads"), self._average(pushes, "assigns"))
+            self._applied += len(pushes)
+            self._store.version = step + 1
+
+    def _average(self, pushes: list[_Push], field: str) -> dict[str, np.ndarray]:
+        """Per variable, the weighted average over the pushes that carry it.
+
+        Accumulates in float64: with one worker (or equal weights and exact sums) the
+        result is exactly what an in-process run computes, and rounding never depends
+        on how many workers there are beyond the fixed order. Integer state cannot be
+        averaged; the lowest-numbered worker's value is used.
+        """
+        out = {}
+        names = sorted({name for p in pushes for name in getattr(p, field)})
+        for name in names:
+            dtype = self._store.params[name].dtype
+            acc, total = None, 0.0
+            for p in pushes:
+                value = getattr(p, field).get(name)
+                if value is None or p.weight == 0:
+                    continue
+                if dtype.kind not in "fc":
+                    acc, total = value, 1.0
+                    break
+                term = np.multiply(value, p.weight, dtype=np.float64)
+                acc = term if acc is None else np.add(acc, term, out=acc)
+                total += p.weight
+            if acc is not None:  # all weights 0: nothing to apply for this variable
+                out[name] = (acc / total).astype(dtype) if dtype.kind in "fc" else acc
+        return out
+
+    def _apply(self, grads: Mapping[str, np.ndarray], assigns: Mapping[str, np.ndarray]) -> None:
+        # ParameterStore.push would re-run every check; these were checked on arrival.
+        for name, g in grads.items():
+            self._store.optimizer.apply(name, self._store.params[name], g)
+        for name, a in assigns.items():
+            self._backend.copy_into(self._store.params[name], a)
+
+    # ---- pulls and membership ------------------------------------------------------------------
+    def _ready(self, step: int, min_version: int):
+        if self.mode == "sync":
+            return lambda: self._store.version >= min_version
+        if self.mode == "ssp":
+            return lambda: self._slowest()[1] >= step - self.staleness
+        return lambda: True
+
+    def _slowest(self) -> tuple[int | None, float]:
+        """(worker, clock) of the slowest live worker; (None, inf) when none is live."""
+        if not self._live:
+            return None, math.inf
+        worker = min(self._live, key=lambda k: (self._clocks[k], k))
+        return worker, self._clocks[worker]
+
+    def _wait_message(self, worker: int, step: int, min_version: int, timeout: float | None) -> str:
+        head = (
+            f"job '{self.job}' shard {self.shard_id}: pull by worker {worker} for step {step} "
+            f"timed out after {timeout}s"
+        )
+        if self.mode == "sync":
+            version = self._store.version
+            missing = sorted(self._live - self._pending.get(version, {}).keys())
+            return (
+                f"{head} waiting for version >= {min_version} (now {version}); "
+                f"the barrier for step {version} still waits for worker(s) {missing}"
+            )
+        slow, clock = self._slowest()
+        return (
+            f"{head} waiting for the slowest worker to reach clock {step - self.staleness} "
+            f"(staleness {self.staleness}); slowest is worker {slow} at clock {clock}"
+        )
+
+    def _set_live(self, new: set[int]) -> None:
+        """Membership change; caller holds the lock (also used on restore)."""
+        removed, added = self._live - new, new - self._live
+        for k in removed:
+            for step in list(self._pending):
+                self._pending[step].pop(k, None)
+                if not self._pending[step]:
+                    del self._pending[step]
+            if self.mode == "sync" and k in self._last_step:
+                # Its buffered steps were dropped, so only applied ones still count as received.
+                self._last_step[k] = min(self._last_step[k], self._store.version - 1)
+        floor = min((self._clocks[k] for k in self._live & new), default=0)
+        for k in added:
+            self._clocks[k] = max(self._clocks.get(k, 0), floor)
+        self._live = set(new)
+        if removed or added:
+            log.info(
+                "job %s shard %d: workers removed %s, added %s; live %s",
+                self.job, self.shard_id, sorted(removed), sorted(added), sorted(new),
+            )
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError(f"job '{self.job}' shard {self.shard_id} is closed")
+
+    def _host_copy(self, array) -> np.ndarray:
+        host = self._backend.to_host(array)
+        return host.copy() if host is array else host
+
+    # ---- checkpoints ---------------------------------------------------------------------------
+    def _due_snapshot(self) -> tuple[int, CheckpointState] | None:
+        every = self.checkpoint_config.every_versions if self.checkpoint_config else 0
+        if not every or self._store.version - self._snapshot_version < every:
+            return None
+        return self._snapshot()
+
+    def _snapshot(self) -> tuple[int, CheckpointState]:
+        """A consistent copy of everything a restarted shard needs; caller holds the lock."""
+        self._snapshot_seq += 1
+        self._snapshot_version = self._store.version
+        arrays = {f"params/{name}": self._host_copy(p) for name, p in self._store.params.items()}
+        optimizer_meta = {}
+        for name, st in self._store.optimizer.state_dict().items():
+            optimizer_meta[name] = {"t": st.pop("t"), "arrays": sorted(st)}
+            arrays.update({f"optimizer/{name}/{k}": a for k, a in st.items()})
+        pending_meta = []
+        for step, arrived in sorted(self._pending.items()):
+            for worker, p in sorted(arrived.items()):
+                # Buffered pushes were acknowledged, so they are kept: a retry after a
+                # restart is then still a duplicate and the barrier still completes.
+                pending_meta.append({
+                    "step": step, "worker": worker, "weight": p.weight,
+                    "grads": sorted(p.grads), "assigns": sorted(p.assigns),
+                })
+                arrays.update({f"pending/{step}/{worker}/grads/{n}": g for n, g in p.grads.items()})
+                arrays.update({f"pending/{step}/{worker}/assigns/{n}": a for n, a in p.assigns.items()})
+        meta = {
+            "format": CHECKPOINT_FORMAT,
+            "job": self.job,
+            "shard_id": self.shard_id,
+            "mode": self.mode,
+            "version": self._store.version,
+            "optimizer": self._store.optimizer.config.get_config(),
+            "optimizer_state": optimizer_meta,
+            "live_workers": sorted(self._live),
+            "clocks": {str(k): c for k, c in self._clocks.items()},
+            "last_step": {str(k): s for k, s in self._last_step.items()},
+            "pending": pending_meta,
+        }
+        return self._snapshot_seq, CheckpointState(arrays, meta)
+
+    def _write(self, seq: int, state: CheckpointState, raise_errors: bool) -> None:
+        path = self.checkpoint_config.path
+        with self._write_lock:
+            if seq <= self._written_seq:
+                return  # a newer snapshot is already on disk
+            try:
+                save_checkpoint(path, state)
+            except OSError:
+                with self._cond:
+                    self._checkpoint_errors += 1
+                if raise_errors:
+                    raise
+                # Training goes on; the next due checkpoint tries again.
+                log.exception("job %s shard %d: writing checkpoint %s failed", self.job, self.shard_id, path)
+                return
+            self._written_seq = seq
+            with self._cond:
+                self._checkpoints_written += 1
+                self._checkpoint_version = state.meta["version"]
+        log.debug("job %s shard %d: checkpoint at version %d -> %s", self.job, self.shard_id, state.meta["version"], path)
+
+    def _restore(self, state: CheckpointState) -> None:
+        """Continue from a checkpoint (constructor only, before any other thread sees us)."""
+        meta, arrays, path = state.meta, state.arrays, self.checkpoint_config.path
+        fix = f"point CheckpointConfig.path elsewhere or move {path} aside to start over"
+        if meta.get("format") != CHECKPOINT_FORMAT:
+            raise ValueError(f"checkpoint {path} has format {meta.get('format')!r}; this shard reads {CHECKPOINT_FORMAT}")
+        for key, want in (("job", self.job), ("shard_id", self.shard_id), ("mode", self.mode)):
+            if meta[key] != want:
+                raise ValueError(f"checkpoint {path} is for {key}={meta[key]!r}, not {want!r}; {fix}")
+        params = self._store.params
+        saved = {k[len("params/"):]: a for k, a in arrays.items() if k.startswith("params/")}
+        if saved.keys() != params.keys():
+            raise ValueError(
+                f"checkpoint {path} holds variables {sorted(saved)} but this shard has {sorted(params)}; {fix}"
+            )
+        for name, a in saved.items():
+            p = params[name]
+            if a.shape != tuple(p.shape) or a.dtype != p.dtype:
+                raise ValueError(
+                    f"checkpoint {path}: variable '{name}' is {a.dtype}{list(a.shape)} there but "
+                    f"{p.dtype}{list(p.shape)} here; {fix}"
+                )
+        optimizer = self._store.optimizer
+        saved_config, config = meta["optimizer"], optimizer.config.get_config()
+        if saved_config["name"] != config["name"]:
+            raise ValueError(f"checkpoint {path} holds {saved_config['name']} state, not {config['name']}; {fix}")
+        if saved_config != config:
+            log.warning("job %s shard %d: optimizer config changed since the checkpoint: %s -> %s",
+                        self.job, self.shard_id, saved_config, config)
+        optimizer.load_state_dict({
+            name: {"t": entry["t"], **{k: arrays[f"optimizer/{name}/{k}"] for k in entry["arrays"]}}
+            for name, entry in meta["optimizer_state"].items()
+        })
+        for name, a in saved.items():
+            self._backend.copy_into(params[name], a)
+        self._store.version = self._snapshot_version = int(meta["version"])
+        self._clocks = {int(k): int(c) for k, c in meta["clocks"].items()}
+        self._last_step = {int(k): int(s) for k, s in meta["last_step"].items()}
+        self._pending = {}
+        for e in meta["pending"]:
+            step, worker = int(e["step"]), int(e["worker"])
+            prefix = f"pending/{step}/{worker}"
+            self._pending.setdefault(step, {})[worker] = _Push(
+                float(e["weight"]),
+                {n: arrays[f"{prefix}/grads/{n}"] for n in e["grads"]},
+                {n: arrays[f"{prefix}/assigns/{n}"] for n in e["assigns"]},
+            )
+        # Restore the saved membership, then move to the one we were given.
+        workers = self._live
+        self._live = set(meta["live_workers"])
+        self._set_live(workers)
+        if self.mode == "sync":
+            self._advance_sync()
+        self._restored = True
+        log.info("job %s shard %d: restored version %d from %s", self.job, self.shard_id, self._store.version, path)
+
+
+def _worker_set(workers: Iterable[int]) -> set[int]:
+    out = set()
+    for k in workers:
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 0:
+            raise ValueError(f"worker index {k!r} is invalid; workers are integers >= 0")
+        out.add(int(k))
+    return out

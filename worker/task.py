@@ -1,0 +1,252 @@
+"""One worker's part of a training job: pull → compute → push, on its data shard.
+
+The data schedule is global: every epoch the whole training set is permuted with a
+seed derived from the job seed and the epoch, cut into global batches of
+``batch_size``, and each worker takes its contiguous part of every global batch.
+So in sync mode the shards apply exactly the gradient of each global batch (a
+weighted average of the workers' parts), the schedule in-process training uses.
+
+Communication overlaps computation where the mode allows: pushes to all shards go
+out at once, and in async/SSP mode step t computes while step t-1's push (and the
+pull riding on its reply) is still in flight.
+
+Usage (the worker node does this for each task the master sends)::
+
+    TrainingTask(task, master_client, device="cpu").run(cancelled_event, finished_lookup)
+"""
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from dataclasses import dataclass
+
+import grpc
+import numpy as np
+
+from client import datasets
+from client.nn import metrics as metrics_mod
+from graph.registry import RunContext
+from master.plan import TrainPlan
+from protos import codec, rpc
+from psserver.service import ParameterServerClient
+from worker.runner import StepRunner
+
+log = logging.getLogger(__name__)
+
+RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+
+
+@dataclass(frozen=True)
+class SliceRef:
+    variable: str
+    key: str
+    shard: int
+    start: int
+    stop: int
+
+
+class TaskCancelled(Exception):
+    pass
+
+
+class TrainingTask:
+    def __init__(self, task, master, device: str = "cpu", report_interval: float = 1.0, push_retries: int = 5):
+        self.task = task
+        self.master = master
+        self.job = task.job
+        self.index = task.worker_index
+        self.workers = sorted(task.workers)
+        self.position = self.workers.index(self.index)
+        self.train = task.train
+        self.device = task.train.device if task.train.device not in ("", "auto") else device
+        self.report_interval = report_interval
+        self.push_retries = push_retries
+        graph = codec.graph_from_proto(task.graph)
+        self.plan = TrainPlan(graph, task.features, task.labels, task.loss, task.prediction, dict(task.grads),
+                              tuple(task.state_variables))
+        self.slices = [SliceRef(s.variable, s.key, s.shard, s.start, s.stop) for s in task.slices]
+        self.by_shard = {s: [sl for sl in self.slices if sl.shard == s] for s in range(len(task.shard_addresses))}
+        self.shards = [ParameterServerClient(a, timeout=60.0) for a in task.shard_addresses]
+        self.params = {
+            v: np.empty(graph.nodes[v].shape, graph.nodes[v].dtype) for v in {sl.variable for sl in self.slices}
+        }
+        self.version = 0
+
+    # ---- parameter exchange ----------------------------------------------------------------
+    def _assemble(self, parts: dict[str, np.ndarray]) -> None:
+        for sl in self.slices:
+            part = parts.get(sl.key)
+            if part is None:
+                continue
+            target = self.params[sl.variable]
+            if target.ndim == 0:
+                target[...] = part
+            else:
+                target[sl.start : sl.stop] = part
+
+    def _slice_for_shard(self, values: dict, shard: int) -> dict:
+        out = {}
+        for sl in self.by_shard[shard]:
+            v = values.get(sl.variable)
+            if v is not None:
+                out[sl.key] = v if np.ndim(v) == 0 else v[sl.start : sl.stop]
+        return out
+
+    def _pull_all(self, step: int, min_version: int) -> None:
+        for client in self.shards:
+            version, parts = self._retry(lambda c=client: c.pull(self.job, self.index, step, min_version, timeout=600.0))
+            self._assemble(parts)
+            self.version = max(self.version, version)
+
+    def _push_all(self, step: int, grads: dict, updates: dict, weight: float, min_version: int) -> list:
+        """Send one push (with pull) to every shard at once; returns futures."""
+        futures = []
+        for s, client in enumerate(self.shards):
+            req = client.push_request(
+                self.job, self.index, step, self._slice_for_shard(grads, s), self._slice_for_shard(updates, s),
+                weight=weight, pull=True, min_version=min_version, timeout=600.0,
+            )
+            futures.append((client, req, client.push_future(req, timeout=660.0)))
+        return futures
+
+    def _collect(self, futures: list) -> None:
+        for client, req, fut in futures:
+            try:
+                resp = fut.result()
+            except grpc.RpcError as exc:
+                if exc.code() not in RETRYABLE:
+                    raise
+                # Pushes are idempotent (job, worker, step): resending is safe.
+                resp = self._retry(lambda c=client, r=req: c.stub.Push(r, timeout=660.0))
+            self._assemble(codec.read_named(resp.params))
+            self.version = max(self.version, resp.version)
+
+    def _retry(self, call):
+        delay = 0.2
+        for attempt in range(self.push_retries + 1):
+            try:
+                return call()
+            except grpc.RpcError as exc:
+                if exc.code() not in RETRYABLE or attempt == self.push_retries:
+                    raise
+                log.warning("retrying after %s", rpc.describe(exc))
+                time.sleep(delay)
+                delay = min(delay * 2, 5.0)
+
+    # ---- the loop ---------------------------------------------------------------------------------
+    def run(self, cancelled: threading.Event, finished) -> None:
+        """Train, report, and (if chosen) evaluate the final model. ``finished`` is a
+        callable returning the evaluator index once the master says the job is done."""
+        try:
+            self._train(cancelled)
+            evaluator = self._wait_finished(cancelled, finished)
+            if evaluator == self.index:
+                self._pull_all(step=0, min_version=0)
+                loss, acc = self._evaluate()
+                self.master.report(self.job, self.index, self._last_step, self._last_epoch, loss,
+                                   {"val_loss": loss, "val_accuracy": acc}, final=True)
+        except TaskCancelled:
+            log.info("job %s cancelled", self.job)
+        except Exception as exc:  # noqa: BLE001 - reported to the master
+            log.exception("job %s failed on worker %d", self.job, self.index)
+            detail = rpc.describe(exc) if isinstance(exc, grpc.RpcError) else f"{type(exc).__name__}: {exc}"
+            try:
+                self.master.report(self.job, self.index, 0, 0, 0.0, {}, error=detail)
+            except Exception:  # noqa: BLE001
+                pass
+        finally:
+            for c in self.shards:
+                c.close()
+
+    def _train(self, cancelled: threading.Event) -> None:
+        t = self.train
+        self.data = datasets.load(self.task.data.dataset)
+        x, y = self.data.x_train, self.data.y_train
+        dtype = self.plan.graph.nodes[self.plan.features].dtype
+        x = x.astype(dtype, copy=False)
+        runner = self.runner = StepRunner(self.plan, backend=self.device)
+        n, bs, k = len(x), int(t.batch_size), len(self.workers)
+        steps_per_epoch = max(math.ceil(n / bs), 1)
+        sync = t.mode == "sync"
+        self._pull_all(step=0, min_version=0)
+        pending = None
+        loss_sum = correct = seen = 0.0
+        last_report, step_times = time.monotonic(), []
+        self._last_step, self._last_epoch = 0, 0
+        for epoch in range(int(t.epochs)):
+            order = datasets.epoch_permutation(n, int(t.seed), epoch) if t.shuffle else np.arange(n)
+            for s in range(steps_per_epoch):
+                if cancelled.is_set():
+                    raise TaskCancelled()
+                step = epoch * steps_per_epoch + s
+                started = time.perf_counter()
+                global_idx = order[s * bs : (s + 1) * bs]
+                local = global_idx[datasets.shard_indices(len(global_idx), self.position, k)]
+                grads, updates = {}, {}
+                if len(local):
+                    xb, yb = x[local], y[local]
+                    out = runner.train_step(xb, yb, self.params, RunContext(True, step, int(t.seed) + self.position))
+                    if not np.isfinite(out.loss):
+                        raise FloatingPointError(f"loss became {out.loss} at step {step}; lower the learning rate")
+                    grads, updates = out.grads, out.updates
+                    loss_sum += out.loss * len(local)
+                    correct += metrics_mod.correct(t.loss_name, out.prediction, yb) if t.loss_name else 0.0
+                    seen += len(local)
+                if sync:
+                    self._collect(self._push_all(step, grads, updates, float(len(local)), step + 1))
+                else:
+                    futures = self._push_all(step, grads, updates, float(len(local)), 0)
+                    if pending is not None:
+                        self._collect(pending)
+                    pending = futures
+                step_times.append(time.perf_counter() - started)
+                self._last_step, self._last_epoch = step + 1, epoch
+                now = time.monotonic()
+                if now - last_report >= self.report_interval:
+                    self._report(step + 1, epoch, loss_sum, correct, seen, step_times)
+                    last_report, step_times = now, []
+            if pending is not None:
+                self._collect(pending)
+                pending = None
+            extra = {}
+            if self.position == 0:  # one worker tracks validation per epoch
+                vloss, vacc = self._evaluate()
+                extra = {"val_loss": vloss, "val_accuracy": vacc}
+            self._report((epoch + 1) * steps_per_epoch, epoch + 1, loss_sum, correct, seen, step_times, extra)
+            loss_sum = correct = seen = 0.0
+            step_times = []
+            self._last_epoch = epoch + 1
+        if pending is not None:
+            self._collect(pending)
+        self.master.report(self.job, self.index, self._last_step, self._last_epoch, 0.0, {}, done=True)
+
+    def _report(self, step, epoch, loss_sum, correct, seen, step_times, extra=None) -> None:
+        metrics = dict(extra or {})
+        if seen and self.train.loss_name:
+            metrics["accuracy"] = correct / seen
+        step_time = float(np.mean(step_times)) if step_times else 0.0
+        if self.master.report(self.job, self.index, step, epoch, loss_sum / max(seen, 1), metrics, step_time):
+            raise TaskCancelled()
+
+    def _evaluate(self) -> tuple[float, float]:
+        x, y = self.data.x_test, self.data.y_test
+        dtype = self.plan.graph.nodes[self.plan.features].dtype
+        loss_sum = correct = 0.0
+        for s in range(0, len(x), 1000):
+            xb, yb = x[s : s + 1000].astype(dtype, copy=False), y[s : s + 1000]
+            loss, pred = self.runner.eval_step(xb, yb, self.params)
+            loss_sum += loss * len(xb)
+            if self.train.loss_name:
+                correct += metrics_mod.correct(self.train.loss_name, pred, yb)
+        return loss_sum / max(len(x), 1), correct / max(len(x), 1)
+
+    def _wait_finished(self, cancelled: threading.Event, finished) -> int:
+        while True:
+            if cancelled.is_set():
+                raise TaskCancelled()
+            evaluator = finished()
+            if evaluator is not None:
+                return evaluator
+            time.sleep(0.05)
