@@ -1,14 +1,14 @@
 # make demo    : create/refresh .venv, install pstrain, train examples/mnist_mlp.py
 # make test    : create/refresh .venv, install pstrain + test deps, run the whole suite
 # make install : only install (runtime deps) into .venv
-# make bench   : the in-process throughput benchmark (vs PyTorch and NumPy)
+# make bench   : the throughput benchmarks (in-process vs PyTorch and NumPy; the local cluster)
 # make protos  : regenerate protos/*_pb2.py from protos/*.proto
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check -q
 
-.PHONY: install install-test demo test bench protos clean
+.PHONY: install install-test system-deps demo test bench protos clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -25,16 +25,28 @@ $(VENV)/.installed-test: pyproject.toml $(VENV)/.installed
 
 install: $(VENV)/.installed
 
+# System packages the tests use (root + apt only; elsewhere those tests skip).
+SYSTEM_TOOLS := dot:graphviz
+system-deps:
+	@missing=""; for pair in $(SYSTEM_TOOLS); do tool=$${pair%%:*}; pkg=$${pair#*:}; \
+	  command -v $$tool >/dev/null 2>&1 || missing="$$missing $$pkg"; done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing$$missing"; apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	  else echo "note: missing$$missing (needs root and apt-get); the tests that use them will skip"; fi; \
+	fi
+
 install-test: $(VENV)/.installed-test
 
 demo: install
 	$(PY) examples/mnist_mlp.py
 
-test: install-test
+test: install-test system-deps
 	$(PY) -m pytest -q
 
 bench: install-test
 	$(PY) bench/train_throughput.py
+	$(PY) bench/cluster_throughput.py
 
 protos: install-test
 	$(PY) -m protos.generate

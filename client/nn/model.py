@@ -192,15 +192,17 @@ class Sequential:
 
     def fit(self, x, y, batch_size: int = 32, epochs: int = 1, shuffle: bool = True, validation_data=None, verbose: int = 1, cluster: str | None = None) -> History:
         """Train with mini-batch gradient descent (batch_size = len(x): batch GD;
-        1: stochastic GD), reshuffling every epoch."""
-        if cluster is not None:
-            raise NotImplementedError(
-                "fit(cluster='host:port') needs the distributed runtime, which is not built yet; "
-                "use cluster=None to train in-process"
-            )
+        1: stochastic GD), reshuffling every epoch. ``cluster="host:port"`` runs the same
+        training on a pstrain cluster (sync mode) and loads the trained weights back."""
         if int(batch_size) <= 0 or int(epochs) < 0:
             raise ValueError(f"batch_size must be >= 1 and epochs >= 0, got {batch_size}, {epochs}")
         x, y = self._prep(x, y)
+        if cluster is not None:
+            from client.remote import fit_on_cluster
+
+            if validation_data is not None:
+                validation_data = self._prep(*validation_data[:2])
+            return fit_on_cluster(self, x, y, batch_size, epochs, shuffle, validation_data, verbose, cluster)
         n, bs = len(x), int(batch_size)
         steps = (n + bs - 1) // bs
         history = History()

@@ -477,10 +477,12 @@ def test_bad_fit_arguments():
         mlp().fit(x, y, batch_size=0, verbose=0)
 
 
-def test_fit_on_a_cluster_is_not_implemented_yet():
+def test_fit_on_a_cluster_that_is_down_says_so(monkeypatch, tmp_path):
+    monkeypatch.setenv("PSTRAIN_CACHE", str(tmp_path))
     x, y = toy_data()
-    with pytest.raises(NotImplementedError, match="cluster"):
-        mlp().fit(x, y, cluster="127.0.0.1:1")
+    model = mlp()
+    with pytest.raises(ConnectionError, match="cannot reach the pstrain master"):
+        model.fit(x, y, cluster="127.0.0.1:1", verbose=0)
 
 
 @pytest.mark.parametrize(
