@@ -133,10 +133,15 @@ def plan_job(spec, num_shards: int) -> JobPlan:
         raise ValueError(f"train.batch_size={t.batch_size} must be >= 1")
     if num_shards < 1:
         raise ValueError(f"num_shards={num_shards} must be >= 1")
-    optimizer = json.loads(t.optimizer_json or '{"name": "sgd"}')
     from psserver.optimizers import optimizer_from_config
 
-    optimizer_from_config(dict(optimizer))  # validate now, not on the shards
+    try:
+        optimizer = json.loads(t.optimizer_json or '{"name": "sgd"}')
+        if not isinstance(optimizer, dict):
+            raise ValueError(f"expected a JSON object, got {type(optimizer).__name__}")
+        optimizer_from_config(dict(optimizer))  # validate now, not on the shards
+    except (ValueError, TypeError) as exc:
+        raise ValueError(f"train.optimizer_json={t.optimizer_json!r} is not a valid optimizer config: {exc}") from None
 
     keep = set(names.values()) | set(m.weight_order)
     fwd, fwd_report = optimize(g, [m.loss, m.prediction], keep=keep)

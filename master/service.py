@@ -81,6 +81,7 @@ class Coordinator:
         self.lock = threading.RLock()
         self.changed = threading.Condition(self.lock)
         self._ps_clients: dict[str, object] = {}
+        self._starting: set[str] = set()
         self._stop = threading.Event()
         os.makedirs(self.export_dir, exist_ok=True)
         for rec in self.store.recover_after_restart():
@@ -110,6 +111,13 @@ class Coordinator:
         if role == "ps" and not address:
             raise ValueError("a parameter server must register the address it serves on")
         with self.lock:
+            if role == "ps":
+                # A shard that restarts registers again from the same address: the old
+                # record is that same server, so retire it rather than count it twice.
+                for old in self.nodes.values():
+                    if old.role == "ps" and old.address == address and old.alive:
+                        old.alive = False
+                        log.warning("ps %s registered again from %s; retiring the old record", old.node_id, address)
             index = sum(1 for n in self.nodes.values() if n.role == role)
             node = NodeInfo(f"{role}-{uuid.uuid4().hex[:8]}", role, address, name, index, metrics_address)
             self.nodes[node.node_id] = node
@@ -158,6 +166,11 @@ class Coordinator:
 
     def _try_start(self, job_id: str, spec: master_pb2.JobSpec) -> bool:
         with self.lock:
+            # SubmitJob and the scheduler may both try: only one starts the job.
+            if job_id in self.runtimes or job_id in self._starting:
+                return True
+            if self.store.get(job_id).state != JobState.PENDING:
+                return True
             shards = sorted((n for n in self.nodes.values() if n.role == "ps" and n.alive), key=lambda n: n.index)
             idle = sorted(
                 (n for n in self.nodes.values() if n.role == "worker" and n.alive and n.job is None), key=lambda n: n.index
@@ -169,6 +182,14 @@ class Coordinator:
             shards, workers = shards[:want_shards], idle[:want_workers]
             for w in workers:
                 w.job = job_id  # reserve
+            self._starting.add(job_id)
+        try:
+            return self._start(job_id, spec, shards, workers, want_shards, want_workers)
+        finally:
+            with self.lock:
+                self._starting.discard(job_id)
+
+    def _start(self, job_id, spec, shards, workers, want_shards, want_workers) -> bool:
         try:
             plan = plan_job(spec, want_shards)
             indices = list(range(want_workers))

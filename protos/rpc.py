@@ -122,6 +122,9 @@ def guarded(fn: Callable) -> Callable:
 def describe(err: grpc.RpcError) -> str:
     """A one-line description of a failed call for users."""
     try:
-        return f"{err.code().name}: {err.details()}"
+        text = f"{err.code().name}: {err.details()}"
+        if err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "message larger than max" in (err.details() or ""):
+            text += " (raise the limit with PSTRAIN_MAX_MESSAGE_BYTES on every process)"
+        return text
     except Exception:  # noqa: BLE001
         return str(err)

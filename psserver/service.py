@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import os
 import threading
 
@@ -19,16 +20,20 @@ import grpc
 from protos import codec, ps_pb2, ps_pb2_grpc, rpc
 from psserver.config import PSConfig
 from psserver.optimizers import optimizer_from_config
-from psserver.shard import CheckpointConfig, Shard
+from psserver.shard import CheckpointConfig, Shard, ShardClosed
 from psserver.store import PushRejected
 
 log = logging.getLogger(__name__)
 
 rpc.register_error(PushRejected, grpc.StatusCode.INVALID_ARGUMENT)
+rpc.register_error(ShardClosed, grpc.StatusCode.ABORTED)
 
 
 class UnknownJob(KeyError):
     pass
+
+
+_JOB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
 
 rpc.register_error(UnknownJob, grpc.StatusCode.NOT_FOUND)
@@ -49,6 +54,8 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
     def _checkpoint(self, job: str, shard: int) -> CheckpointConfig | None:
         if not self.config.checkpoint_dir:
             return None
+        if not _JOB_ID.match(job):
+            raise ValueError(f"job id {job!r} is not a safe name ([A-Za-z0-9][A-Za-z0-9_.-]*, at most 128 characters)")
         path = os.path.join(self.config.checkpoint_dir, job, f"shard-{shard}.ckpt")
         return CheckpointConfig(path=path, every_versions=0)
 
@@ -56,6 +63,11 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
     def InitShard(self, request, context):
         with self._lock:
             shard = self.shards.get(request.job)
+            if shard is not None and shard.shard_id != request.shard:
+                raise ValueError(
+                    f"this parameter server already holds shard {shard.shard_id} of job '{request.job}'; "
+                    f"it cannot also hold shard {request.shard} (one shard of a job per server)"
+                )
             if shard is None:
                 ckpt = self._checkpoint(request.job, request.shard)
                 if ckpt is not None and request.checkpoint_every:

@@ -53,6 +53,10 @@ MODES = ("sync", "async", "ssp")
 CHECKPOINT_FORMAT = 1
 
 
+class ShardClosed(RuntimeError):
+    """The shard was closed (its job ended, or the server is stopping)."""
+
+
 @dataclass(frozen=True)
 class PushAck:
     """The answer to an accepted push: the shard's version after it, and whether it
@@ -431,7 +435,7 @@ class Shard:
 
     def _check_open(self) -> None:
         if self._closed:
-            raise RuntimeError(f"job '{self.job}' shard {self.shard_id} is closed")
+            raise ShardClosed(f"job '{self.job}' shard {self.shard_id} is closed (the job ended or the server is stopping)")
 
     def _host_copy(self, array) -> np.ndarray:
         host = self._backend.to_host(array)
