@@ -83,14 +83,12 @@ def _client(args, address: str | None = None) -> MasterClient:
 
 def _load_job(args) -> tuple[Job, str]:
     """The job file's job, with the command line's overrides applied (and validated)."""
-    job = load_job_file(args.jobfile)
     changes = {
         name: getattr(args, name)
         for name in ("epochs", "batch_size", "mode", "staleness", "num_workers", "num_shards")
         if getattr(args, name, None) is not None
     }
-    if changes:
-        job = dataclasses.replace(job, **changes)  # reruns Job's validation
+    job = load_job_file(args.jobfile, **changes)  # job() gets those it takes; Job validates the rest
     name = getattr(args, "name", None) or os.path.splitext(os.path.basename(args.jobfile))[0]
     return job, name
 

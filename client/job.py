@@ -18,7 +18,9 @@ and from code::
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
+import inspect
 import os
 import sys
 from dataclasses import dataclass
@@ -79,8 +81,12 @@ class Job:
         return self.model.seed
 
 
-def load_job_file(path: str | os.PathLike) -> Job:
-    """Import a job file and call its ``job()``."""
+def load_job_file(path: str | os.PathLike, **overrides) -> Job:
+    """Import a job file and call its ``job()``.
+
+    ``overrides`` (e.g. ``epochs=3`` from the command line) go to ``job()`` as
+    arguments when it takes them, so a job can size what depends on them (a learning
+    rate schedule's decay steps); the rest are set on the returned Job."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"job file '{path}' does not exist")
@@ -89,10 +95,14 @@ def load_job_file(path: str | os.PathLike) -> Job:
     spec.loader.exec_module(module)
     if not callable(getattr(module, "job", None)):
         raise ValueError(f"job file '{path}' must define a function job() returning a client.job.Job")
-    job = module.job()
+    params = inspect.signature(module.job).parameters
+    takes_all = any(p.kind == p.VAR_KEYWORD for p in params.values())
+    passed = {k: v for k, v in overrides.items() if takes_all or k in params}
+    job = module.job(**passed)
     if not isinstance(job, Job):
         raise TypeError(f"job() in '{path}' returned {type(job).__name__}; return a client.job.Job")
-    return job
+    rest = {k: v for k, v in overrides.items() if k not in passed and getattr(job, k) != v}
+    return dataclasses.replace(job, **rest) if rest else job
 
 
 # ---- to the master ----------------------------------------------------------------------------

@@ -169,20 +169,22 @@ class Optimizer:
     def _zeros(self, like):
         return self.backend.zeros(like.shape, like.dtype)
 
-    def apply(self, name: str, param, grad) -> None:
+    def apply(self, name: str, param, grad, step: int | None = None) -> None:
+        """Update ``param`` in place. ``step`` (0-based global step) drives learning-rate
+        schedules; by default it is the number of updates this variable has had."""
         c = self.config
         st = self.state.get(name)
         if isinstance(c, SGD):
             if st is None:
                 velocity = self._zeros(param) if c.momentum else self.backend.empty((0,), param.dtype)
                 st = self.state[name] = {"velocity": velocity, "t": 0}
-            lr = learning_rate_at(c.learning_rate, st["t"])
+            lr = learning_rate_at(c.learning_rate, st["t"] if step is None else step)
             st["t"] += 1
             self.kernels["sgd"](param, grad, st["velocity"], lr, c.momentum)
         else:
             if st is None:
                 st = self.state[name] = {"m": self._zeros(param), "v": self._zeros(param), "t": 0}
-            lr = learning_rate_at(c.learning_rate, st["t"])
+            lr = learning_rate_at(c.learning_rate, st["t"] if step is None else step)
             st["t"] += 1
             self.kernels["adam"](param, grad, st["m"], st["v"], lr, c.beta_1, c.beta_2, c.epsilon, st["t"])
 

@@ -165,8 +165,11 @@ class Shard:
 
         The whole push is checked before anything is buffered or applied; a bad one
         raises ``PushRejected`` (``PushRefused`` for worker/step/weight problems) and
-        changes nothing. ``weight`` (e.g. the batch size) weights the sync average;
-        in async/ssp only ``weight == 0`` matters: nothing is applied.
+        changes nothing. ``weight`` is the share of the global batch the gradient
+        stands for (its local batch / the global batch): it weights the sync average,
+        and in async/ssp the gradient is scaled by it before it is applied, so K
+        workers each pushing 1/K of a batch move the parameters as one full batch
+        would. ``weight == 0`` applies nothing.
         """
         worker, step, weight = int(worker), int(step), float(weight)
         grads = {name: np.asarray(g) for name, g in grads.items()}
@@ -197,7 +200,10 @@ class Shard:
                 self._pending.setdefault(step, {})[worker] = _Push(weight, grads, assigns)
                 self._advance_sync()
             elif weight != 0:
-                self._apply(grads, assigns)
+                if weight != 1.0:
+                    grads = {n: np.multiply(g, weight, dtype=g.dtype) if g.dtype.kind == "f" else g
+                             for n, g in grads.items()}
+                self._apply(grads, assigns, step)
                 self._applied += 1
                 self._store.version += 1
             self._cond.notify_all()
@@ -341,7 +347,7 @@ class Shard:
             del self._pending[step]
             order = sorted(arrived)  # a fixed summation order makes sync results deterministic
             pushes = [arrived[k] for k in order]
-            self._apply(self._average(pushes, "grads"), self._average(pushes, "assigns"))
+            self._apply(self._average(pushes, "grads"), self._average(pushes, "assigns"), step)
             self._applied += len(pushes)
             self._store.version = step + 1
 
@@ -372,10 +378,11 @@ class Shard:
                 out[name] = (acc / total).astype(dtype) if dtype.kind in "fc" else acc
         return out
 
-    def _apply(self, grads: Mapping[str, np.ndarray], assigns: Mapping[str, np.ndarray]) -> None:
+    def _apply(self, grads: Mapping[str, np.ndarray], assigns: Mapping[str, np.ndarray], step: int) -> None:
         # ParameterStore.push would re-run every check; these were checked on arrival.
+        # Learning-rate schedules follow the global step, however many pushes it takes.
         for name, g in grads.items():
-            self._store.optimizer.apply(name, self._store.params[name], g)
+            self._store.optimizer.apply(name, self._store.params[name], g, step=step)
         for name, a in assigns.items():
             self._backend.copy_into(self._store.params[name], a)
 

@@ -6,9 +6,11 @@ seed derived from the job seed and the epoch, cut into global batches of
 So in sync mode the shards apply exactly the gradient of each global batch (a
 weighted average of the workers' parts), the schedule in-process training uses.
 
-Communication overlaps computation where the mode allows: pushes to all shards go
-out at once, and in async/SSP mode step t computes while step t-1's push (and the
-pull riding on its reply) is still in flight.
+Each step sends one push to every shard at once (in parallel), and the new
+parameters ride back on the replies: one round trip per step. Deeper pipelining —
+computing step t while step t-1's push is in flight — was measured and dropped: on
+MNIST with SGD momentum 0.9 and 2 async workers it cut 3-epoch accuracy from 97.6% to
+81% (the extra step of staleness compounds with momentum) for a 7% speed-up.
 
 Usage (the worker node does this for each task the master sends)::
 
@@ -171,7 +173,6 @@ class TrainingTask:
         steps_per_epoch = max(math.ceil(n / bs), 1)
         sync = t.mode == "sync"
         self._pull_all(step=0, min_version=0)
-        pending = None
         loss_sum = correct = seen = 0.0
         last_report, step_times = time.monotonic(), []
         self._last_step, self._last_epoch = 0, 0
@@ -194,22 +195,18 @@ class TrainingTask:
                     loss_sum += out.loss * len(local)
                     correct += metrics_mod.correct(t.loss_name, out.prediction, yb) if t.loss_name else 0.0
                     seen += len(local)
-                if sync:
-                    self._collect(self._push_all(step, grads, updates, float(len(local)), step + 1))
-                else:
-                    futures = self._push_all(step, grads, updates, float(len(local)), 0)
-                    if pending is not None:
-                        self._collect(pending)
-                    pending = futures
+                # The gradient's share of the global batch: the sync average's weight, and
+                # in async/SSP the factor the shard scales it by.
+                weight = len(local) / max(len(global_idx), 1)
+                # Sync waits for the barrier (version step + 1); async/SSP take whatever
+                # the shards hold (SSP's bound is enforced by the shards).
+                self._collect(self._push_all(step, grads, updates, weight, step + 1 if sync else 0))
                 step_times.append(time.perf_counter() - started)
                 self._last_step, self._last_epoch = step + 1, epoch
                 now = time.monotonic()
                 if now - last_report >= self.report_interval:
                     self._report(step + 1, epoch, loss_sum, correct, seen, step_times)
                     last_report, step_times = now, []
-            if pending is not None:
-                self._collect(pending)
-                pending = None
             extra = {}
             if self.position == 0:  # one worker tracks validation per epoch
                 vloss, vacc = self._evaluate()
@@ -218,8 +215,6 @@ class TrainingTask:
             loss_sum = correct = seen = 0.0
             step_times = []
             self._last_epoch = epoch + 1
-        if pending is not None:
-            self._collect(pending)
         self.master.report(self.job, self.index, self._last_step, self._last_epoch, 0.0, {}, done=True)
 
     def _report(self, step, epoch, loss_sum, correct, seen, step_times, extra=None) -> None:

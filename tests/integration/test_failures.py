@@ -1,0 +1,168 @@
+"""Failures a user meets: a bad graph, a dead worker, no master, a cancelled job.
+
+Each one must end in a clear answer (a status code and message naming the node, a
+job that still succeeds, an exit code and one error line, a CANCELLED job whose
+workers take the next one), never a hang or a traceback.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import time
+
+import grpc
+import numpy as np
+import pytest
+
+from client.job import job_to_spec
+from protos import codec
+from tests.integration.helpers import (
+    all_gone, last_json, make_job, psctl, running_cluster, service_env, wait_job, worker_node_ids, write_job,
+)
+
+
+def _steps_per_epoch(batch_size: int = 64) -> int:
+    from client import datasets
+
+    return -(-len(datasets.load("digits").x_train) // batch_size)
+
+
+# ---- (a) malformed graphs are refused at submission ----------------------------------------------
+def _node(spec, name):
+    return next(n for n in spec.model.graph.nodes if n.name == name)
+
+
+def _dangling_input(spec):
+    _node(spec, "dense/matmul").inputs[0] = "no_such_node"
+
+
+def _unknown_op(spec):
+    _node(spec, "dense/matmul").op = "frobnicate"
+
+
+def _declared_shape_mismatch(spec):
+    dims = _node(spec, "dense/matmul").shape.dims
+    del dims[:]
+    dims.extend([-1, 33])  # the matmul of (?, 64) and (64, 32) is (?, 32)
+
+
+def _incompatible_operands(spec):
+    # A consistent variable of the wrong size: the error is its consumer's, the matmul
+    # of (?, 32) and (33, 10).
+    kernel = _node(spec, "dense_1/kernel")
+    del kernel.shape.dims[:]
+    kernel.shape.dims.extend([33, 10])
+    spec.model.graph.initial_values["dense_1/kernel"].CopyFrom(codec.tensor_to_proto(np.zeros((33, 10), np.float32)))
+
+
+@pytest.mark.parametrize("corrupt, node, words", [
+    (_dangling_input, "dense/matmul", "no_such_node"),
+    (_unknown_op, "dense/matmul", "frobnicate"),
+    (_declared_shape_mismatch, "dense/matmul", "shape"),
+    (_incompatible_operands, "dense_1/matmul", "inner dimensions"),
+], ids=["dangling-input", "unknown-op", "declared-shape", "incompatible-operands"])
+def test_a_malformed_graph_is_refused_naming_the_node(master, corrupt, node, words):
+    spec = job_to_spec(make_job(), "malformed")
+    corrupt(spec)
+    before = len(master.list())
+    with pytest.raises(grpc.RpcError) as err:
+        master.submit(spec)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value
+    message = err.value.details()
+    assert f"'{node}'" in message and words in message, message
+    assert len(master.list()) == before  # refused before anything was recorded
+
+
+# ---- (b) a worker dies mid-run --------------------------------------------------------------------
+@pytest.mark.slow
+def test_sync_job_survives_a_killed_worker(tmp_path):
+    """SIGKILL worker 1 of a 2-worker sync job: after the heartbeat timeout the shards
+    drop it from the barrier and worker 0 finishes the job alone."""
+    from master.client import MasterClient
+
+    with running_cluster(tmp_path / "cluster", workers=2, ps=1, heartbeat_timeout=2.0) as (handle, launcher):
+        client = MasterClient(handle.master_address, connect_timeout=10)
+        try:
+            # Long enough (2300 sync steps) that it is still running when the kill lands.
+            spec = job_to_spec(make_job(epochs=100), "kill-a-worker")
+            job = client.submit(spec)
+            running = wait_job(client, job["id"], timeout=60,
+                               until=lambda s: s["state"] in ("SUCCEEDED", "FAILED", "CANCELLED") or s["step"] >= 20)
+            assert running["state"] == "RUNNING", running
+            total_steps = 100 * _steps_per_epoch()
+            assert running["step"] < total_steps
+            # Job worker 1 is the process whose node id the master gave job worker 1
+            # (launch order and registration order may differ).
+            victim_node = running["workers"]["1"]["node"]
+            victim = handle.pids["worker"][worker_node_ids(handle).index(victim_node)]
+            os.kill(victim, signal.SIGKILL)
+            final = wait_job(client, job["id"], timeout=120)
+            assert final["state"] == "SUCCEEDED", final
+            assert final["error"] is None and final["step"] == total_steps and final["epoch"] == 100
+            lost = [e for e in final["events"] if e.startswith("worker 1 lost")]
+            assert lost, final["events"]
+            assert "continuing with workers [0]" in lost[0]
+            assert final["workers"]["1"]["state"] == "lost" and final["workers"]["0"]["state"] == "done"
+            assert final["metrics"]["val_accuracy"] > 0.9
+            assert all_gone([victim], timeout=5)
+            survivors = [s for s in launcher.status(handle) if s.pid != victim]
+            assert all(s.alive for s in survivors), survivors
+        finally:
+            client.close()
+
+
+# ---- (c) no master ----------------------------------------------------------------------------------
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_submit_without_a_master_fails_clearly(tmp_path, digits_jobfile):
+    address = f"127.0.0.1:{_free_port()}"
+    env = service_env(tmp_path)
+    started = time.monotonic()
+    out = psctl(["--master", address, "submit", digits_jobfile, "--wait"], env, timeout=60, check=False)
+    assert out.returncode == 3, (out.returncode, out.stdout, out.stderr)  # 3: no master answers
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("psctl: error: cannot reach the pstrain master at " + address), out.stderr
+    assert "psctl up" in lines[0]  # says how to fix it
+    assert time.monotonic() - started < 30  # the default 5 s connect timeout, not a hang
+
+
+@pytest.mark.parametrize("command", [["list"], ["status", "job-000001"], ["cancel", "job-000001"]],
+                         ids=["list", "status", "cancel"])
+def test_other_commands_without_a_master_fail_clearly(tmp_path, command):
+    address = f"127.0.0.1:{_free_port()}"
+    out = psctl(["--master", address, "--connect-timeout", "1", *command], service_env(tmp_path), timeout=60,
+                check=False)
+    assert out.returncode == 3 and "cannot reach the pstrain master" in out.stderr, out.stderr
+
+
+# ---- (d) cancel --------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_cancel_stops_a_running_job_and_frees_its_workers(tmp_path, cluster, master):
+    handle, launcher = cluster
+    env = service_env(tmp_path)
+    long_job = write_job(tmp_path, "long.py", epochs=500)
+    short_job = write_job(tmp_path, "short.py", epochs=2)
+    submitted = last_json(psctl(["--master", handle.master_address, "submit", long_job, "--json"], env).stdout)
+    assert submitted["state"] in ("PENDING", "RUNNING")
+    job_id = submitted["id"]
+    running = wait_job(master, job_id, timeout=60, until=lambda s: s["state"] != "PENDING" and s["step"] > 0)
+    assert running["state"] == "RUNNING", running
+
+    cancelled = last_json(psctl(["--master", handle.master_address, "cancel", job_id, "--json"], env).stdout)
+    assert cancelled["id"] == job_id and cancelled["state"] == "CANCELLED"
+    # A following job that needs both workers runs to the end: the cancelled one let them go.
+    done = last_json(psctl(["--master", handle.master_address, "submit", short_job, "--workers", "2", "--wait",
+                            "--json"], env, timeout=180).stdout)
+    assert done["state"] == "SUCCEEDED" and sorted(done["workers"]) == ["0", "1"], done
+    after = last_json(psctl(["--master", handle.master_address, "status", job_id, "--json"], env).stdout)
+    assert after["state"] == "CANCELLED"  # late reports from the old task did not revive it
+    assert "cancelled by the user" in after["events"]
+    assert after["step"] < 500 * _steps_per_epoch()
+    assert all(s.alive for s in launcher.status(handle))  # cancelling a job stops no process
+    again = psctl(["--master", handle.master_address, "cancel", job_id], env, check=False)
+    assert again.returncode == 1 and again.stderr.startswith("psctl: error:"), again.stderr
