@@ -26,7 +26,7 @@ $(VENV)/.installed-test: pyproject.toml $(VENV)/.installed
 install: $(VENV)/.installed
 
 # System packages the tests use (root + apt only; elsewhere those tests skip).
-SYSTEM_TOOLS := dot:graphviz
+SYSTEM_TOOLS := dot:graphviz prometheus:prometheus docker-compose:docker-compose
 system-deps:
 	@missing=""; for pair in $(SYSTEM_TOOLS); do tool=$${pair%%:*}; pkg=$${pair#*:}; \
 	  command -v $$tool >/dev/null 2>&1 || missing="$$missing $$pkg"; done; \

@@ -8,7 +8,8 @@ Usage::
                  [--batch-size B] [--workers N] [--shards S] [--name NAME] [--wait] [--json]
     psctl status JOB [--json]        psctl list [--json]       psctl logs JOB [-f]
     psctl cancel JOB [--json]        psctl export JOB -o model.npz
-    psctl train examples/mnist_mlp.py [--workers 2 --ps 2] [--mode ...] [-o model.npz] [--json]
+    psctl train examples/mnist_mlp.py [--workers 2 --ps 2] [--mode ...] [-o model.npz] [--plot curves.png] [--json]
+    psctl plot JOB -o curves.png     (loss and accuracy curves from the job's history)
     psctl plan examples/mnist_mlp.py [--workers N --ps S] [--png plan.png] [--dot plan.dot] [--json]
 
 Global options (before or after the command): ``--master HOST:PORT`` (else
@@ -44,6 +45,7 @@ from client.launcher import (
     DEVICES, ClusterError, ClusterSpec, LocalProcessLauncher, default_state_dir, describe_exit, load_handle,
     local_cluster,
 )
+from client.plot import history_curves, plot_history
 from client.progress import ProgressBar, format_metrics, write_epoch_header
 from master.client import MasterClient, MasterUnavailable, describe_error, master_address
 
@@ -443,6 +445,47 @@ def _logs(args) -> int:
     return EXIT_OK
 
 
+def fetch_history(client: MasterClient, job_id: str) -> tuple[dict, list[dict]]:
+    """A job's status and its history so far. The master's first watch event replays the
+    whole history (since=0), so this does not wait for a running job to end."""
+    stream = client.watch(job_id, since=0)
+    try:
+        status, history = next(stream)
+    except StopIteration:
+        raise CommandError(f"the master closed the watch stream of {job_id} before sending its history; "
+                           "try again") from None
+    finally:
+        stream.close()
+    return status, history
+
+
+def _plot_title(status: Mapping[str, Any]) -> str:
+    title = f"{status.get('name') or 'job'} ({status['id']}): {status['state']}, epoch {status['epoch']}, step {status['step']}"
+    final = {k: v for k, v in (status.get("metrics") or {}).items() if k in ("val_loss", "val_accuracy")}
+    return title + (" - final " + format_metrics(dict(sorted(final.items()))) if final and status["state"] == "SUCCEEDED" else "")
+
+
+def write_plot(status: Mapping[str, Any], history: list[dict], path: str) -> None:
+    """Draw ``history`` to the PNG ``path``; a CommandError when there is nothing to draw yet."""
+    curves = history_curves(history)
+    if not any(c["step"] for c in curves.values()):
+        raise CommandError(f"nothing to plot: job {status['id']} is {status['state']} and has recorded no loss or "
+                           "accuracy yet" + ("; try again once it has trained a few steps"
+                                             if status["state"] not in TERMINAL else ""))
+    plot_history(history, path, title=_plot_title(status))
+
+
+def _plot(args) -> int:
+    client = _client(args)
+    try:
+        status, history = fetch_history(client, args.job)
+    finally:
+        client.close()
+    write_plot(status, history, args.output)
+    print(f"wrote {args.output}")
+    return EXIT_OK
+
+
 def _cancel(args) -> int:
     client = _client(args)
     try:
@@ -505,22 +548,30 @@ def _train(args) -> int:
                 final = follow(client, status["id"], view)
                 if final["state"] == "SUCCEEDED":
                     config, names, weights = client.export(final["id"])
+                    if args.plot:  # the history lives on the master: read it before the cluster stops
+                        plot_status, plot_records = fetch_history(client, final["id"])
             finally:
                 client.close()
         if final["state"] == "SUCCEEDED":
             keep_logs = False
             if args.output:
                 save_export(args.output, config, names, weights)
+            if args.plot:  # after the model is saved, so a bad plot path cannot lose it
+                write_plot(plot_status, plot_records, args.plot)
             test = _test_metrics(job, config, names, weights)
             final = {**final, "metrics": {**final["metrics"], **{k: v for k, v in test.items()
                                                                   if k not in final["metrics"]}}}
             if args.output:
                 final["model"] = os.path.abspath(args.output)
+            if args.plot:
+                final["plot"] = os.path.abspath(args.plot)
             if not args.json:
                 if test:
                     print("test: " + format_metrics({k[len("test_"):]: v for k, v in test.items()}))
                 if args.output:
                     print(f"saved {args.output}")
+                if args.plot:
+                    print(f"wrote {args.plot}")
         return _job_result(final, args.json)
     finally:
         if keep_logs:
@@ -539,6 +590,14 @@ def _train_in_process(job: Job, args) -> int:
         job.model.save(args.output)
         if not args.json:
             print(f"saved {args.output}")
+    if args.plot:
+        spe = steps_per_epoch(job) or 1
+        records = [{"worker": 0, "epoch": e + 1, "step": (e + 1) * spe,
+                    **{k: v[e] for k, v in history.history.items() if e < len(v)}} for e in range(len(history.epoch))]
+        name = os.path.splitext(os.path.basename(args.jobfile))[0]
+        plot_history(records, args.plot, title=f"{name} (in process): {len(history.epoch)} epochs")
+        if not args.json:
+            print(f"wrote {args.plot}")
     last = {k: v[-1] for k, v in history.history.items()}
     metrics = {k: v for k, v in {**last, **{f"test_{k}": v for k, v in test.items()}}.items() if k != "loss"}
     if args.json:
@@ -792,7 +851,12 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--start-timeout", type=float, default=120.0, help="seconds to wait for the cluster to come up")
     c.add_argument("--in-process", action="store_true", help="train in this process, without a cluster")
     c.add_argument("-o", "--output", help="write the trained model (.npz) here")
+    c.add_argument("--plot", metavar="FILE", help="write the loss and accuracy curves (PNG) here")
     c.add_argument("--json", action="store_true", help="print the result as JSON")
+
+    c = command("plot", _plot, "draw a job's loss and accuracy curves (PNG) from its history so far")
+    c.add_argument("job", help="the job id")
+    c.add_argument("-o", "--output", required=True, help="the PNG to write")
 
     c = command("plan", _plan, "show the optimised, partitioned training graph")
     c.add_argument("jobfile", help="a Python file defining job()")

@@ -44,6 +44,7 @@ DEVICES = ("cpu", "cuda", "auto")
 MAX_PROCESSES = 256
 READY_PREFIX = "PSTRAIN_READY"
 _READY = re.compile(r"^PSTRAIN_READY\s+(master|ps|worker)\b[ \t]*(\S*)[ \t]*$", re.MULTILINE)
+_METRICS = re.compile(r"^PSTRAIN_METRICS[ \t]+(master|ps|worker)[ \t]+(\S+)[ \t]*$", re.MULTILINE)
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # repository root
 
 
@@ -104,13 +105,16 @@ class ClusterSpec:
 
 @dataclass
 class ClusterHandle:
-    """A running cluster: where its master is and which processes make it up."""
+    """A running cluster: where its master is and which processes make it up.
+    ``metrics_address`` is where the master serves /metrics (the master's ListNodes gives
+    every other node's)."""
 
     master_address: str
     state_dir: str
     pids: dict[str, list[int]] = field(default_factory=lambda: {r: [] for r in ROLES})
     logs: dict[str, list[str]] = field(default_factory=lambda: {r: [] for r in ROLES})
     spec: ClusterSpec | None = None
+    metrics_address: str = ""
 
     def processes(self) -> Iterator[tuple[str, int, int, str]]:
         """(role, index, pid, log path) for every process, master first."""
@@ -123,6 +127,7 @@ class ClusterHandle:
         return {
             "master_address": self.master_address, "state_dir": self.state_dir,
             "pids": self.pids, "logs": self.logs, "spec": asdict(self.spec) if self.spec else None,
+            "metrics_address": self.metrics_address,
         }
 
     @classmethod
@@ -132,7 +137,7 @@ class ClusterHandle:
             master_address=str(d["master_address"]), state_dir=str(d["state_dir"]),
             pids={r: [int(p) for p in d.get("pids", {}).get(r, [])] for r in ROLES},
             logs={r: [str(p) for p in d.get("logs", {}).get(r, [])] for r in ROLES},
-            spec=spec,
+            spec=spec, metrics_address=str(d.get("metrics_address", "")),
         )
 
 
@@ -198,6 +203,15 @@ def parse_ready_line(text: str, role: str) -> str | None:
     """The address in a ``PSTRAIN_READY <role> [host:port]`` line of ``text``: the
     address ("" for a worker, which serves nothing), or None if there is no such line."""
     for m in _READY.finditer(text):
+        if m.group(1) == role:
+            return m.group(2)
+    return None
+
+
+def parse_metrics_line(text: str, role: str) -> str | None:
+    """The address in a ``PSTRAIN_METRICS <role> host:port`` line of ``text`` (where
+    that service serves /metrics), or None if there is no such line."""
+    for m in _METRICS.finditer(text):
         if m.group(1) == role:
             return m.group(2)
     return None
@@ -341,22 +355,24 @@ class LocalProcessLauncher(Launcher):
             self._spawn(handle, "master", 0, [
                 "-m", "master", "--host", spec.host, "--port", str(spec.port),
                 "--db", os.path.join(spec.state_dir, "master.db"),
-                "--heartbeat-timeout", repr(spec.heartbeat_timeout),
+                "--heartbeat-timeout", repr(spec.heartbeat_timeout), "--metrics-port", "0",
             ])
             write_handle(handle)  # from here on, `psctl down` can clean up whatever happens
             # Wait for the READY line even on a fixed port: it gives the port when port=0,
             # and a master that cannot serve (e.g. the port is taken) fails here, before
             # shards and workers start dialling it.
             handle.master_address = self._wait_master_address(handle, deadline)
+            metrics = parse_metrics_line(tail(handle.logs["master"][0], 200), "master")
+            handle.metrics_address = connectable(metrics) if metrics else ""
             write_handle(handle)
             for i in range(spec.ps):
                 self._spawn(handle, "ps", i, [
                     "-m", "psserver", "--master", handle.master_address, "--host", spec.host, "--port", "0",
-                    "--checkpoint-dir", spec.checkpoint_dir,
+                    "--checkpoint-dir", spec.checkpoint_dir, "--metrics-port", "0",
                 ])
             for i in range(spec.workers):
                 self._spawn(handle, "worker", i, ["-m", "worker", "--master", handle.master_address,
-                                                  "--device", spec.device])
+                                                  "--device", spec.device, "--host", spec.host, "--metrics-port", "0"])
             write_handle(handle)
             self._wait_registered(handle, spec, deadline)
         except BaseException:

@@ -1,7 +1,8 @@
 """``python -m master``: run the pstrain master.
 
 Flags override PSTRAIN_* environment variables, which override defaults (see
-master/config.py). Prints ``PSTRAIN_READY master HOST:PORT`` once serving.
+master/config.py). Prints ``PSTRAIN_METRICS master HOST:PORT`` (where /metrics is served,
+unless ``--metrics-port -1``), then ``PSTRAIN_READY master HOST:PORT`` once serving.
 """
 from __future__ import annotations
 
@@ -24,6 +25,8 @@ def main(argv=None) -> int:
     p.add_argument("--export-dir", dest="export_dir")
     p.add_argument("--heartbeat-timeout", dest="heartbeat_timeout", type=float)
     p.add_argument("--heartbeat-interval", dest="heartbeat_interval", type=float)
+    p.add_argument("--metrics-port", dest="metrics_port", type=int,
+                   help="port of /metrics (0 picks a free one, -1 serves none; default 9464)")
     p.add_argument("--log-level", default="INFO")
     args = p.parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s master %(name)s: %(message)s")
@@ -33,6 +36,17 @@ def main(argv=None) -> int:
         print(f"master: error: {exc}", file=sys.stderr)
         return 2
     server, port, coordinator = serve(config)
+    if config.metrics_port >= 0:
+        try:
+            metrics_port = coordinator.metrics.serve(config.host, config.metrics_port)
+        except OSError as exc:
+            print(f"master: error: cannot serve /metrics on {config.host}:{config.metrics_port} ({exc}); "
+                  "choose another --metrics-port / PSTRAIN_METRICS_PORT (0 picks a free one, -1 none)",
+                  file=sys.stderr)
+            server.stop(grace=None)
+            coordinator.close()
+            return 2
+        print(f"PSTRAIN_METRICS master {config.host}:{metrics_port}", flush=True)
     print(f"PSTRAIN_READY master {config.host}:{port}", flush=True)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):

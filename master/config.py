@@ -16,9 +16,13 @@ class MasterConfig:
     heartbeat_timeout: float = 5.0  # a node silent this long is lost
     monitor_interval: float = 0.25
     max_workers: int = 64
+    metrics_port: int = 9464  # /metrics on host (0 picks a free port; -1: none)
 
     def __post_init__(self):
         check_port("MasterConfig", "port", self.port)
+        if not -1 <= int(self.metrics_port) <= 65535:
+            raise ValueError(f"MasterConfig.metrics_port={self.metrics_port!r} is out of range; allowed [-1, 65535] "
+                             "(0 picks a free port, -1 serves no /metrics)")
         for name in ("heartbeat_interval", "heartbeat_timeout", "monitor_interval", "max_workers"):
             check_positive("MasterConfig", name, getattr(self, name))
         if self.heartbeat_timeout <= self.heartbeat_interval:

@@ -6,7 +6,7 @@ again if the master forgot the node (e.g. after a master restart).
 
 Usage::
 
-    m = NodeMembership("127.0.0.1:50051", "worker", on_response=handle)
+    m = NodeMembership("127.0.0.1:50051", "worker", on_response=handle, metrics_address="10.0.0.5:9464")
     m.start(); ...; m.stop()
 """
 from __future__ import annotations
@@ -26,9 +26,10 @@ log = logging.getLogger(__name__)
 
 class NodeMembership:
     def __init__(self, master: str, role: str, address: str = "", name: str = "", interval: float = 0.5,
-                 on_response: Callable | None = None, register_timeout: float = 60.0):
+                 on_response: Callable | None = None, register_timeout: float = 60.0, metrics_address: str = ""):
         self.client = MasterClient(master, timeout=10.0, connect_timeout=register_timeout)
         self.role, self.address, self.name = role, address, name
+        self.metrics_address = metrics_address  # where this node serves /metrics ("" = nowhere)
         self.interval = interval
         self.on_response = on_response
         self.node_id: str | None = None
@@ -38,7 +39,7 @@ class NodeMembership:
         self.status: dict = {}
 
     def register(self) -> None:
-        r = self.client.register(self.role, self.address, self.name)
+        r = self.client.register(self.role, self.address, self.name, self.metrics_address)
         self.node_id, self.index = r.node_id, r.index
         self.interval = r.heartbeat_interval or self.interval
         log.info("registered with the master as %s (index %d)", self.node_id, self.index)

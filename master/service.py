@@ -7,7 +7,8 @@ durable record are ``master.jobs``, and node/job bookkeeping lives in
 
 Usage (normally through ``python -m master``)::
 
-    server, port, servicer = serve(MasterConfig(port=0, db=":memory:"))
+    server, port, coordinator = serve(MasterConfig(port=0, db=":memory:"))
+    coordinator.metrics.serve("127.0.0.1", 0)   # /metrics (python -m master does this)
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ import numpy as np
 from client.nn.model import save_arrays
 from master.config import MasterConfig
 from master.jobs import InvalidTransition, JobFinished, JobRecord, JobState, JobStore
+from master.metrics import MasterMetrics
 from master.placement import assemble
 from master.planner import JobPlan, plan_job
 from protos import codec, master_pb2, master_pb2_grpc, rpc
@@ -73,8 +75,9 @@ class JobRuntime:
 class Coordinator:
     """Nodes, running jobs and their transitions. Thread-safe (one lock)."""
 
-    def __init__(self, config: MasterConfig):
+    def __init__(self, config: MasterConfig, metrics: MasterMetrics | None = None):
         self.config = config
+        self.metrics = metrics or MasterMetrics()
         self.store = JobStore(config.db)
         self.nodes: dict[str, NodeInfo] = {}
         self.runtimes: dict[str, JobRuntime] = {}
@@ -87,6 +90,9 @@ class Coordinator:
         for rec in self.store.recover_after_restart():
             log.warning("job %s was %s when the master stopped; marking it FAILED", rec.id, rec.state.value)
         self.store.fail_interrupted("the workers' task state was lost; resubmit the job")
+        # Every job's state, kept beside the store so a scrape never reads the whole table.
+        self._job_states: dict[str, JobState] = {rec.id: rec.state for rec in self.store.list()}
+        self.metrics.watch(self._count_jobs, self._count_live_nodes)
         self._monitor = threading.Thread(target=self._monitor_loop, name="master-monitor", daemon=True)
         self._monitor.start()
 
@@ -143,6 +149,10 @@ class Coordinator:
         with self.lock:
             return list(self.nodes.values())
 
+    def _count_live_nodes(self, role: str) -> int:
+        with self.lock:
+            return sum(1 for n in self.nodes.values() if n.role == role and n.alive)
+
     def _ps(self, address: str):
         from psserver.service import ParameterServerClient
 
@@ -160,6 +170,8 @@ class Coordinator:
     def submit(self, spec: master_pb2.JobSpec) -> JobRecord:
         self.plan(spec)  # validate before recording anything: bad specs fail INVALID_ARGUMENT
         rec = self.store.create(spec.name or "job", spec.SerializeToString(), {})
+        with self.lock:
+            self._job_states[rec.id] = rec.state
         self.store.add_event(rec.id, "submitted")
         self._try_start(rec.id, spec)
         return self.store.get(rec.id)
@@ -203,7 +215,7 @@ class Coordinator:
                 for w in workers:
                     w.job = None
             log.exception("job %s failed to start", job_id)
-            self.store.transition(job_id, JobState.FAILED, error=f"could not start the job: {exc}")
+            self._transition(job_id, JobState.FAILED, error=f"could not start the job: {exc}")
             self._end_on_shards_addresses(job_id, [n.address for n in shards])
             return True
         rt = JobRuntime(job_id, spec, plan, {i: w.node_id for i, w in zip(indices, workers)},
@@ -213,7 +225,8 @@ class Coordinator:
             for i, w in zip(indices, workers):
                 w.tasks.append(self._task(rt, i))
                 self.store.update_worker(job_id, i, node=w.node_id, state="running", step=0, step_time=0.0)
-            self.store.transition(job_id, JobState.RUNNING)
+            self._transition(job_id, JobState.RUNNING)
+            self.metrics.live(job_id, len(workers))
             self.store.add_event(
                 job_id, f"running on {len(workers)} workers and {len(shards)} shards "
                 f"(shard bytes {list(plan.placement.shard_bytes)})"
@@ -271,6 +284,8 @@ class Coordinator:
                 )
             except JobFinished:  # cancelled or failed meanwhile: a late report
                 return rec.state == JobState.CANCELLED
+            self.metrics.progress(r.job, r.worker, step, max(r.epoch, rec.epoch), None if r.final else r.loss,
+                                  metrics, 0.0 if r.final else r.step_time)
         if r.final:
             self._succeed(r.job)
         elif r.done:
@@ -301,7 +316,7 @@ class Coordinator:
         try:
             config, names, weights = self._pull_weights(rt)
             save_arrays(self._export_path(job_id), config, {f"weight_{i}": w for i, w in enumerate(weights)})
-            self.store.transition(job_id, JobState.SUCCEEDED)
+            self._transition(job_id, JobState.SUCCEEDED)
             self.store.add_event(job_id, "succeeded; final weights saved for export")
         except Exception as exc:  # noqa: BLE001
             log.exception("job %s: could not save the final weights", job_id)
@@ -311,23 +326,39 @@ class Coordinator:
 
     def _fail(self, job_id: str, error: str) -> None:
         try:
-            self.store.transition(job_id, JobState.FAILED, error=error)
+            self._transition(job_id, JobState.FAILED, error=error)
         except InvalidTransition:
             return
         self.store.add_event(job_id, f"failed: {error}")
         self._release(job_id, cancel_workers=True)
 
     def cancel(self, job_id: str) -> JobRecord:
-        rec = self.store.transition(job_id, JobState.CANCELLED)
+        rec = self._transition(job_id, JobState.CANCELLED)
         self.store.add_event(job_id, "cancelled by the user")
         self._release(job_id, cancel_workers=True)
         return rec
+
+    def _transition(self, job_id: str, state: JobState, error: str | None = None) -> JobRecord:
+        rec = self.store.transition(job_id, state, error=error)
+        with self.lock:
+            self._job_states[job_id] = rec.state
+        if rec.state.terminal:
+            self.metrics.end_job(job_id)
+        return rec
+
+    def _count_jobs(self) -> dict[str, int]:
+        with self.lock:
+            counts: dict[str, int] = {}
+            for state in self._job_states.values():
+                counts[state.value] = counts.get(state.value, 0) + 1
+            return counts
 
     def _release(self, job_id: str, cancel_workers: bool = False) -> None:
         with self.lock:
             rt = self.runtimes.pop(job_id, None)
             if rt is None:
                 return
+            self.metrics.live(job_id, 0)
             for node_id in rt.workers.values():
                 node = self.nodes.get(node_id)
                 if node is not None and node.job == job_id:
@@ -411,6 +442,7 @@ class Coordinator:
         with self.lock:
             rt.live.discard(index)
             live = sorted(rt.live)
+        self.metrics.live(rt.id, len(live))
         step = rt.steps.get(index, 0)
         self.store.add_event(rt.id, f"worker {index} lost at step {step} (no heartbeat for "
                                     f"{self.config.heartbeat_timeout:.1f}s); continuing with workers {live}")
@@ -456,6 +488,7 @@ def _status(rec: JobRecord) -> master_pb2.JobStatus:
 class MasterServicer(master_pb2_grpc.MasterServicer):
     def __init__(self, coordinator: Coordinator):
         self.c = coordinator
+        coordinator.metrics.track(self)  # RPCs in progress: pstrain_request_queue_depth
 
     @rpc.guarded
     def SubmitJob(self, request, context):

@@ -1,6 +1,7 @@
 """``python -m psserver``: run a parameter-server process and register it with the master.
 
-Prints ``PSTRAIN_READY ps HOST:PORT`` once serving.
+Prints ``PSTRAIN_METRICS ps HOST:PORT`` (where /metrics is served, unless
+``--metrics-port -1``) and then ``PSTRAIN_READY ps HOST:PORT`` once serving.
 """
 from __future__ import annotations
 
@@ -22,6 +23,8 @@ def main(argv=None) -> int:
     p.add_argument("--advertise-host", dest="advertise_host")
     p.add_argument("--master")
     p.add_argument("--checkpoint-dir", dest="checkpoint_dir")
+    p.add_argument("--metrics-port", dest="metrics_port", type=int,
+                   help="port of /metrics (0 picks a free one, -1 serves none; default 0)")
     p.add_argument("--log-level", default="INFO")
     args = p.parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s ps %(name)s: %(message)s")
@@ -32,6 +35,16 @@ def main(argv=None) -> int:
         return 2
     server, port, servicer = serve(config)
     address = f"{config.advertise_host or config.host}:{port}"
+    metrics_address = ""
+    if config.metrics_port >= 0:
+        try:
+            metrics_address = servicer.metrics.serve(config.host, config.metrics_port, config.advertise_host)
+        except OSError as exc:
+            print(f"psserver: error: cannot serve /metrics on {config.host}:{config.metrics_port} ({exc}); "
+                  "choose another --metrics-port / PSTRAIN_METRICS_PORT (0 picks a free one)", file=sys.stderr)
+            server.stop(grace=None)
+            return 2
+        print(f"PSTRAIN_METRICS ps {metrics_address}", flush=True)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
@@ -39,7 +52,8 @@ def main(argv=None) -> int:
     if config.master:
         from master.membership import NodeMembership
 
-        heart = NodeMembership(config.master, "ps", address=address, interval=config.heartbeat_interval)
+        heart = NodeMembership(config.master, "ps", address=address, interval=config.heartbeat_interval,
+                               metrics_address=metrics_address)
         heart.start()
     print(f"PSTRAIN_READY ps {address}", flush=True)
     stop.wait()

@@ -17,11 +17,15 @@ class PSConfig:
     max_workers: int = 32
     pull_timeout: float = 120.0
     heartbeat_interval: float = 0.5
+    metrics_port: int = 0  # /metrics on host (0 picks a free port, reported to the master; -1: none)
 
     def __post_init__(self):
         check_port("PSConfig", "port", self.port)
         check_positive("PSConfig", "max_workers", self.max_workers)
         check_positive("PSConfig", "pull_timeout", self.pull_timeout)
         check_positive("PSConfig", "heartbeat_interval", self.heartbeat_interval)
+        if not -1 <= int(self.metrics_port) <= 65535:
+            raise ValueError(f"PSConfig.metrics_port={self.metrics_port!r} is out of range; allowed [-1, 65535] "
+                             "(0 picks a free port, -1 serves no /metrics)")
         if self.backend not in ("cpu", "reference"):
             raise ValueError(f"PSConfig.backend={self.backend!r}: shards run on 'cpu' or 'reference'")

@@ -6,6 +6,7 @@ Decode → call the shard → encode; domain errors become status codes in
 Usage (normally through ``python -m psserver``)::
 
     server, port, servicer = serve(PSConfig(port=0))
+    servicer.metrics.serve("127.0.0.1", 0)   # /metrics (python -m psserver does this)
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ import grpc
 
 from protos import codec, ps_pb2, ps_pb2_grpc, rpc
 from psserver.config import PSConfig
+from psserver.metrics import PSMetrics
 from psserver.optimizers import optimizer_from_config
 from psserver.shard import CheckpointConfig, Shard, ShardClosed
 from psserver.store import PushRejected
@@ -33,17 +35,37 @@ class UnknownJob(KeyError):
     pass
 
 
+class ResponseTooLarge(ValueError):
+    """A response would exceed the gRPC message limit (gRPC would drop it with a bare error)."""
+
+
 _JOB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
 
 rpc.register_error(UnknownJob, grpc.StatusCode.NOT_FOUND)
+rpc.register_error(ResponseTooLarge, grpc.StatusCode.RESOURCE_EXHAUSTED)
 
 
 class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
-    def __init__(self, config: PSConfig):
+    def __init__(self, config: PSConfig, metrics: PSMetrics | None = None):
         self.config = config
+        self.metrics = metrics or PSMetrics()
         self.shards: dict[str, Shard] = {}
         self._lock = threading.Lock()
+        self.metrics.track(self)  # RPCs in progress: pstrain_request_queue_depth
+
+    def _sent(self, request, response, shard: Shard | None = None):
+        """Count the RPC's bytes; refuse a response gRPC could not send."""
+        size = response.ByteSize()
+        if size > rpc.max_message_bytes() and shard is not None:
+            shard.reject("oversize")
+            raise ResponseTooLarge(
+                f"job '{request.job}' shard {shard.shard_id}: the response is {size} bytes, over the "
+                f"{rpc.max_message_bytes()}-byte message limit; raise PSTRAIN_MAX_MESSAGE_BYTES on every process "
+                "or spread the variables over more shards"
+            )
+        self.metrics.transferred(request.job, request.ByteSize(), size)
+        return response
 
     def _shard(self, job: str) -> Shard:
         shard = self.shards.get(job)
@@ -83,13 +105,14 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
                     workers=list(request.workers),
                     backend=self.config.backend,
                     checkpoint=ckpt,
+                    observer=self.metrics.shard(request.job, request.shard),
                 )
                 self.shards[request.job] = shard
                 log.info("job %s: shard %d holds %d tensors", request.job, request.shard, len(request.variables))
             stats = shard.stats()
-        return ps_pb2.InitShardResponse(
+        return self._sent(request, ps_pb2.InitShardResponse(
             version=stats["version"], bytes=stats.get("bytes", 0), restored=bool(stats.get("restored", False))
-        )
+        ))
 
     @rpc.guarded
     def Push(self, request, context):
@@ -108,7 +131,7 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
             )
             response.version = version
             codec.write_named(response.params, params)
-        return response
+        return self._sent(request, response, shard)
 
     @rpc.guarded
     def Pull(self, request, context):
@@ -118,7 +141,7 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
         )
         response = ps_pb2.PullResponse(version=version)
         codec.write_named(response.params, params)
-        return response
+        return self._sent(request, response, shard)
 
     @rpc.guarded
     def SetMembership(self, request, context):
@@ -135,6 +158,7 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
             shard = self.shards.pop(request.job, None)
         if shard is not None:
             shard.close()
+            self.metrics.end_job(request.job)
         return ps_pb2.EndJobResponse()
 
     def Echo(self, request, context):
@@ -192,11 +216,15 @@ class ParameterServerClient:
         return self.stub.Push.future(request, timeout=timeout or self.timeout)
 
     def pull(self, job, worker, step, min_version=0, timeout=0.0):
-        resp = self.stub.Pull(
+        resp = self.pull_response(job, worker, step, min_version, timeout)
+        return resp.version, codec.read_named(resp.params)
+
+    def pull_response(self, job, worker, step, min_version=0, timeout=0.0) -> ps_pb2.PullResponse:
+        """``pull`` undecoded (callers that count its bytes)."""
+        return self.stub.Pull(
             ps_pb2.PullRequest(job=job, worker=worker, step=step, min_version=min_version, timeout=timeout),
             timeout=(timeout or self.timeout) + 5,
         )
-        return resp.version, codec.read_named(resp.params)
 
     def set_membership(self, job, live_workers):
         self.stub.SetMembership(ps_pb2.MembershipRequest(job=job, live_workers=list(live_workers)), timeout=self.timeout)

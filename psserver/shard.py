@@ -30,12 +30,16 @@ Usage::
     version, params = shard.pull(worker=0, step=0, min_version=0)
     ack = shard.push(worker=0, step=0, grads={"dense/kernel": g}, assigns={}, weight=32)
     shard.close()   # writes a final checkpoint
+
+A shard reports what it does (apply time, staleness, barrier waits, rejections) to
+an optional ``observer`` (``psserver.metrics.ShardMetrics``); the default records nothing.
 """
 from __future__ import annotations
 
 import logging
 import math
 import threading
+import time
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping
@@ -76,6 +80,27 @@ class PushRefused(PushRejected):
         self.variable = None
 
 
+class ShardObserver:
+    """What a shard reports as it works; this default records nothing
+    (``psserver.metrics.ShardMetrics`` turns the reports into Prometheus series).
+    Called with the shard's lock held, so implementations must be quick."""
+
+    def held(self, nbytes: int, version: int) -> None:
+        """The shard holds ``nbytes`` of variables at ``version`` (on creation)."""
+
+    def applied(self, seconds: float, version: int) -> None:
+        """One update took ``seconds`` to apply; the shard is now at ``version``."""
+
+    def stale(self, versions: int) -> None:
+        """Async/SSP: the gradient just applied was computed ``versions`` updates ago."""
+
+    def barrier(self, seconds: float) -> None:
+        """Sync: a step's barrier completed ``seconds`` after its first push arrived."""
+
+    def rejected(self, reason: str) -> None:
+        """A push was refused for ``reason`` (``PushRejected.reason``)."""
+
+
 @dataclass(frozen=True)
 class _Push:
     """A sync push waiting at its step's barrier (the shard's own copies)."""
@@ -101,6 +126,7 @@ class Shard:
         workers: Iterable[int],
         backend: str = "cpu",
         checkpoint: CheckpointConfig | None = None,
+        observer: ShardObserver | None = None,
     ):
         if mode not in MODES:
             raise ValueError(f"Shard.mode={mode!r} is not a consistency mode; use one of {list(MODES)}")
@@ -118,6 +144,9 @@ class Shard:
         self._clocks: dict[int, int] = {k: 0 for k in self._live}  # worker -> steps pushed (its last step + 1)
         self._last_step: dict[int, int] = {}  # worker -> highest step received: the idempotency key
         self._pending: dict[int, dict[int, _Push]] = {}  # sync: step -> worker -> push
+        self._barrier_start: dict[int, float] = {}  # sync: step -> when its first push arrived
+        self._pulled_version: dict[int, int] = {}  # worker -> version of its last pull (staleness)
+        self._observer = observer or ShardObserver()
         self._closed = False
         self._applied = 0
         self._duplicates = 0
@@ -139,6 +168,7 @@ class Shard:
             state = load_checkpoint(checkpoint.path)
             if state is not None:
                 self._restore(state)
+        self._observer.held(sum(int(p.nbytes) for p in self._store.params.values()), self._store.version)
 
     # ---- public API ------------------------------------------------------------------------
     @property
@@ -182,6 +212,7 @@ class Shard:
                 exc.args = (f"job '{self.job}' shard {self.shard_id}: push from worker {worker} step {step}: {exc}",)
             with self._cond:
                 self._rejected[exc.reason] += 1
+                self._observer.rejected(exc.reason)
             log.warning("%s", exc)
             raise
         if self.mode == "sync":  # buffered: keep our own copies (taken before locking)
@@ -197,15 +228,20 @@ class Shard:
             self._clocks[worker] = max(self._clocks.get(worker, 0), step + 1)
             self._pushed_bytes += sum(a.nbytes for a in grads.values()) + sum(a.nbytes for a in assigns.values())
             if self.mode == "sync":
+                self._barrier_start.setdefault(step, time.perf_counter())
                 self._pending.setdefault(step, {})[worker] = _Push(weight, grads, assigns)
                 self._advance_sync()
             elif weight != 0:
+                started = time.perf_counter()
                 if weight != 1.0:
                     grads = {n: np.multiply(g, weight, dtype=g.dtype) if g.dtype.kind == "f" else g
                              for n, g in grads.items()}
                 self._apply(grads, assigns, step)
                 self._applied += 1
+                if worker in self._pulled_version:
+                    self._observer.stale(self._store.version - self._pulled_version[worker])
                 self._store.version += 1
+                self._observer.applied(time.perf_counter() - started, self._store.version)
             self._cond.notify_all()
             version = self._store.version
             due = self._due_snapshot()
@@ -229,6 +265,8 @@ class Shard:
             self._check_open()
             params = {name: self._host_copy(p) for name, p in self._store.params.items()}
             self._pulled_bytes += sum(a.nbytes for a in params.values())
+            if worker >= 0:  # the master pulls as worker -1
+                self._pulled_version[worker] = self._store.version
             return self._store.version, params
 
     def set_live_workers(self, workers: Iterable[int]) -> None:
@@ -246,6 +284,12 @@ class Shard:
             due = self._due_snapshot()
         if due is not None:
             self._write(*due, raise_errors=False)
+
+    def reject(self, reason: str) -> None:
+        """Count a request refused outside the shard (the service's ``oversize``)."""
+        with self._cond:
+            self._rejected[reason] += 1
+            self._observer.rejected(reason)
 
     def stats(self) -> dict[str, Any]:
         """Counters for metrics and debugging (a consistent snapshot)."""
@@ -333,6 +377,7 @@ class Shard:
 
     def _refuse(self, reason: str, message: str) -> PushRefused:
         self._rejected[reason] += 1
+        self._observer.rejected(reason)
         log.warning("%s", message)
         return PushRefused(reason, message)
 
@@ -345,11 +390,17 @@ class Shard:
             if arrived is None or not self._live <= arrived.keys():
                 return
             del self._pending[step]
+            started = time.perf_counter()
             order = sorted(arrived)  # a fixed summation order makes sync results deterministic
             pushes = [arrived[k] for k in order]
             self._apply(self._average(pushes, "grads"), self._average(pushes, "assigns"), step)
             self._applied += len(pushes)
             self._store.version = step + 1
+            done = time.perf_counter()
+            self._observer.applied(done - started, self._store.version)
+            first = self._barrier_start.pop(step, None)
+            if first is not None:  # None: the step's first pushes came from a checkpoint
+                self._observer.barrier(done - first)
 
     def _average(self, pushes: list[_Push], field: str) -> dict[str, np.ndarray]:
         """Per variable, the weighted average over the pushes that carry it.
@@ -427,6 +478,7 @@ class Shard:
                 self._pending[step].pop(k, None)
                 if not self._pending[step]:
                     del self._pending[step]
+                    self._barrier_start.pop(step, None)
             if self.mode == "sync" and k in self._last_step:
                 # Its buffered steps were dropped, so only applied ones still count as received.
                 self._last_step[k] = min(self._last_step[k], self._store.version - 1)

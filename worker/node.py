@@ -4,7 +4,7 @@ one at a time.
 Usage (normally ``python -m worker``)::
 
     node = WorkerNode(WorkerConfig(master="127.0.0.1:50051"))
-    node.start(); node.run(stop_event)
+    node.start(); node.run(stop_event)   # start() also serves /metrics (WorkerConfig.metrics_port)
 """
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ import threading
 from master.membership import NodeMembership
 from worker.config import WorkerConfig
 from worker.kernels import get_backend
+from worker.metrics import WorkerMetrics
 from worker.task import TrainingTask
 
 log = logging.getLogger(__name__)
@@ -28,6 +29,7 @@ class WorkerNode:
         self.cancelled: dict[str, threading.Event] = {}
         self.finished: dict[str, int] = {}
         self.lock = threading.Lock()
+        self.metrics = WorkerMetrics()
         self.membership = NodeMembership(config.master, "worker", name=config.name, on_response=self._on_heartbeat)
 
     def _cancel_event(self, job: str) -> threading.Event:
@@ -51,7 +53,12 @@ class WorkerNode:
                 event.set()
 
     def start(self) -> None:
-        """Register with the master and start heartbeating (raises if it is unreachable)."""
+        """Serve /metrics (unless metrics_port is -1), register with the master and start
+        heartbeating (raises OSError if the metrics port is taken, ConnectionError if the
+        master is unreachable)."""
+        c = self.config
+        if c.metrics_port >= 0:
+            self.membership.metrics_address = self.metrics.serve(c.host, c.metrics_port, c.advertise_host)
         self.membership.start()
 
     def run(self, stop: threading.Event) -> None:
@@ -65,7 +72,8 @@ class WorkerNode:
                 job = task.job
                 self.membership.status = {"job": job, "worker": task.worker_index}
                 log.info("job %s: starting as worker %d of %d", job, task.worker_index, task.num_workers)
-                TrainingTask(task, self.membership.client, self.device, self.config.report_interval).run(
+                TrainingTask(task, self.membership.client, self.device, self.config.report_interval,
+                             metrics=self.metrics).run(
                     self._cancel_event(job), lambda j=job: self.finished.get(j)
                 )
                 self.membership.status = {}
@@ -73,3 +81,7 @@ class WorkerNode:
                     self.finished.pop(job, None)
         finally:
             self.membership.stop()
+            server = getattr(self.metrics, "http_server", None)
+            if server is not None:
+                server.shutdown()
+                server.server_close()
