@@ -148,6 +148,7 @@ class Shard:
         self._pulled_version: dict[int, int] = {}  # worker -> version of its last pull (staleness)
         self._observer = observer or ShardObserver()
         self._closed = False
+        self._scratch_buffers: dict[str, tuple] = {}
         self._applied = 0
         self._duplicates = 0
         self._rejected: Counter[str] = Counter()
@@ -405,29 +406,43 @@ class Shard:
     def _average(self, pushes: list[_Push], field: str) -> dict[str, np.ndarray]:
         """Per variable, the weighted average over the pushes that carry it.
 
-        Accumulates in float64: with one worker (or equal weights and exact sums) the
-        result is exactly what an in-process run computes, and rounding never depends
-        on how many workers there are beyond the fixed order. Integer state cannot be
-        averaged; the lowest-numbered worker's value is used.
+        Accumulates in float64, in ascending worker order, into buffers kept between
+        steps (fresh ones each step cost page faults that outweigh the arithmetic). A
+        variable only one push carries is that push's value as is: the average of one
+        is exact, so one worker gives what an in-process run computes. Integer state
+        cannot be averaged; the lowest-numbered worker's value is used.
         """
         out = {}
         names = sorted({name for p in pushes for name in getattr(p, field)})
         for name in names:
             dtype = self._store.params[name].dtype
-            acc, total = None, 0.0
-            for p in pushes:
-                value = getattr(p, field).get(name)
-                if value is None or p.weight == 0:
-                    continue
-                if dtype.kind not in "fc":
-                    acc, total = value, 1.0
-                    break
-                term = np.multiply(value, p.weight, dtype=np.float64)
-                acc = term if acc is None else np.add(acc, term, out=acc)
+            carriers = [p for p in pushes if p.weight != 0 and getattr(p, field).get(name) is not None]
+            if not carriers:  # all weights 0: nothing to apply for this variable
+                continue
+            if len(carriers) == 1 or dtype.kind not in "fc":
+                out[name] = getattr(carriers[0], field)[name]
+                continue
+            acc, term, result = self._scratch(name, dtype)
+            total = 0.0
+            for i, p in enumerate(carriers):
+                target = acc if i == 0 else term
+                np.multiply(getattr(p, field)[name], p.weight, out=target, dtype=np.float64)
+                if i:
+                    np.add(acc, term, out=acc)
                 total += p.weight
-            if acc is not None:  # all weights 0: nothing to apply for this variable
-                out[name] = (acc / total).astype(dtype) if dtype.kind in "fc" else acc
+            np.divide(acc, total, out=acc)
+            result[...] = acc
+            out[name] = result
         return out
+
+    def _scratch(self, name: str, dtype) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Reusable (float64 accumulator, float64 term, result) buffers for ``name``."""
+        bufs = self._scratch_buffers.get(name)
+        if bufs is None:
+            shape = self._store.params[name].shape
+            bufs = (np.empty(shape, np.float64), np.empty(shape, np.float64), np.empty(shape, dtype))
+            self._scratch_buffers[name] = bufs
+        return bufs
 
     def _apply(self, grads: Mapping[str, np.ndarray], assigns: Mapping[str, np.ndarray], step: int) -> None:
         # ParameterStore.push would re-run every check; these were checked on arrival.

@@ -108,22 +108,21 @@ class TrainingTask:
             self.version = max(self.version, resp.version)
         self.metrics.pull(time.perf_counter() - started)
 
-    def _push_all(self, step: int, grads: dict, updates: dict, weight: float, min_version: int) -> list:
-        """Send one push (with pull) to every shard at once; returns futures."""
-        futures = []
+    def _exchange(self, step: int, grads: dict, updates: dict, weight: float, min_version: int) -> None:
+        """Push (with pull) to every shard at once and assemble the parameters that come
+        back: the other shards' calls are in flight while the last one runs here."""
+        calls = []
         for s, client in enumerate(self.shards):
             req = client.push_request(
                 self.job, self.index, step, self._slice_for_shard(grads, s), self._slice_for_shard(updates, s),
                 weight=weight, pull=True, min_version=min_version, timeout=600.0,
             )
-            futures.append((client, req, client.push_future(req, timeout=660.0)))
+            last = s == len(self.shards) - 1
+            calls.append((client, req, None if last else client.push_future(req, timeout=660.0)))
             self.metrics.transferred(sent=req.ByteSize())
-        return futures
-
-    def _collect(self, futures: list) -> None:
-        for client, req, fut in futures:
+        for client, req, fut in calls:
             try:
-                resp = fut.result()
+                resp = fut.result() if fut is not None else client.stub.Push(req, timeout=660.0)
             except grpc.RpcError as exc:
                 if exc.code() not in RETRYABLE:
                     raise
@@ -211,7 +210,7 @@ class TrainingTask:
                 # Sync waits for the barrier (version step + 1); async/SSP take whatever
                 # the shards hold (SSP's bound is enforced by the shards).
                 pushed = time.perf_counter()
-                self._collect(self._push_all(step, grads, updates, weight, step + 1 if sync else 0))
+                self._exchange(step, grads, updates, weight, step + 1 if sync else 0)
                 done = time.perf_counter()
                 self.metrics.push(done - pushed)
                 self.metrics.step(done - started, len(local))
