@@ -38,7 +38,7 @@ def main(argv=None) -> int:
     server, port, coordinator = serve(config)
     if config.metrics_port >= 0:
         try:
-            metrics_port = coordinator.metrics.serve(config.host, config.metrics_port)
+            metrics_port = coordinator.metrics.serve(config.host, config.metrics_port).rsplit(":", 1)[1]
         except OSError as exc:
             print(f"master: error: cannot serve /metrics on {config.host}:{config.metrics_port} ({exc}); "
                   "choose another --metrics-port / PSTRAIN_METRICS_PORT (0 picks a free one, -1 none)",

@@ -34,18 +34,15 @@ Usage::
 """
 from __future__ import annotations
 
-import collections
-import threading
 from typing import Callable, Mapping
 
-from prometheus_client import CollectorRegistry, Gauge, start_http_server
+from protos.observability import KEEP_ENDED_JOBS, ServiceMetrics  # noqa: F401
+from prometheus_client import CollectorRegistry, Gauge
 
-from psserver.metrics import track_in_flight
 
 ROLE = "master"
 NODE_ROLES = ("ps", "worker")
 JOB_STATES = ("PENDING", "RUNNING", "SUCCEEDED", "FAILED", "CANCELLED")
-KEEP_ENDED_JOBS = 10
 # Report metrics (ProgressReport.metrics keys) -> their gauge.
 _JOB_METRICS = {"accuracy": "pstrain_job_accuracy", "val_loss": "pstrain_job_val_loss",
                 "val_accuracy": "pstrain_job_val_accuracy"}
@@ -66,11 +63,12 @@ ALL_METRICS = (
 HISTOGRAMS = ()
 
 
-class MasterMetrics:
+class MasterMetrics(ServiceMetrics):
     """The metric families of the master process (its own registry)."""
 
     def __init__(self, registry: CollectorRegistry | None = None):
-        r = self.registry = registry or CollectorRegistry()
+        super().__init__(registry)
+        r = self.registry
         self.jobs = {s: Gauge(f"pstrain_jobs_{s.lower()}", f"Jobs in state {s}.", registry=r) for s in JOB_STATES}
         self.live_nodes = Gauge("pstrain_live_nodes", "Registered nodes with a recent heartbeat.", ["role"],
                                 registry=r)
@@ -88,9 +86,6 @@ class MasterMetrics:
         self.queue_depth = Gauge("pstrain_request_queue_depth", "RPCs in progress in this process.", ["role"],
                                  registry=r)
         self._in_flight = self.queue_depth.labels(ROLE)
-        self._series: dict[str, set] = {}  # job -> (metric, label values) it created
-        self._ended: collections.deque[str] = collections.deque()
-        self._lock = threading.Lock()
 
     def watch(self, job_counts: Callable[[], Mapping[str, int]], live_nodes: Callable[[str], int]) -> None:
         """Read the job and node gauges from the coordinator at each scrape: ``job_counts()``
@@ -116,28 +111,3 @@ class MasterMetrics:
                 self._child(job, self._by_name[name], (job,)).set(value)
         if step_time > 0:
             self._child(job, self.worker_step_time, (job, str(worker))).set(step_time)
-
-    def end_job(self, job: str) -> None:
-        """The job reached a final state; its series go once KEEP_ENDED_JOBS newer jobs have ended."""
-        with self._lock:
-            if job in self._ended:
-                return
-            self._ended.append(job)
-            while len(self._ended) > KEEP_ENDED_JOBS:
-                for metric, labels in self._series.pop(self._ended.popleft(), ()):
-                    metric.remove(*labels)
-
-    def track(self, servicer):
-        """Make ``servicer``'s RPC methods count themselves in pstrain_request_queue_depth."""
-        return track_in_flight(servicer, self._in_flight)
-
-    def serve(self, host: str, port: int) -> int:
-        """Serve /metrics on ``host:port`` (0 picks a free port); returns the port."""
-        server, _ = start_http_server(port, addr=host, registry=self.registry)
-        self.http_server = server
-        return server.server_port
-
-    def _child(self, job: str, metric, labels: tuple):
-        with self._lock:
-            self._series.setdefault(job, set()).add((metric, labels))
-        return metric.labels(*labels)

@@ -33,16 +33,12 @@ Usage::
 """
 from __future__ import annotations
 
-import collections
 import functools
-import inspect
-import socket
-import threading
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from protos.observability import KEEP_ENDED_JOBS, ServiceMetrics  # noqa: F401
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 ROLE = "ps"
-KEEP_ENDED_JOBS = 10
 REJECT_REASONS = (
     "unknown_variable", "shape", "dtype", "non_finite",  # the push's contents (psserver.store)
     "unknown_worker", "stale_step", "out_of_order", "bad_step", "bad_weight",  # who sent it, when (psserver.shard)
@@ -102,11 +98,12 @@ class ShardMetrics:
             counter.inc()
 
 
-class PSMetrics:
+class PSMetrics(ServiceMetrics):
     """The metric families of one parameter-server process (its own registry)."""
 
     def __init__(self, registry: CollectorRegistry | None = None):
-        r = self.registry = registry or CollectorRegistry()
+        super().__init__(registry)
+        r = self.registry
         js = ["job", "shard"]
         self.variable_bytes = Gauge("pstrain_shard_variable_bytes", "Bytes of the variables a shard holds.", js,
                                     registry=r)
@@ -135,9 +132,6 @@ class PSMetrics:
             for reason in REJECT_REASONS
         }
         self._in_flight = self.queue_depth.labels(ROLE)
-        self._series: dict[str, set] = {}  # job -> (metric, label values) it created
-        self._ended: collections.deque[str] = collections.deque()
-        self._lock = threading.Lock()
 
     def shard(self, job: str, shard: int) -> ShardMetrics:
         """The observer of a new shard; creates all its series (at zero)."""
@@ -150,53 +144,4 @@ class PSMetrics:
         self._child(job, self.received_bytes, (job, ROLE)).inc(received)
         self._child(job, self.sent_bytes, (job, ROLE)).inc(sent)
 
-    def end_job(self, job: str) -> None:
-        """The job ended here; its series go once KEEP_ENDED_JOBS newer jobs have ended."""
-        with self._lock:
-            if job in self._ended:
-                return
-            self._ended.append(job)
-            while len(self._ended) > KEEP_ENDED_JOBS:
-                for metric, labels in self._series.pop(self._ended.popleft(), ()):
-                    metric.remove(*labels)
 
-    def track(self, servicer):
-        """Make ``servicer``'s RPC methods count themselves in pstrain_request_queue_depth."""
-        return track_in_flight(servicer, self._in_flight)
-
-    def serve(self, host: str, port: int, advertise_host: str = "") -> str:
-        """Serve /metrics on ``host:port`` (0 picks a free port); returns the address
-        others scrape: ``advertise_host`` or ``host`` (this machine's name for a wildcard)."""
-        server, _ = start_http_server(port, addr=host, registry=self.registry)
-        self.http_server = server
-        if not advertise_host and host in ("", "0.0.0.0", "::", "[::]"):
-            advertise_host = socket.gethostname()
-        return f"{advertise_host or host}:{server.server_port}"
-
-    def _child(self, job: str, metric, labels: tuple):
-        with self._lock:
-            self._series.setdefault(job, set()).add((metric, labels))
-        return metric.labels(*labels)
-
-
-def track_in_flight(servicer, gauge):
-    """Wrap each RPC method of a gRPC servicer (CamelCase names) so ``gauge`` counts the
-    calls in progress, streaming ones until their stream ends; returns ``servicer``."""
-
-    def wrap(method):
-        @functools.wraps(method)
-        def call(request, context):
-            with gauge.track_inprogress():
-                result = method(request, context)
-            return stream(result) if inspect.isgenerator(result) else result
-
-        def stream(results):
-            with gauge.track_inprogress():
-                yield from results
-
-        return call
-
-    for name, method in inspect.getmembers(servicer, inspect.ismethod):
-        if name[:1].isupper():
-            setattr(servicer, name, wrap(method))
-    return servicer

@@ -30,14 +30,11 @@ Usage::
 """
 from __future__ import annotations
 
-import collections
-import socket
-import threading
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from protos.observability import KEEP_ENDED_JOBS, ServiceMetrics  # noqa: F401
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 ROLE = "worker"
-KEEP_ENDED_JOBS = 10
 DURATION_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
                     60.0, 300.0)
 
@@ -101,11 +98,12 @@ class TaskMetrics:
         self._m.end_job(self._job)
 
 
-class WorkerMetrics:
+class WorkerMetrics(ServiceMetrics):
     """The metric families of one worker process (its own registry)."""
 
     def __init__(self, registry: CollectorRegistry | None = None):
-        r = self.registry = registry or CollectorRegistry()
+        super().__init__(registry)
+        r = self.registry
         jw = ["job", "worker"]
         self.steps = Counter("pstrain_steps_total", "Training steps done.", jw, registry=r)
         self.samples = Counter("pstrain_samples_total", "Training examples processed.", jw, registry=r)
@@ -128,34 +126,7 @@ class WorkerMetrics:
                                   registry=r)
         self.received_bytes = Counter("pstrain_received_bytes_total", "Serialized response bytes received.",
                                       ["job", "role"], registry=r)
-        self._series: dict[str, set] = {}  # job -> (metric, label values) it created
-        self._ended: collections.deque[str] = collections.deque()
-        self._lock = threading.Lock()
 
     def task(self, job: str, worker: int) -> TaskMetrics:
         """The series of this worker's part of ``job``; creates its counters and histograms."""
         return TaskMetrics(self, job, worker)
-
-    def end_job(self, job: str) -> None:
-        """The job ended here; its series go once KEEP_ENDED_JOBS newer jobs have ended."""
-        with self._lock:
-            if job in self._ended:
-                return
-            self._ended.append(job)
-            while len(self._ended) > KEEP_ENDED_JOBS:
-                for metric, labels in self._series.pop(self._ended.popleft(), ()):
-                    metric.remove(*labels)
-
-    def serve(self, host: str, port: int, advertise_host: str = "") -> str:
-        """Serve /metrics on ``host:port`` (0 picks a free port); returns the address
-        others scrape: ``advertise_host`` or ``host`` (this machine's name for a wildcard)."""
-        server, _ = start_http_server(port, addr=host, registry=self.registry)
-        self.http_server = server
-        if not advertise_host and host in ("", "0.0.0.0", "::", "[::]"):
-            advertise_host = socket.gethostname()
-        return f"{advertise_host or host}:{server.server_port}"
-
-    def _child(self, job: str, metric, labels: tuple):
-        with self._lock:
-            self._series.setdefault(job, set()).add((metric, labels))
-        return metric.labels(*labels)
