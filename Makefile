@@ -1,4 +1,4 @@
-# make demo    : create/refresh .venv, install pstrain, train examples/mnist_mlp.py
+# make demo    : create/refresh .venv, install pstrain, train examples/mnist_mlp.py on a local cluster
 # make test    : create/refresh .venv, install pstrain + test deps, run the whole suite
 # make install : only install (runtime deps) into .venv
 # make bench   : the throughput benchmarks (in-process vs PyTorch and NumPy; the local cluster)
@@ -39,7 +39,7 @@ system-deps:
 install-test: $(VENV)/.installed-test
 
 demo: install
-	$(PY) examples/mnist_mlp.py
+	$(VENV)/bin/psctl train examples/mnist_mlp.py --workers 2 --ps 2 -o mnist_mlp.npz
 
 test: install-test system-deps
 	$(PY) -m pytest -q
