@@ -2,9 +2,10 @@
 
 This is the one module, besides the gRPC service modules, that imports ``*_pb2``.
 
-Tensors travel as dtype + shape + raw little-endian C-order bytes. Decoding is
-zero-copy: ``tensor_from_proto`` wraps the message's bytes with ``np.frombuffer``, so
-the result is a **read-only** view (``flags.writeable`` is False); copy it
+Tensors travel as dtype + shape + raw little-endian C-order bytes. Decoding adds no
+copy of its own: ``tensor_from_proto`` wraps the bytes protobuf hands out with
+``np.frombuffer`` (the upb runtime copies once when the field is read), so the result
+is a **read-only** view (``flags.writeable`` is False); copy it
 (``np.array(a)``) before updating it in place. Decoded graphs share this: constant
 values and initial values are read-only too.
 
@@ -100,7 +101,7 @@ def _write_tensor(msg: graph_pb2.TensorProto, a: np.ndarray) -> None:
 
 
 def tensor_from_proto(msg: graph_pb2.TensorProto) -> np.ndarray:
-    """Decode a ``TensorProto`` without copying: a read-only view of its bytes.
+    """Decode a ``TensorProto`` with no copy beyond protobuf's: a read-only view of its bytes.
 
     Raises ValueError if the dtype is invalid, a dimension is negative, or the content
     length does not equal ``prod(shape) * itemsize``.
