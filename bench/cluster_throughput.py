@@ -16,9 +16,9 @@ carries the same work and the baselines sample the same stretch of machine load.
 Ratios compare best epochs, as train_throughput.py does: other processes on a shared
 machine only ever slow an epoch down.
 
-Part 2 times one worker's step exchange against one shard (sync mode, one worker):
-build the request (``push_request``: ``codec.write_named`` -> ``tobytes``), then
-``push(pull=True, min_version=step+1)``, whose reply carries the whole parameter set;
+Part 2 times one worker's step exchange against one shard (sync mode, one worker), as
+workers do it: frame the gradients (``push_frame``: protos/tensorwire.py), then the
+``PushRaw`` call with pull, whose reply carries the whole parameter set;
 beside ``Echo`` of the same number of bytes both ways on the same server, iterations
 interleaved so machine noise hits both alike. The breakdown runs each piece of the
 exchange in this process, without transport.
@@ -174,8 +174,8 @@ def median_ms(samples: list[float]) -> float:
 
 
 def bench_push_pull(warmup: int, iters: int) -> dict:
-    """Median ms of push_request + push(pull=True) and of Echo (same bytes both ways),
-    on a real shard process of a local cluster."""
+    """Median ms of a worker's push+pull (a raw-frame PushRaw with pull, as workers send
+    it) and of Echo (same bytes both ways), on a real shard process of a local cluster."""
     from client.launcher import ClusterSpec, local_cluster
     from master.client import MasterClient
     from psserver.service import ParameterServerClient
@@ -199,8 +199,8 @@ def bench_push_pull(warmup: int, iters: int) -> dict:
                 client.init_shard(job, 0, variables, trainable, json.dumps(optimizer), "sync", 0, [0])
                 for i in range(warmup + iters):
                     t0 = time.perf_counter()
-                    req = client.push_request(job, 0, i, grads, pull=True, min_version=i + 1)
-                    version, _, params = client.push(req)
+                    frame = client.push_frame(job, 0, i, grads, pull=True, min_version=i + 1)
+                    version, _, params = client.read_reply(client.raw_push(frame))
                     t2 = time.perf_counter()
                     back = client.echo(payload)
                     t3 = time.perf_counter()
@@ -218,7 +218,7 @@ def bench_push_pull(warmup: int, iters: int) -> dict:
                         if kind == "echo":
                             client.echo(payload)
                         else:
-                            client.push(client.push_request(job, 0, step, grads, pull=True, min_version=step + 1))
+                            client.raw_push(client.push_frame(job, 0, step, grads, pull=True, min_version=step + 1))
                             step += 1
                     after = process_counters(handle.pids["ps"][0]), process_counters(os.getpid())
                     costs[kind] = [tuple((a - b) / iters for a, b in zip(x, y)) if x and y else None for x, y in zip(after, before)]
@@ -395,7 +395,7 @@ def main(argv=None) -> int:
     pp10, pp90 = exchange["push_pull_deciles"][0] * 1e3, exchange["push_pull_deciles"][-1] * 1e3
     ec10, ec90 = exchange["echo_deciles"][0] * 1e3, exchange["echo_deciles"][-1] * 1e3
     print(f"{'':<46} {'median':>8} {'p10':>8} {'p90':>8}")
-    print(f"{'push+pull (build + Push RPC with pull=True)':<46} {exchange['push_pull_ms']:>8.3f} {pp10:>8.3f} {pp90:>8.3f} ms")
+    print(f"{'push+pull (raw-frame PushRaw with pull)':<46} {exchange['push_pull_ms']:>8.3f} {pp10:>8.3f} {pp90:>8.3f} ms")
     print(f"{'raw gRPC Echo, same bytes both ways':<46} {exchange['echo_ms']:>8.3f} {ec10:>8.3f} {ec90:>8.3f} ms")
     print(f"{'ratio push+pull / echo':<46} {ratio:>7.2f}x {pp10 / ec10:>7.2f}x {pp90 / ec90:>7.2f}x")
     for side, index in (("shard process", 0), ("client (this process)", 1)):
@@ -403,7 +403,8 @@ def main(argv=None) -> int:
         if pp and ec:
             print(f"{'per call, ' + side + ' (/proc, ' + str(iters) + ' calls)':<46} push+pull {pp[0] * 1e3:.2f} ms CPU, "
                   f"{pp[1]:.0f} page faults; echo {ec[0] * 1e3:.2f} ms CPU, {ec[1]:.0f} page faults")
-    print("breakdown, each piece in this process without transport (median ms):")
+    print("breakdown of the protobuf Push RPC (kept for compatibility; workers use PushRaw),")
+    print("each piece in this process without transport (median ms):")
     accounted = 0.0
     for label, ms in breakdown:
         whole = label.startswith("server: the whole")
@@ -412,7 +413,7 @@ def main(argv=None) -> int:
             accounted += ms
     accounted += dict(breakdown)["server: the whole Push handler (decode + shard + encode)"]
     print(f"  {'sum (build + serialize/parse both ways + handler + decode)':<56} {accounted:>8.3f}")
-    print(f"  {'left for gRPC transport and scheduling (measured - sum)':<56} {exchange['push_pull_ms'] - accounted:>8.3f}")
+
     print(f"  {'echo, for comparison (transport + bytes copies)':<56} {exchange['echo_ms']:>8.3f}")
 
     print()

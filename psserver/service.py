@@ -18,7 +18,7 @@ import threading
 
 import grpc
 
-from protos import codec, ps_pb2, ps_pb2_grpc, rpc
+from protos import codec, ps_pb2, ps_pb2_grpc, rpc, tensorwire
 from psserver.config import PSConfig
 from psserver.metrics import PSMetrics
 from psserver.optimizers import optimizer_from_config
@@ -29,6 +29,9 @@ log = logging.getLogger(__name__)
 
 rpc.register_error(PushRejected, grpc.StatusCode.INVALID_ARGUMENT)
 rpc.register_error(ShardClosed, grpc.StatusCode.ABORTED)
+
+
+RAW_SERVICE = "pstrain.ParameterServerRaw"
 
 
 class UnknownJob(KeyError):
@@ -134,6 +137,33 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
         return self._sent(request, response, shard)
 
     @rpc.guarded
+    def PushRaw(self, frame: bytes, context) -> bytes:
+        """Push (+pull) with tensors in a raw frame (protos/tensorwire.py): the hot path.
+        Gradients are named "g:<key>", assignments "a:<key>"."""
+        meta, tensors = tensorwire.unpack(frame)
+        job = str(meta.get("job", ""))
+        shard = self._shard(job)
+        grads = {k[2:]: v for k, v in tensors.items() if k.startswith("g:")}
+        assigns = {k[2:]: v for k, v in tensors.items() if k.startswith("a:")}
+        worker, step = int(meta["worker"]), int(meta["step"])
+        ack = shard.push(worker, step, grads, assigns, float(meta.get("weight", 1.0)))
+        version, params = ack.version, {}
+        if meta.get("pull"):
+            version, params = shard.pull(
+                worker, step + 1, int(meta.get("min_version", 0)), float(meta.get("timeout") or self.config.pull_timeout)
+            )
+        out = tensorwire.pack({"version": version, "duplicate": ack.duplicate}, params)
+        if len(out) > rpc.max_message_bytes():
+            shard.reject("oversize")
+            raise ResponseTooLarge(
+                f"job '{job}' shard {shard.shard_id}: the response is {len(out)} bytes, over the "
+                f"{rpc.max_message_bytes()}-byte message limit; raise PSTRAIN_MAX_MESSAGE_BYTES on every process "
+                "or spread the variables over more shards"
+            )
+        self.metrics.transferred(job, len(frame), len(out))
+        return out
+
+    @rpc.guarded
     def Pull(self, request, context):
         shard = self._shard(request.job)
         version, params = shard.pull(
@@ -176,6 +206,9 @@ def serve(config: PSConfig) -> tuple[grpc.Server, int, ParameterServerServicer]:
     server = rpc.make_server(max_workers=config.max_workers)
     servicer = ParameterServerServicer(config)
     ps_pb2_grpc.add_ParameterServerServicer_to_server(servicer, server)
+    # The raw-frame push: bytes in, bytes out, no protobuf message around the tensors.
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
+        RAW_SERVICE, {"Push": grpc.unary_unary_rpc_method_handler(servicer.PushRaw)}),))
     port = rpc.bind(server, config.host, config.port)
     server.start()
     log.info("parameter server listening on %s:%d", config.host, port)
@@ -189,7 +222,23 @@ class ParameterServerClient:
         self.address = address
         self.channel = rpc.make_channel(address)
         self.stub = ps_pb2_grpc.ParameterServerStub(self.channel)
+        self.raw_push = self.channel.unary_unary(f"/{RAW_SERVICE}/Push")  # bytes in, bytes out
         self.timeout = timeout
+
+    @staticmethod
+    def push_frame(job, worker, step, grads, assigns=None, weight=1.0, pull=False, min_version=0, timeout=0.0) -> bytes:
+        """A raw-frame push (see PushRaw): what workers send every step."""
+        tensors = {f"g:{k}": v for k, v in grads.items()}
+        tensors.update({f"a:{k}": v for k, v in (assigns or {}).items()})
+        meta = {"job": job, "worker": worker, "step": step, "weight": weight, "pull": pull,
+                "min_version": min_version, "timeout": timeout}
+        return tensorwire.pack(meta, tensors)
+
+    @staticmethod
+    def read_reply(reply: bytes) -> tuple[int, bool, dict]:
+        """(version, duplicate, params) from a PushRaw reply."""
+        meta, params = tensorwire.unpack(reply)
+        return int(meta["version"]), bool(meta["duplicate"]), params
 
     def init_shard(self, job, shard, variables, trainable, optimizer_json, mode, staleness, workers, checkpoint_every=0):
         req = ps_pb2.InitShardRequest(

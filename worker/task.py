@@ -110,27 +110,29 @@ class TrainingTask:
 
     def _exchange(self, step: int, grads: dict, updates: dict, weight: float, min_version: int) -> None:
         """Push (with pull) to every shard at once and assemble the parameters that come
-        back: the other shards' calls are in flight while the last one runs here."""
+        back: the other shards' calls are in flight while the last one runs here. The
+        tensors travel as raw frames (protos/tensorwire.py), not protobuf fields."""
         calls = []
         for s, client in enumerate(self.shards):
-            req = client.push_request(
+            frame = client.push_frame(
                 self.job, self.index, step, self._slice_for_shard(grads, s), self._slice_for_shard(updates, s),
                 weight=weight, pull=True, min_version=min_version, timeout=600.0,
             )
             last = s == len(self.shards) - 1
-            calls.append((client, req, None if last else client.push_future(req, timeout=660.0)))
-            self.metrics.transferred(sent=req.ByteSize())
-        for client, req, fut in calls:
+            calls.append((client, frame, None if last else client.raw_push.future(frame, timeout=660.0)))
+            self.metrics.transferred(sent=len(frame))
+        for client, frame, fut in calls:
             try:
-                resp = fut.result() if fut is not None else client.stub.Push(req, timeout=660.0)
+                reply = fut.result() if fut is not None else client.raw_push(frame, timeout=660.0)
             except grpc.RpcError as exc:
                 if exc.code() not in RETRYABLE:
                     raise
                 # Pushes are idempotent (job, worker, step): resending is safe.
-                resp = self._retry(lambda c=client, r=req: c.stub.Push(r, timeout=660.0))
-            self.metrics.transferred(received=resp.ByteSize())
-            self._assemble(codec.read_named(resp.params))
-            self.version = max(self.version, resp.version)
+                reply = self._retry(lambda c=client, f=frame: c.raw_push(f, timeout=660.0))
+            self.metrics.transferred(received=len(reply))
+            version, _, params = client.read_reply(reply)
+            self._assemble(params)
+            self.version = max(self.version, version)
 
     def _retry(self, call):
         delay = 0.2
