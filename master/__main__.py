@@ -7,14 +7,11 @@ unless ``--metrics-port -1``), then ``PSTRAIN_READY master HOST:PORT`` once serv
 from __future__ import annotations
 
 import argparse
-import logging
-import signal
 import sys
-import threading
 
 from master.config import MasterConfig
 from master.service import serve
-from protos.settings import from_sources
+from protos.settings import from_sources, metrics_port_error, parse_service_args, stop_event
 
 
 def main(argv=None) -> int:
@@ -27,11 +24,8 @@ def main(argv=None) -> int:
     p.add_argument("--heartbeat-interval", dest="heartbeat_interval", type=float)
     p.add_argument("--metrics-port", dest="metrics_port", type=int,
                    help="port of /metrics (0 picks a free one, -1 serves none; default 9464)")
-    p.add_argument("--log-level", default="INFO")
-    args = p.parse_args(argv)
-    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s master %(name)s: %(message)s")
     try:
-        config = from_sources(MasterConfig, args)
+        config = from_sources(MasterConfig, parse_service_args(p, argv, "master"))
     except ValueError as exc:
         print(f"master: error: {exc}", file=sys.stderr)
         return 2
@@ -40,17 +34,13 @@ def main(argv=None) -> int:
         try:
             metrics_port = coordinator.metrics.serve(config.host, config.metrics_port).rsplit(":", 1)[1]
         except OSError as exc:
-            print(f"master: error: cannot serve /metrics on {config.host}:{config.metrics_port} ({exc}); "
-                  "choose another --metrics-port / PSTRAIN_METRICS_PORT (0 picks a free one, -1 none)",
-                  file=sys.stderr)
+            print(metrics_port_error("master", config.host, config.metrics_port, exc), file=sys.stderr)
             server.stop(grace=None)
             coordinator.close()
             return 2
         print(f"PSTRAIN_METRICS master {config.host}:{metrics_port}", flush=True)
     print(f"PSTRAIN_READY master {config.host}:{port}", flush=True)
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
+    stop = stop_event()
     stop.wait()
     server.stop(grace=2).wait()
     coordinator.close()

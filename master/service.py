@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import tempfile
 import threading
 import time
 import uuid
@@ -101,7 +102,7 @@ class Coordinator:
         if self.config.export_dir:
             return self.config.export_dir
         base = os.path.dirname(os.path.abspath(self.config.db)) if self.config.db != ":memory:" else None
-        return os.path.join(base, "exports") if base else os.path.join(_tmp_dir(), "exports")
+        return os.path.join(base or tempfile.gettempdir(), "exports")
 
     def close(self) -> None:
         self._stop.set()
@@ -168,15 +169,17 @@ class Coordinator:
         return plan_job(spec, spec.train.num_shards or max(alive_ps, 1))
 
     def submit(self, spec: master_pb2.JobSpec) -> JobRecord:
-        self.plan(spec)  # validate before recording anything: bad specs fail INVALID_ARGUMENT
+        plan = self.plan(spec)  # validate before recording anything: bad specs fail INVALID_ARGUMENT
         rec = self.store.create(spec.name or "job", spec.SerializeToString(), {})
         with self.lock:
             self._job_states[rec.id] = rec.state
         self.store.add_event(rec.id, "submitted")
-        self._try_start(rec.id, spec)
+        self._try_start(rec.id, spec, plan)
         return self.store.get(rec.id)
 
-    def _try_start(self, job_id: str, spec: master_pb2.JobSpec) -> bool:
+    def _try_start(self, job_id: str, spec: master_pb2.JobSpec, plan: JobPlan | None = None) -> bool:
+        """Start a PENDING job if enough nodes are free; ``plan`` is reused when it was
+        made for the number of shards the job gets."""
         with self.lock:
             # SubmitJob and the scheduler may both try: only one starts the job.
             if job_id in self.runtimes or job_id in self._starting:
@@ -196,18 +199,22 @@ class Coordinator:
                 w.job = job_id  # reserve
             self._starting.add(job_id)
         try:
-            return self._start(job_id, spec, shards, workers, want_shards, want_workers)
+            if plan is None or plan.placement.num_shards != want_shards:
+                plan = None
+            return self._start(job_id, spec, shards, workers, want_shards, want_workers, plan)
         finally:
             with self.lock:
                 self._starting.discard(job_id)
 
-    def _start(self, job_id, spec, shards, workers, want_shards, want_workers) -> bool:
+    def _start(self, job_id, spec, shards, workers, want_shards, want_workers, plan=None) -> bool:
         try:
-            plan = plan_job(spec, want_shards)
+            plan = plan or plan_job(spec, want_shards)
             indices = list(range(want_workers))
+            trainable = plan.trainable_keys()
             for s, node in enumerate(shards):
+                tensors = plan.shard_tensors(s)
                 self._ps(node.address).init_shard(
-                    job_id, s, plan.shard_tensors(s), plan.trainable_keys() & set(plan.shard_tensors(s)),
+                    job_id, s, tensors, trainable & set(tensors),
                     json.dumps(plan.optimizer), spec.train.mode, spec.train.staleness, indices,
                 )
         except Exception as exc:  # noqa: BLE001 - recorded on the job
@@ -464,12 +471,6 @@ class Coordinator:
     def _schedule_pending(self) -> None:
         for rec in self.store.list(states=[JobState.PENDING]):
             self._try_start(rec.id, master_pb2.JobSpec.FromString(rec.spec))
-
-
-def _tmp_dir() -> str:
-    import tempfile
-
-    return tempfile.gettempdir()
 
 
 def _status(rec: JobRecord) -> master_pb2.JobStatus:

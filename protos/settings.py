@@ -67,3 +67,36 @@ def check_port(cls_name: str, field: str, value: int) -> None:
 def check_positive(cls_name: str, field: str, value: float) -> None:
     if not float(value) > 0:
         raise ValueError(f"{cls_name}.{field}={value!r} must be > 0")
+
+
+# ---- entry points (python -m master | psserver | worker) ---------------------------------
+def parse_service_args(parser: argparse.ArgumentParser, argv, role: str) -> argparse.Namespace:
+    """Parse a service's command line (adding --log-level) and configure logging for ``role``."""
+    import logging
+
+    parser.add_argument("--log-level", default="INFO")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level, format=f"%(asctime)s %(levelname)s {role} %(name)s: %(message)s")
+    return args
+
+
+def stop_event(on_stop=None):
+    """An Event set by SIGTERM or SIGINT (after calling ``on_stop``, if given)."""
+    import signal
+    import threading
+
+    stop = threading.Event()
+
+    def handler(*_):
+        if on_stop is not None:
+            on_stop()
+        stop.set()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, handler)
+    return stop
+
+
+def metrics_port_error(role: str, host: str, port: int, exc: OSError) -> str:
+    return (f"{role}: error: cannot serve /metrics on {host}:{port} ({exc}); choose another --metrics-port / "
+            "PSTRAIN_METRICS_PORT (0 picks a free one, -1 none)")

@@ -6,12 +6,9 @@ Prints ``PSTRAIN_METRICS ps HOST:PORT`` (where /metrics is served, unless
 from __future__ import annotations
 
 import argparse
-import logging
-import signal
 import sys
-import threading
 
-from protos.settings import from_sources
+from protos.settings import from_sources, metrics_port_error, parse_service_args, stop_event
 from psserver.config import PSConfig
 from psserver.service import serve
 
@@ -25,11 +22,8 @@ def main(argv=None) -> int:
     p.add_argument("--checkpoint-dir", dest="checkpoint_dir")
     p.add_argument("--metrics-port", dest="metrics_port", type=int,
                    help="port of /metrics (0 picks a free one, -1 serves none; default 0)")
-    p.add_argument("--log-level", default="INFO")
-    args = p.parse_args(argv)
-    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s ps %(name)s: %(message)s")
     try:
-        config = from_sources(PSConfig, args)
+        config = from_sources(PSConfig, parse_service_args(p, argv, "ps"))
     except ValueError as exc:
         print(f"psserver: error: {exc}", file=sys.stderr)
         return 2
@@ -40,14 +34,11 @@ def main(argv=None) -> int:
         try:
             metrics_address = servicer.metrics.serve(config.host, config.metrics_port, config.advertise_host)
         except OSError as exc:
-            print(f"psserver: error: cannot serve /metrics on {config.host}:{config.metrics_port} ({exc}); "
-                  "choose another --metrics-port / PSTRAIN_METRICS_PORT (0 picks a free one)", file=sys.stderr)
+            print(metrics_port_error("psserver", config.host, config.metrics_port, exc), file=sys.stderr)
             server.stop(grace=None)
             return 2
         print(f"PSTRAIN_METRICS ps {metrics_address}", flush=True)
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
+    stop = stop_event()
     heart = None
     if config.master:
         from master.membership import NodeMembership

@@ -4,12 +4,9 @@ served, unless ``--metrics-port -1``) and ``PSTRAIN_READY worker NODE_ID`` once 
 from __future__ import annotations
 
 import argparse
-import logging
-import signal
 import sys
-import threading
 
-from protos.settings import from_sources
+from protos.settings import from_sources, metrics_port_error, parse_service_args, stop_event
 from worker.config import WorkerConfig
 from worker.node import WorkerNode
 
@@ -23,23 +20,17 @@ def main(argv=None) -> int:
     p.add_argument("--advertise-host", dest="advertise_host", help="host others scrape /metrics at")
     p.add_argument("--metrics-port", dest="metrics_port", type=int,
                    help="port of /metrics (0 picks a free one, -1 serves none; default 0)")
-    p.add_argument("--log-level", default="INFO")
-    args = p.parse_args(argv)
-    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s worker %(name)s: %(message)s")
     try:
-        config = from_sources(WorkerConfig, args)
+        config = from_sources(WorkerConfig, parse_service_args(p, argv, "worker"))
         node = WorkerNode(config)
         node.start()
     except (ValueError, RuntimeError, ConnectionError) as exc:
         print(f"worker: error: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:  # the metrics port is taken
-        print(f"worker: error: cannot serve /metrics on {config.host}:{config.metrics_port} ({exc}); "
-              "choose another --metrics-port / PSTRAIN_METRICS_PORT (0 picks a free one)", file=sys.stderr)
+        print(metrics_port_error("worker", config.host, config.metrics_port, exc), file=sys.stderr)
         return 2
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: (stop.set(), node.cancel_all()))
+    stop = stop_event(on_stop=node.cancel_all)
     if node.membership.metrics_address:
         print(f"PSTRAIN_METRICS worker {node.membership.metrics_address}", flush=True)
     print(f"PSTRAIN_READY worker {node.membership.node_id}", flush=True)
