@@ -16,12 +16,12 @@ carries the same work and the baselines sample the same stretch of machine load.
 Ratios compare best epochs, as train_throughput.py does: other processes on a shared
 machine only ever slow an epoch down.
 
-Part 2 times one worker's step exchange against one shard (sync mode, one worker), as
-workers do it: frame the gradients (``push_frame``: protos/tensorwire.py), then the
-``PushRaw`` call with pull, whose reply carries the whole parameter set;
-beside ``Echo`` of the same number of bytes both ways on the same server, iterations
-interleaved so machine noise hits both alike. The breakdown runs each piece of the
-exchange in this process, without transport.
+Part 2 times one worker's step exchange against one shard process (sync mode, one
+worker), both ways a worker sends it: a raw frame over gRPC (protos/tensorwire.py; what
+a worker on another host sends) and through shared memory (protos/shm.py; what a
+worker on the shard's host sends, gRPC carrying only the call), beside an Echo of the
+same bytes both ways on the same server (the protobuf Echo RPC, and a bytes-only one).
+The breakdown runs each piece of the exchange in this process, without transport.
 """
 from __future__ import annotations
 
@@ -174,8 +174,9 @@ def median_ms(samples: list[float]) -> float:
 
 
 def bench_push_pull(warmup: int, iters: int) -> dict:
-    """Median ms of a worker's push+pull (a raw-frame PushRaw with pull, as workers send
-    it) and of Echo (same bytes both ways), on a real shard process of a local cluster."""
+    """Median seconds of one push+pull against a real shard process of a local cluster,
+    each way a worker can send it, beside echoes of the same bytes; every kind of call
+    in turn within each iteration, so machine noise hits them alike."""
     from client.launcher import ClusterSpec, local_cluster
     from master.client import MasterClient
     from psserver.service import ParameterServerClient
@@ -185,7 +186,8 @@ def bench_push_pull(warmup: int, iters: int) -> dict:
     grads = fake_grads(variables)
     nbytes = sum(v.nbytes for v in variables.values())
     payload = os.urandom(nbytes)
-    push_pull, echo = [], []
+    samples = {kind: [] for kind in KINDS}
+    costs = {}
     with tempfile.TemporaryDirectory(prefix="pstrain-bench-") as state_dir:
         with local_cluster(ClusterSpec(workers=1, ps=1, port=0, state_dir=state_dir)) as handle:
             master = MasterClient(handle.master_address)
@@ -193,43 +195,56 @@ def bench_push_pull(warmup: int, iters: int) -> dict:
                 address = next(n["address"] for n in master.nodes() if n["role"] == "ps")
             finally:
                 master.close()
-            client = ParameterServerClient(address)
+            frames, shared = ParameterServerClient(address), ParameterServerClient(address)
             try:
                 # The shard is ours alone: the master knows nothing of this job.
-                client.init_shard(job, 0, variables, trainable, json.dumps(optimizer), "sync", 0, [0])
+                frames.init_shard(job, 0, variables, trainable, json.dumps(optimizer), "sync", 0, [0])
+                room = 2 * nbytes + 65536
+                if not shared.use_shared_memory(job, f"pstrain-bench-{os.getpid()}", room, room):
+                    raise RuntimeError("the shard could not map this process's shared memory")
+                step = 0
+
+                def push_pull(client):
+                    nonlocal step
+                    version, params = client.start_push_pull(job, 0, step, grads, min_version=step + 1).result()
+                    step += 1
+                    if version != step or sum(p.nbytes for p in params.values()) != nbytes:
+                        raise RuntimeError(f"push+pull {step}: version {version}, expected {step}")
+
+                calls = {
+                    "frames": lambda: push_pull(frames),
+                    "shm": lambda: push_pull(shared),
+                    "echo": lambda: frames.echo(payload),
+                    "raw_echo": lambda: frames.raw_echo(payload),
+                }
                 for i in range(warmup + iters):
-                    t0 = time.perf_counter()
-                    frame = client.push_frame(job, 0, i, grads, pull=True, min_version=i + 1)
-                    version, _, params = client.read_reply(client.raw_push(frame))
-                    t2 = time.perf_counter()
-                    back = client.echo(payload)
-                    t3 = time.perf_counter()
-                    if version != i + 1 or len(back) != nbytes or sum(p.nbytes for p in params.values()) != nbytes:
-                        raise RuntimeError(f"iteration {i}: version {version}, echo {len(back)} bytes, expected {nbytes}")
-                    if i >= warmup:
-                        push_pull.append(t2 - t0)
-                        echo.append(t3 - t2)
-                # CPU time and page faults per call of each side, one kind of call at a time.
-                step = warmup + iters
-                costs = {}
-                for kind in ("push+pull", "echo"):
+                    for kind, call in calls.items():
+                        t = time.perf_counter()
+                        call()
+                        if i >= warmup:
+                            samples[kind].append(time.perf_counter() - t)
+                # CPU time and page faults per call on each side, one kind of call at a time.
+                for kind, call in calls.items():
                     before = process_counters(handle.pids["ps"][0]), process_counters(os.getpid())
                     for _ in range(iters):
-                        if kind == "echo":
-                            client.echo(payload)
-                        else:
-                            client.raw_push(client.push_frame(job, 0, step, grads, pull=True, min_version=step + 1))
-                            step += 1
+                        call()
                     after = process_counters(handle.pids["ps"][0]), process_counters(os.getpid())
-                    costs[kind] = [tuple((a - b) / iters for a, b in zip(x, y)) if x and y else None for x, y in zip(after, before)]
-                client.end_job(job)
+                    costs[kind] = [tuple((a - b) / iters for a, b in zip(x, y)) if x and y else None
+                                   for x, y in zip(after, before)]
+                frames.end_job(job)
             finally:
-                client.close()
-    return {
-        "bytes": nbytes, "tensors": len(variables), "push_pull_ms": median_ms(push_pull),
-        "echo_ms": median_ms(echo), "push_pull_deciles": statistics.quantiles(push_pull, n=10),
-        "echo_deciles": statistics.quantiles(echo, n=10), "costs": costs,
-    }
+                frames.close()
+                shared.close()
+    return {"bytes": nbytes, "tensors": len(variables), "samples": samples, "costs": costs}
+
+
+# What bench_push_pull times, in the order it prints them.
+KINDS = {
+    "frames": "push+pull, raw frame over gRPC",
+    "shm": "push+pull, through shared memory",
+    "echo": "Echo RPC (protobuf bytes field)",
+    "raw_echo": "raw echo (bytes in, bytes out)",
+}
 
 
 def process_counters(pid: int) -> tuple[float, float] | None:
@@ -258,7 +273,8 @@ def timed(fn, warmup: int, iters: int) -> float:
 def push_pull_breakdown(warmup: int, iters: int) -> list[tuple[str, float]]:
     """Each piece of one push+pull, run in this process without transport, in the order
     the exchange runs them; the servicer and shard are the ones a PS process uses."""
-    from protos import codec
+    from protos import tensorwire
+    from protos.shm import Segment
     from psserver.config import PSConfig
     from psserver.service import ParameterServerClient, ParameterServerServicer
     from psserver.shard import Shard
@@ -266,59 +282,48 @@ def push_pull_breakdown(warmup: int, iters: int) -> list[tuple[str, float]]:
     job = "bench-breakdown"
     variables, trainable, optimizer = shard_init(job)
     grads = fake_grads(variables)
-    # push_request only builds a message; the channel is never used.
-    client = ParameterServerClient("127.0.0.1:1")
+    nbytes = sum(v.nbytes for v in variables.values())
+    servicer = ParameterServerServicer(PSConfig())
+    servicer.shards[job] = Shard(job, 0, {k: v.copy() for k, v in variables.items()}, set(trainable), optimizer,
+                                 "sync", workers=[0])
+    mine = Segment.create(f"pstrain-bench-breakdown-{os.getpid()}", 2 * nbytes + 65536, 2 * nbytes + 65536)
+    theirs = Segment.attach(mine.name, mine.token, mine.request_capacity)
+    servicer.segments[job] = {theirs.name: theirs}
+    step = 0
     try:
-        def request(i):
-            return client.push_request(job, 0, i, grads, pull=True, min_version=i + 1)
+        def frame(i):
+            return ParameterServerClient.push_frame(job, 0, step, grads, pull=True, min_version=step + 1)
 
-        def make_shard():
-            return Shard(job, 0, {k: v.copy() for k, v in variables.items()}, set(trainable), optimizer, "sync", workers=[0])
+        def handle_frame(i):
+            nonlocal step
+            out = servicer.PushRaw(frame(i), None)
+            step += 1
+            return out
 
-        rows = [("client: build request (codec.write_named -> tobytes)", timed(request, warmup, iters))]
-        req = request(0)
-        rows.append(("client: serialize request (SerializeToString)", timed(lambda i: req.SerializeToString(), warmup, iters)))
-        wire = req.SerializeToString()
-        request_type = type(req)
-        rows.append(("server: parse request (FromString)", timed(lambda i: request_type.FromString(wire), warmup, iters)))
-        rows.append(("server: decode grads (read_named; upb copies the bytes)", timed(lambda i: codec.read_named(req.grads), warmup, iters)))
+        def into_shm(i):
+            meta = {"job": job, "worker": 0, "step": step, "weight": 1.0, "pull": True, "min_version": step + 1}
+            size = tensorwire.pack_into(mine.request, meta, {f"g:{k}": v for k, v in grads.items()})
+            return tensorwire.pack({"job": job, "shm": {"name": mine.name, "size": size}}, {})
 
-        shard = make_shard()
-        decoded = codec.read_named(req.grads)
+        def handle_shm(i):
+            nonlocal step
+            out = servicer.PushRaw(into_shm(i), None)
+            step += 1
+            return out
 
-        def apply(i):
-            shard.push(0, i, decoded, {}, 1.0)
-            shard.pull(0, i + 1, i + 1, 1.0)
-
-        rows.append(("server: shard push + pull (copy, average, SGD, copy out)", timed(apply, warmup, iters)))
-        shard.close()
-        with make_shard() as fresh:
-            _, params = fresh.pull(0, 0, 0, 1.0)
-
-        servicer = ParameterServerServicer(PSConfig())
-        servicer.shards[job] = make_shard()
-        parsed = request_type.FromString(wire)
-
-        def handle(i):
-            parsed.step, parsed.min_version = i, i + 1  # the next step, without re-parsing ~1 MB
-            return servicer.Push(parsed, None)
-
-        handler_ms = timed(handle, warmup, iters)
-        response = handle(warmup + iters)
-        response_type = type(response)
-
-        def encode(i):
-            codec.write_named(response_type().params, params)
-
-        rows.append(("server: encode params (codec.write_named -> tobytes)", timed(encode, warmup, iters)))
-        rows.append(("server: the whole Push handler (decode + shard + encode)", handler_ms))
-        servicer.close()
-        rows.append(("server: serialize response (SerializeToString)", timed(lambda i: response.SerializeToString(), warmup, iters)))
-        reply = response.SerializeToString()
-        rows.append(("client: parse response (FromString)", timed(lambda i: response_type.FromString(reply), warmup, iters)))
-        rows.append(("client: decode params (read_named; upb copies the bytes)", timed(lambda i: codec.read_named(response.params), warmup, iters)))
+        rows = [("worker: frame the gradients (tensorwire.pack)", timed(frame, warmup, iters))]
+        rows.append(("shard: PushRaw on a frame (unpack, check, SGD, frame params)",
+                     timed(handle_frame, warmup, iters) - rows[0][1]))
+        reply = handle_frame(0)
+        rows.append(("worker: read the reply (tensorwire.unpack)", timed(lambda i: tensorwire.unpack(reply), warmup, iters)))
+        rows.append(("worker: write the gradients into shared memory", timed(into_shm, warmup, iters)))
+        rows.append(("shard: PushRaw through shared memory (same work, copies in place)",
+                     timed(handle_shm, warmup, iters) - rows[-1][1]))
+        size = tensorwire.unpack(handle_shm(0))[0]["shm_reply"]
+        rows.append(("worker: read the reply from shared memory", timed(lambda i: tensorwire.unpack(mine.reply[:size]), warmup, iters)))
     finally:
-        client.close()
+        servicer.close()
+        mine.close()
     return rows
 
 
@@ -390,39 +395,31 @@ def main(argv=None) -> int:
 
     print()
     print(f"== 2. one push+pull: {exchange['tensors']} tensors, {exchange['bytes']:,} bytes each way, 1 worker x 1 shard, "
-          f"sync; median of {iters} after {warmup} warm-up ==")
-    ratio = exchange["push_pull_ms"] / exchange["echo_ms"]
-    pp10, pp90 = exchange["push_pull_deciles"][0] * 1e3, exchange["push_pull_deciles"][-1] * 1e3
-    ec10, ec90 = exchange["echo_deciles"][0] * 1e3, exchange["echo_deciles"][-1] * 1e3
-    print(f"{'':<46} {'median':>8} {'p10':>8} {'p90':>8}")
-    print(f"{'push+pull (raw-frame PushRaw with pull)':<46} {exchange['push_pull_ms']:>8.3f} {pp10:>8.3f} {pp90:>8.3f} ms")
-    print(f"{'raw gRPC Echo, same bytes both ways':<46} {exchange['echo_ms']:>8.3f} {ec10:>8.3f} {ec90:>8.3f} ms")
-    print(f"{'ratio push+pull / echo':<46} {ratio:>7.2f}x {pp10 / ec10:>7.2f}x {pp90 / ec90:>7.2f}x")
-    for side, index in (("shard process", 0), ("client (this process)", 1)):
-        pp, ec = exchange["costs"]["push+pull"][index], exchange["costs"]["echo"][index]
-        if pp and ec:
-            print(f"{'per call, ' + side + ' (/proc, ' + str(iters) + ' calls)':<46} push+pull {pp[0] * 1e3:.2f} ms CPU, "
-                  f"{pp[1]:.0f} page faults; echo {ec[0] * 1e3:.2f} ms CPU, {ec[1]:.0f} page faults")
-    print("breakdown of the protobuf Push RPC (kept for compatibility; workers use PushRaw),")
-    print("each piece in this process without transport (median ms):")
-    accounted = 0.0
+          f"sync; median of {iters} after {warmup} warm-up, every kind in turn each iteration ==")
+    med = {k: median_ms(v) for k, v in exchange["samples"].items()}
+    dec = {k: statistics.quantiles(v, n=10) for k, v in exchange["samples"].items()}
+    print(f"{'':<42} {'median':>8} {'p10':>8} {'p90':>8}   {'shard CPU':>9} {'this CPU':>9} (ms per call)")
+    for kind, label in KINDS.items():
+        shard_cost, own_cost = exchange["costs"][kind]
+        cpu = f"{shard_cost[0] * 1e3:>9.2f} {own_cost[0] * 1e3:>9.2f}" if shard_cost and own_cost else ""
+        print(f"{label:<42} {med[kind]:>8.3f} {dec[kind][0] * 1e3:>8.3f} {dec[kind][-1] * 1e3:>8.3f}   {cpu}")
+    ratio = med["frames"] / med["echo"]
+    print(f"{'frames / Echo RPC':<42} {ratio:>7.2f}x {dec['frames'][0] / dec['echo'][0]:>7.2f}x "
+          f"{dec['frames'][-1] / dec['echo'][-1]:>7.2f}x")
+    print(f"{'frames / raw echo':<42} {med['frames'] / med['raw_echo']:>7.2f}x")
+    print(f"{'shared memory / raw echo':<42} {med['shm'] / med['raw_echo']:>7.2f}x")
+    print("Workers use shared memory with shards on their host (the local cluster) and frames otherwise.")
+    print("Pieces of one push+pull in this process, without transport (median ms):")
     for label, ms in breakdown:
-        whole = label.startswith("server: the whole")
-        print(f"  {label:<56} {ms:>8.3f}" + ("   (= the three rows above, measured together)" if whole else ""))
-        if not whole and not label.startswith(("server: decode grads", "server: shard push", "server: encode params")):
-            accounted += ms
-    accounted += dict(breakdown)["server: the whole Push handler (decode + shard + encode)"]
-    print(f"  {'sum (build + serialize/parse both ways + handler + decode)':<56} {accounted:>8.3f}")
-
-    print(f"  {'echo, for comparison (transport + bytes copies)':<56} {exchange['echo_ms']:>8.3f}")
+        print(f"  {label:<68} {ms:>8.3f}")
 
     print()
     print("== 3. targets ==")
     one_sync = max(rows["cluster 1w x 1ps sync"]) / reference
     print(f"{verdict(one_sync >= TARGET_CLUSTER)}  1w x 1ps sync at batch {BATCH}: {one_sync:.2f}x in-process samples/s, best epochs "
           f"(target >= {TARGET_CLUSTER}x)")
-    print(f"{verdict(ratio <= TARGET_PUSH_PULL)}  push+pull: {ratio:.2f}x the raw echo of the same bytes, medians "
-          f"(target <= {TARGET_PUSH_PULL}x)")
+    print(f"{verdict(ratio <= TARGET_PUSH_PULL)}  push+pull over gRPC (raw frames): {ratio:.2f}x the Echo RPC of the same "
+          f"bytes, medians (target <= {TARGET_PUSH_PULL}x; against a bytes-only echo {med['frames'] / med['raw_echo']:.2f}x)")
     return 0
 
 

@@ -18,7 +18,8 @@ import threading
 
 import grpc
 
-from protos import codec, ps_pb2, ps_pb2_grpc, rpc, tensorwire
+from protos import codec, ps_pb2, ps_pb2_grpc, rpc, shm, tensorwire
+from protos.shm import Segment, SegmentUnavailable
 from psserver.config import PSConfig
 from psserver.metrics import PSMetrics
 from psserver.optimizers import optimizer_from_config
@@ -47,6 +48,7 @@ _JOB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
 rpc.register_error(UnknownJob, grpc.StatusCode.NOT_FOUND)
 rpc.register_error(ResponseTooLarge, grpc.StatusCode.RESOURCE_EXHAUSTED)
+rpc.register_error(SegmentUnavailable, grpc.StatusCode.FAILED_PRECONDITION)
 
 
 class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
@@ -54,6 +56,7 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
         self.config = config
         self.metrics = metrics or PSMetrics()
         self.shards: dict[str, Shard] = {}
+        self.segments: dict[str, dict[str, Segment]] = {}  # job -> segment name -> workers' shared memory
         self._lock = threading.Lock()
         self.metrics.track(self)  # RPCs in progress: pstrain_request_queue_depth
 
@@ -139,29 +142,88 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
     @rpc.guarded
     def PushRaw(self, frame: bytes, context) -> bytes:
         """Push (+pull) with tensors in a raw frame (protos/tensorwire.py): the hot path.
-        Gradients are named "g:<key>", assignments "a:<key>"."""
+        Gradients are named "g:<key>", assignments "a:<key>". A frame whose meta names a
+        shared-memory segment (see ``Attach``) is only a pointer: the push frame is in
+        the segment's request area, and the reply frame goes to its reply area."""
         meta, tensors = tensorwire.unpack(frame)
         job = str(meta.get("job", ""))
         shard = self._shard(job)
+        link = meta.get("shm")
+        if link is None:
+            # The frame's bytes never change, so a sync barrier may keep views of them.
+            return self._push(shard, meta, tensors, len(frame), immutable=True)
+        segment = self._segment(job, str(link.get("name")))
+        size = int(link.get("size", -1))
+        if not 0 <= size <= segment.request_capacity:
+            raise ValueError(f"job '{job}': shared-memory push of {size} bytes does not fit segment "
+                             f"{segment.name} ({segment.request_capacity} request bytes)")
+        meta, tensors = tensorwire.unpack(segment.request[:size])
+        # The worker writes its next push over these bytes, so a sync barrier copies them.
+        return self._push(shard, meta, tensors, len(frame) + size, immutable=False, segment=segment)
+
+    def _push(self, shard: Shard, meta: dict, tensors: dict, received: int, immutable: bool,
+              segment: Segment | None = None) -> bytes:
         grads = {k[2:]: v for k, v in tensors.items() if k.startswith("g:")}
         assigns = {k[2:]: v for k, v in tensors.items() if k.startswith("a:")}
         worker, step = int(meta["worker"]), int(meta["step"])
-        ack = shard.push(worker, step, grads, assigns, float(meta.get("weight", 1.0)))
-        version, params = ack.version, {}
-        if meta.get("pull"):
-            version, params = shard.pull(
-                worker, step + 1, int(meta.get("min_version", 0)), float(meta.get("timeout") or self.config.pull_timeout)
+        ack = shard.push(worker, step, grads, assigns, float(meta.get("weight", 1.0)), immutable=immutable)
+        reply = {"version": ack.version, "duplicate": ack.duplicate}
+        if not meta.get("pull"):
+            out = tensorwire.pack(reply, {})
+        else:
+            def encode(version, params):  # under the shard's lock: framed from the live variables, one copy
+                reply["version"] = version
+                if segment is not None:
+                    try:
+                        reply["shm_reply"] = tensorwire.pack_into(segment.reply, reply, params)
+                        return tensorwire.pack(reply, {})
+                    except ValueError:  # does not fit: the reply travels over gRPC instead
+                        pass
+                return tensorwire.pack(reply, params)
+
+            _, out = shard.pull_encoded(
+                worker, step + 1, int(meta.get("min_version", 0)),
+                float(meta.get("timeout") or self.config.pull_timeout), encode,
             )
-        out = tensorwire.pack({"version": version, "duplicate": ack.duplicate}, params)
         if len(out) > rpc.max_message_bytes():
             shard.reject("oversize")
             raise ResponseTooLarge(
-                f"job '{job}' shard {shard.shard_id}: the response is {len(out)} bytes, over the "
+                f"job '{shard.job}' shard {shard.shard_id}: the response is {len(out)} bytes, over the "
                 f"{rpc.max_message_bytes()}-byte message limit; raise PSTRAIN_MAX_MESSAGE_BYTES on every process "
                 "or spread the variables over more shards"
             )
-        self.metrics.transferred(job, len(frame), len(out))
+        self.metrics.transferred(shard.job, received, len(out) + reply.get("shm_reply", 0))
         return out
+
+    @rpc.guarded
+    def Attach(self, frame: bytes, context) -> bytes:
+        """A worker on this host offers a shared-memory segment for its pushes to this
+        shard (protos/shm.py); FAILED_PRECONDITION when this process cannot map it."""
+        meta, _ = tensorwire.unpack(frame)
+        job, link = str(meta.get("job", "")), meta.get("shm") or {}
+        self._shard(job)
+        try:
+            token = bytes.fromhex(str(link.get("token", "")))
+            capacity = int(link.get("request_capacity", -1))
+        except ValueError:
+            raise SegmentUnavailable(f"job '{job}': malformed shared-memory offer {link!r}") from None
+        segment = Segment.attach(str(link.get("name")), token, capacity)
+        with self._lock:
+            if job not in self.shards:
+                segment.close()
+                raise UnknownJob(f"this parameter server holds no shard of job '{job}' (it just ended)")
+            old = self.segments.setdefault(job, {}).pop(segment.name, None)
+            self.segments[job][segment.name] = segment
+        if old is not None:  # the worker restarted and made a new segment of the same name
+            old.close()
+        log.info("job %s: worker pushes through shared memory %s", job, segment.name)
+        return tensorwire.pack({"attached": True}, {})
+
+    def _segment(self, job: str, name: str) -> Segment:
+        segment = self.segments.get(job, {}).get(name)
+        if segment is None:
+            raise SegmentUnavailable(f"job '{job}': shared-memory segment {name!r} was never attached here; call Attach first")
+        return segment
 
     @rpc.guarded
     def Pull(self, request, context):
@@ -186,6 +248,9 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
     def EndJob(self, request, context):
         with self._lock:
             shard = self.shards.pop(request.job, None)
+            segments = self.segments.pop(request.job, {})
+        for segment in segments.values():
+            segment.close(unlink=True)  # the job is over; its worker may have been killed
         if shard is not None:
             shard.close()
             self.metrics.end_job(request.job)
@@ -197,6 +262,9 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
     def close(self) -> None:
         with self._lock:
             shards, self.shards = list(self.shards.values()), {}
+            segments, self.segments = [g for job in self.segments.values() for g in job.values()], {}
+        for segment in segments:
+            segment.close()
         for shard in shards:
             shard.close()
 
@@ -208,7 +276,11 @@ def serve(config: PSConfig) -> tuple[grpc.Server, int, ParameterServerServicer]:
     ps_pb2_grpc.add_ParameterServerServicer_to_server(servicer, server)
     # The raw-frame push: bytes in, bytes out, no protobuf message around the tensors.
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
-        RAW_SERVICE, {"Push": grpc.unary_unary_rpc_method_handler(servicer.PushRaw)}),))
+        RAW_SERVICE, {
+            "Push": grpc.unary_unary_rpc_method_handler(servicer.PushRaw),
+            "Attach": grpc.unary_unary_rpc_method_handler(servicer.Attach),
+            "Echo": grpc.unary_unary_rpc_method_handler(lambda payload, context: payload),  # transport baseline
+        }),))
     port = rpc.bind(server, config.host, config.port)
     server.start()
     log.info("parameter server listening on %s:%d", config.host, port)
@@ -223,22 +295,74 @@ class ParameterServerClient:
         self.channel = rpc.make_channel(address)
         self.stub = ps_pb2_grpc.ParameterServerStub(self.channel)
         self.raw_push = self.channel.unary_unary(f"/{RAW_SERVICE}/Push")  # bytes in, bytes out
+        self.raw_echo = self.channel.unary_unary(f"/{RAW_SERVICE}/Echo")  # the same, returning what it gets
+        self._attach = self.channel.unary_unary(f"/{RAW_SERVICE}/Attach")
         self.timeout = timeout
+        self.segment: Segment | None = None  # set by use_shared_memory
+
+    def use_shared_memory(self, job: str, name: str, request_capacity: int, reply_capacity: int) -> bool:
+        """Offer the shard a shared-memory segment for this client's pushes (protos/shm.py);
+        True if it took it. False (and frames over gRPC from then on) when it cannot map
+        it: another host or container, or ``PSTRAIN_SHM=off``."""
+        if not shm.enabled():
+            return False
+        segment = Segment.create(name, request_capacity, reply_capacity)
+        offer = {"name": name, "token": segment.token.hex(), "request_capacity": request_capacity}
+        try:
+            self._attach(tensorwire.pack({"job": job, "shm": offer}, {}), timeout=self.timeout)
+        except grpc.RpcError as exc:
+            segment.close()
+            if exc.code() != grpc.StatusCode.FAILED_PRECONDITION:
+                raise
+            log.info("shard %s cannot share memory with this process (%s); pushing over gRPC", self.address, exc.details())
+            return False
+        self.close_segment()
+        self.segment = segment
+        return True
+
+    def start_push_pull(self, job, worker, step, grads, assigns=None, *, weight=1.0, min_version=0, timeout=600.0,
+                        rpc_timeout=660.0, wait=True) -> PushCall:
+        """Push with pull, through shared memory when ``use_shared_memory`` took, else a
+        raw frame; ``wait=False`` leaves the call in flight. ``.result()`` of what it
+        returns gives (version, params: read-only arrays, valid until the next push)."""
+        args = (job, worker, step, grads, assigns, weight, True, min_version, timeout)
+        frame, size = None, 0
+        if self.segment is not None:
+            try:
+                size = tensorwire.pack_into(self.segment.request, _push_meta(*args), _push_tensors(grads, assigns))
+                frame = tensorwire.pack({"job": job, "shm": {"name": self.segment.name, "size": size}}, {})
+            except ValueError:  # does not fit the segment: this one goes as a frame
+                frame, size = None, 0
+        if frame is None:
+            frame = self.push_frame(*args)
+        outcome = self.raw_push(frame, timeout=rpc_timeout) if wait else self.raw_push.future(frame, timeout=rpc_timeout)
+        return PushCall(self, args, len(frame) + size, outcome, rpc_timeout)
+
+    def close_segment(self) -> None:
+        if self.segment is not None:
+            self.segment.close()
+            self.segment = None
 
     @staticmethod
     def push_frame(job, worker, step, grads, assigns=None, weight=1.0, pull=False, min_version=0, timeout=0.0) -> bytes:
-        """A raw-frame push (see PushRaw): what workers send every step."""
-        tensors = {f"g:{k}": v for k, v in grads.items()}
-        tensors.update({f"a:{k}": v for k, v in (assigns or {}).items()})
-        meta = {"job": job, "worker": worker, "step": step, "weight": weight, "pull": pull,
-                "min_version": min_version, "timeout": timeout}
-        return tensorwire.pack(meta, tensors)
+        """A raw-frame push (see PushRaw)."""
+        return tensorwire.pack(_push_meta(job, worker, step, grads, assigns, weight, pull, min_version, timeout),
+                               _push_tensors(grads, assigns))
 
-    @staticmethod
-    def read_reply(reply: bytes) -> tuple[int, bool, dict]:
-        """(version, duplicate, params) from a PushRaw reply."""
+    def read_reply(self, reply: bytes) -> tuple[int, bool, dict]:
+        """(version, duplicate, params) from a PushRaw reply (params from the segment's
+        reply area when the shard put them there)."""
+        return self._read_reply(reply)[:3]
+
+    def _read_reply(self, reply: bytes) -> tuple[int, bool, dict, int]:
+        """``read_reply`` plus the bytes that came through shared memory."""
         meta, params = tensorwire.unpack(reply)
-        return int(meta["version"]), bool(meta["duplicate"]), params
+        shared = int(meta.get("shm_reply", 0))
+        if shared:
+            if self.segment is None:
+                raise RuntimeError(f"shard {self.address} answered through shared memory this client does not have")
+            meta, params = tensorwire.unpack(self.segment.reply[:shared])
+        return int(meta["version"]), bool(meta["duplicate"]), params, shared
 
     def init_shard(self, job, shard, variables, trainable, optimizer_json, mode, staleness, workers, checkpoint_every=0):
         req = ps_pb2.InitShardRequest(
@@ -288,4 +412,43 @@ class ParameterServerClient:
         return self.stub.Echo(ps_pb2.EchoMessage(payload=payload), timeout=self.timeout).payload
 
     def close(self):
+        self.close_segment()
         self.channel.close()
+
+
+def _push_meta(job, worker, step, grads, assigns, weight, pull, min_version, timeout) -> dict:
+    return {"job": job, "worker": worker, "step": step, "weight": weight, "pull": pull,
+            "min_version": min_version, "timeout": timeout}
+
+
+def _push_tensors(grads, assigns) -> dict:
+    tensors = {f"g:{k}": v for k, v in grads.items()}
+    tensors.update({f"a:{k}": v for k, v in (assigns or {}).items()})
+    return tensors
+
+
+class PushCall:
+    """A push with pull from ``ParameterServerClient.start_push_pull``, maybe in flight."""
+
+    def __init__(self, client: ParameterServerClient, args: tuple, sent: int, outcome, rpc_timeout: float):
+        self.client, self.args, self.sent, self._outcome, self._rpc_timeout = client, args, sent, outcome, rpc_timeout
+        self.received = 0
+
+    def result(self) -> tuple[int, dict]:
+        """(version, params); raises the call's grpc.RpcError."""
+        reply = self._outcome if isinstance(self._outcome, bytes) else self._outcome.result()
+        version, _, params, shared = self.client._read_reply(reply)
+        self.received = len(reply) + shared
+        return version, params
+
+    def retry(self) -> tuple[int, dict]:
+        """Send the same push again, as a frame over gRPC, and stop using shared memory
+        with this shard: the first call may still be running there, and two calls must
+        not share a segment. Pushes are idempotent (job, worker, step), so the shard
+        applies it at most once."""
+        self.client.close_segment()  # and frames from now on: the first call may yet write its reply there
+        frame = self.client.push_frame(*self.args)
+        reply = self.client.raw_push(frame, timeout=self._rpc_timeout)
+        self.sent, self.received = self.sent + len(frame), len(reply)
+        version, _, params = self.client.read_reply(reply)
+        return version, params

@@ -190,6 +190,8 @@ class Shard:
         grads: Mapping[str, np.ndarray],
         assigns: Mapping[str, np.ndarray] | None = None,
         weight: float = 1.0,
+        *,
+        immutable: bool = False,
     ) -> PushAck:
         """Receive worker ``worker``'s gradients (trainable variables) and assignments
         (state such as batch-norm moving statistics) for ``step``.
@@ -201,6 +203,9 @@ class Shard:
         and in async/ssp the gradient is scaled by it before it is applied, so K
         workers each pushing 1/K of a batch move the parameters as one full batch
         would. ``weight == 0`` applies nothing.
+
+        ``immutable=True`` promises that the arrays never change (views of a received
+        frame's bytes): a sync barrier then keeps them as they are instead of copying.
         """
         worker, step, weight = int(worker), int(step), float(weight)
         grads = {name: np.asarray(g) for name, g in grads.items()}
@@ -216,7 +221,7 @@ class Shard:
                 self._observer.rejected(exc.reason)
             log.warning("%s", exc)
             raise
-        if self.mode == "sync":  # buffered: keep our own copies (taken before locking)
+        if self.mode == "sync" and not immutable:  # buffered: keep our own copies (taken before locking)
             grads = {n: g.copy() for n, g in grads.items()}
             assigns = {n: a.copy() for n, a in assigns.items()}
         with self._cond:
@@ -259,16 +264,26 @@ class Shard:
 
         Raises TimeoutError after ``timeout`` seconds (None: wait as long as it takes).
         """
+        live = self._store.params
+        return self.pull_encoded(worker, step, min_version, timeout,
+                                 lambda version, params: {n: self._owned(p, live[n]) for n, p in params.items()})
+
+    def pull_encoded(self, worker: int, step: int, min_version: int, timeout: float | None, encode):
+        """``pull``, handing the variables to ``encode(version, {name: host array})``
+        under the lock and returning ``(version, what encode returned)``: a service
+        frames the live arrays directly instead of copying them first. ``encode`` must
+        not keep the arrays; on the CPU backend they are the shard's own."""
         with self._cond:
             ready = self._ready(step, min_version)
             if not self._cond.wait_for(lambda: self._closed or ready(), timeout):
                 raise TimeoutError(self._wait_message(worker, step, min_version, timeout))
             self._check_open()
-            params = {name: self._host_copy(p) for name, p in self._store.params.items()}
+            version = self._store.version
+            params = {name: self._backend.to_host(p) for name, p in self._store.params.items()}
             self._pulled_bytes += sum(a.nbytes for a in params.values())
             if worker >= 0:  # the master pulls as worker -1
-                self._pulled_version[worker] = self._store.version
-            return self._store.version, params
+                self._pulled_version[worker] = version
+            return version, encode(version, params)
 
     def set_live_workers(self, workers: Iterable[int]) -> None:
         """Change membership (a worker died or joined). A removed worker's buffered
@@ -512,8 +527,13 @@ class Shard:
             raise ShardClosed(f"job '{self.job}' shard {self.shard_id} is closed (the job ended or the server is stopping)")
 
     def _host_copy(self, array) -> np.ndarray:
-        host = self._backend.to_host(array)
-        return host.copy() if host is array else host
+        return self._owned(self._backend.to_host(array), array)
+
+    @staticmethod
+    def _owned(host: np.ndarray, variable) -> np.ndarray:
+        """``host`` (``to_host(variable)``) as an array nobody else changes: a device
+        backend's host copy already is one; the CPU backend's is the variable itself."""
+        return host.copy() if host is variable else host
 
     # ---- checkpoints ---------------------------------------------------------------------------
     def _due_snapshot(self) -> tuple[int, CheckpointState] | None:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import threading
 import time
 from dataclasses import dataclass
@@ -110,29 +111,40 @@ class TrainingTask:
 
     def _exchange(self, step: int, grads: dict, updates: dict, weight: float, min_version: int) -> None:
         """Push (with pull) to every shard at once and assemble the parameters that come
-        back: the other shards' calls are in flight while the last one runs here. The
-        tensors travel as raw frames (protos/tensorwire.py), not protobuf fields."""
+        back: the other shards' calls are in flight while the last one runs here (a
+        future for every call would start a gRPC polling thread per step). The tensors
+        travel through shared memory where the shard shares this host, else as raw
+        frames (protos/tensorwire.py); gRPC carries the call either way."""
         calls = []
         for s, client in enumerate(self.shards):
-            frame = client.push_frame(
+            calls.append(client.start_push_pull(
                 self.job, self.index, step, self._slice_for_shard(grads, s), self._slice_for_shard(updates, s),
-                weight=weight, pull=True, min_version=min_version, timeout=600.0,
-            )
-            last = s == len(self.shards) - 1
-            calls.append((client, frame, None if last else client.raw_push.future(frame, timeout=660.0)))
-            self.metrics.transferred(sent=len(frame))
-        for client, frame, fut in calls:
+                weight=weight, min_version=min_version, timeout=600.0, rpc_timeout=660.0,
+                wait=s == len(self.shards) - 1,
+            ))
+        for call in calls:
             try:
-                reply = fut.result() if fut is not None else client.raw_push(frame, timeout=660.0)
+                version, params = call.result()
             except grpc.RpcError as exc:
                 if exc.code() not in RETRYABLE:
                     raise
                 # Pushes are idempotent (job, worker, step): resending is safe.
-                reply = self._retry(lambda c=client, f=frame: c.raw_push(f, timeout=660.0))
-            self.metrics.transferred(received=len(reply))
-            version, _, params = client.read_reply(reply)
+                version, params = self._retry(call.retry)
+            self.metrics.transferred(sent=call.sent, received=call.received)
             self._assemble(params)
             self.version = max(self.version, version)
+
+    def _share_memory(self) -> None:
+        """Offer every shard a shared-memory segment for the pushes (taken where the
+        shard is on this host), with room for this worker's slices both ways."""
+        for s, client in enumerate(self.shards):
+            views = [self.params[sl.variable] for sl in self.by_shard[s]]
+            nbytes = sum((v[sl.start : sl.stop] if v.ndim else v).nbytes for v, sl in zip(views, self.by_shard[s]))
+            room = 2 * nbytes + 65536  # gradients and state updates out (or parameters back), headers
+            try:
+                client.use_shared_memory(self.job, f"pstrain-{self.job}-w{self.index}-s{s}-{os.getpid()}", room, room)
+            except OSError as exc:  # e.g. /dev/shm is full: frames still work
+                log.warning("no shared memory for shard %d (%s); pushing over gRPC", s, exc)
 
     def _retry(self, call):
         delay = 0.2
@@ -184,38 +196,38 @@ class TrainingTask:
         steps_per_epoch = max(math.ceil(n / bs), 1)
         sync = t.mode == "sync"
         self._pull_all(step=0, min_version=0)
+        self._share_memory()
         loss_sum = correct = seen = 0.0
         last_report, step_times = time.monotonic(), []
         self._last_step, self._last_epoch = 0, 0
+        batches = _Batches(x, y, bs, self.position, k)
         for epoch in range(int(t.epochs)):
-            order = datasets.epoch_permutation(n, int(t.seed), epoch) if t.shuffle else np.arange(n)
+            batches.start_epoch(datasets.epoch_permutation(n, int(t.seed), epoch) if t.shuffle else np.arange(n))
             for s in range(steps_per_epoch):
                 if cancelled.is_set():
                     raise TaskCancelled()
                 step = epoch * steps_per_epoch + s
                 started = time.perf_counter()
-                global_idx = order[s * bs : (s + 1) * bs]
-                local = global_idx[datasets.shard_indices(len(global_idx), self.position, k)]
+                xb, yb = batches.gather(s)
                 grads, updates = {}, {}
-                if len(local):
-                    xb, yb = x[local], y[local]
+                if len(xb):
                     out = runner.train_step(xb, yb, self.params, RunContext(True, step, int(t.seed) + self.position))
                     if not np.isfinite(out.loss):
                         raise FloatingPointError(f"loss became {out.loss} at step {step}; lower the learning rate")
                     grads, updates = out.grads, out.updates
-                    loss_sum += out.loss * len(local)
+                    loss_sum += out.loss * len(xb)
                     correct += metrics_mod.correct(t.loss_name, out.prediction, yb) if t.loss_name else 0.0
-                    seen += len(local)
+                    seen += len(xb)
                 # The gradient's share of the global batch: the sync average's weight, and
                 # in async/SSP the factor the shard scales it by.
-                weight = len(local) / max(len(global_idx), 1)
+                weight = len(xb) / max(batches.global_size(s), 1)
                 # Sync waits for the barrier (version step + 1); async/SSP take whatever
                 # the shards hold (SSP's bound is enforced by the shards).
                 pushed = time.perf_counter()
                 self._exchange(step, grads, updates, weight, step + 1 if sync else 0)
                 done = time.perf_counter()
                 self.metrics.push(done - pushed)
-                self.metrics.step(done - started, len(local))
+                self.metrics.step(done - started, len(xb))
                 step_times.append(done - started)
                 self._last_step, self._last_epoch = step + 1, epoch
                 now = time.monotonic()
@@ -263,3 +275,32 @@ class TrainingTask:
             if evaluator is not None:
                 return evaluator
             time.sleep(0.05)
+
+
+class _Batches:
+    """This worker's part of each global batch of an epoch, gathered into one reused
+    buffer (a fresh 1.6 MB batch per step costs more than the gather itself)."""
+
+    def __init__(self, x: np.ndarray, y: np.ndarray, batch_size: int, position: int, workers: int):
+        self.x, self.y, self.bs = x, y, batch_size
+        self.position, self.workers = position, workers
+        self.order = np.arange(len(x))
+        size = len(datasets.shard_indices(batch_size, position, workers))
+        self._xb, self._yb = np.empty((size,) + x.shape[1:], x.dtype), np.empty((size,) + y.shape[1:], y.dtype)
+
+    def start_epoch(self, order: np.ndarray) -> None:
+        self.order = order
+
+    def global_size(self, s: int) -> int:
+        return len(self.order[s * self.bs : (s + 1) * self.bs])
+
+    def gather(self, s: int) -> tuple[np.ndarray, np.ndarray]:
+        """(x, y) of step ``s`` of the epoch; the next gather overwrites them."""
+        global_idx = self.order[s * self.bs : (s + 1) * self.bs]
+        local = global_idx[datasets.shard_indices(len(global_idx), self.position, self.workers)]
+        if len(local) != len(self._xb):  # a short last batch: its own arrays
+            return self.x[local], self.y[local]
+        # mode="clip": the indices are in range, and "raise" would gather into a temporary first.
+        np.take(self.x, local, axis=0, out=self._xb, mode="clip")
+        np.take(self.y, local, axis=0, out=self._yb, mode="clip")
+        return self._xb, self._yb
