@@ -204,8 +204,9 @@ class Shard:
         workers each pushing 1/K of a batch move the parameters as one full batch
         would. ``weight == 0`` applies nothing.
 
-        ``immutable=True`` promises that the arrays never change (views of a received
-        frame's bytes): a sync barrier then keeps them as they are instead of copying.
+        Until it returns the arrays are only read. ``immutable=True`` promises that they
+        never change afterwards either (views of a received frame's bytes): a push left
+        waiting at a sync barrier then keeps them as they are instead of copying.
         """
         worker, step, weight = int(worker), int(step), float(weight)
         grads = {name: np.asarray(g) for name, g in grads.items()}
@@ -221,9 +222,6 @@ class Shard:
                 self._observer.rejected(exc.reason)
             log.warning("%s", exc)
             raise
-        if self.mode == "sync" and not immutable:  # buffered: keep our own copies (taken before locking)
-            grads = {n: g.copy() for n, g in grads.items()}
-            assigns = {n: a.copy() for n, a in assigns.items()}
         with self._cond:
             self._check_open()
             if self._is_duplicate(worker, step):
@@ -237,6 +235,12 @@ class Shard:
                 self._barrier_start.setdefault(step, time.perf_counter())
                 self._pending.setdefault(step, {})[worker] = _Push(weight, grads, assigns)
                 self._advance_sync()
+                if not immutable and worker in self._pending.get(step, {}):
+                    # It waits at the barrier, and the caller may reuse its arrays: keep our
+                    # own copies. (The push that completes a barrier is applied as it is.)
+                    self._pending[step][worker] = _Push(
+                        weight, {n: g.copy() for n, g in grads.items()}, {n: a.copy() for n, a in assigns.items()}
+                    )
             elif weight != 0:
                 started = time.perf_counter()
                 if weight != 1.0:

@@ -575,3 +575,18 @@ def test_stats_count_bytes_pushes_duplicates_and_rejections():
     assert stats["bytes"] == param_bytes and not stats["restored"]
     assert stats["pushed_bytes"] == 2 * (24 + 8)
     assert stats["pulled_bytes"] == param_bytes
+
+
+@pytest.mark.parametrize("immutable", [False, True])
+def test_a_push_waiting_at_the_barrier_does_not_depend_on_the_callers_array(immutable):
+    """Sync keeps its own copy of a waiting push (the caller reuses its buffers) unless
+    the caller promised the array never changes; the push that completes the barrier is
+    applied as it is."""
+    shard = make_shard("sync", [0, 1])
+    g0 = ones_like("b", 1.0)
+    shard.push(0, 0, {"b": g0}, immutable=immutable)
+    if not immutable:
+        g0[:] = 100.0  # the caller's next step overwrites its buffer
+    g1 = ones_like("b", 3.0)
+    shard.push(1, 0, {"b": g1})
+    np.testing.assert_array_equal(pulled(shard)["b"], initial()["b"] - 2.0)  # lr 1, average of 1 and 3
