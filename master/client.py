@@ -162,13 +162,17 @@ class MasterClient:
         return self._call(self.stub.Heartbeat, req, timeout=10)
 
     def report(self, job: str, worker: int, step: int, epoch: int, loss: float, metrics: dict, step_time: float = 0.0,
-               done: bool = False, final: bool = False, error: str = "") -> bool:
-        """Report progress; returns True if the job was cancelled."""
+               done: bool = False, final: bool = False, error: str = "", wait: bool = True):
+        """Report progress; returns True if the job was cancelled. ``wait=False`` returns
+        at once, with a callable that waits and returns that answer."""
         req = master_pb2.ProgressReport(
             job=job, worker=worker, step=step, epoch=epoch, loss=loss, metrics={k: float(v) for k, v in metrics.items()},
             step_time=step_time, done=done, final=final, error=error,
         )
-        return self._call(self.stub.ReportProgress, req).cancelled
+        if wait:
+            return self._call(self.stub.ReportProgress, req).cancelled
+        future = self._call(self.stub.ReportProgress.future, req)
+        return lambda: future.result().cancelled
 
     def nodes(self) -> list[dict]:
         """Registered workers and shards: node_id, role, address, index, alive, last_seen."""

@@ -79,6 +79,7 @@ class TrainingTask:
         }
         self.version = 0
         self.metrics = (metrics or WorkerMetrics()).task(self.job, self.index)
+        self._pending_report = None  # () -> cancelled?, of the report in flight
 
     # ---- parameter exchange ----------------------------------------------------------------
     def _assemble(self, parts: dict[str, np.ndarray]) -> None:
@@ -243,6 +244,7 @@ class TrainingTask:
             loss_sum = correct = seen = 0.0
             step_times = []
             self._last_epoch = epoch + 1
+        self._settle_report()
         self.master.report(self.job, self.index, self._last_step, self._last_epoch, 0.0, {}, done=True)
 
     def _report(self, step, epoch, loss_sum, correct, seen, step_times, extra=None) -> None:
@@ -252,7 +254,16 @@ class TrainingTask:
         if seen:
             self.metrics.train(loss_sum / seen, metrics.get("accuracy"))
         step_time = float(np.mean(step_times)) if step_times else 0.0
-        if self.master.report(self.job, self.index, step, epoch, loss_sum / max(seen, 1), metrics, step_time):
+        # Not waited for: the master records it (SQLite) while the next steps run; its
+        # answer (cancelled?) is read before the next report, which keeps them in order.
+        self._settle_report()
+        self._pending_report = self.master.report(self.job, self.index, step, epoch, loss_sum / max(seen, 1), metrics,
+                                                  step_time, wait=False)
+
+    def _settle_report(self) -> None:
+        """Wait for the report in flight; TaskCancelled if the master answered that the job was cancelled."""
+        pending, self._pending_report = self._pending_report, None
+        if pending is not None and pending():
             raise TaskCancelled()
 
     def _evaluate(self) -> tuple[float, float]:
