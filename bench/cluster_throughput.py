@@ -276,7 +276,7 @@ def push_pull_breakdown(warmup: int, iters: int) -> list[tuple[str, float]]:
     from protos import tensorwire
     from protos.shm import Segment
     from psserver.config import PSConfig
-    from psserver.service import ParameterServerClient, ParameterServerServicer
+    from psserver.service import ParameterServerClient, ParameterServerServicer, push_meta, push_tensors
     from psserver.shard import Shard
 
     job = "bench-breakdown"
@@ -301,8 +301,8 @@ def push_pull_breakdown(warmup: int, iters: int) -> list[tuple[str, float]]:
             return out
 
         def into_shm(i):
-            meta = {"job": job, "worker": 0, "step": step, "weight": 1.0, "pull": True, "min_version": step + 1}
-            size = tensorwire.pack_into(mine.request, meta, {f"g:{k}": v for k, v in grads.items()})
+            meta = push_meta(job, 0, step, grads, None, 1.0, True, step + 1, 0.0)
+            size = tensorwire.pack_into(mine.request, meta, push_tensors(grads, None))
             return tensorwire.pack({"job": job, "shm": {"name": mine.name, "size": size}}, {})
 
         def handle_shm(i):

@@ -38,20 +38,19 @@ def pack_into(buffer: memoryview, meta: Mapping, arrays: Mapping[str, np.ndarray
     """Write the frame ``pack`` would return into ``buffer`` (e.g. shared memory);
     returns its length. ValueError if it does not fit (nothing useful is written)."""
     head, buffers = _parts(meta, arrays)
-    size = len(head) + sum(b.nbytes if isinstance(b, memoryview) else len(b) for b in buffers)
+    size = len(head) + sum(b.nbytes for b in buffers)
     if size > len(buffer):
         raise ValueError(f"tensor frame of {size} bytes does not fit a buffer of {len(buffer)}")
     at = len(head)
     buffer[:at] = head
     for b in buffers:
-        n = b.nbytes if isinstance(b, memoryview) else len(b)
-        buffer[at : at + n] = b
-        at += n
+        buffer[at : at + b.nbytes] = b
+        at += b.nbytes
     return size
 
 
 def _parts(meta: Mapping, arrays: Mapping[str, np.ndarray]) -> tuple[bytes, list]:
-    """(magic + length + header, the tensors' byte buffers)."""
+    """(magic + length + header, the tensors' bytes as flat memoryviews)."""
     specs, buffers = [], []
     for name, a in arrays.items():
         a = np.asarray(a)
@@ -64,7 +63,7 @@ def _parts(meta: Mapping, arrays: Mapping[str, np.ndarray]) -> tuple[bytes, list
         if not a.flags.c_contiguous:  # (np.ascontiguousarray would turn a 0-d array 1-d)
             a = a.copy(order="C")
         specs.append([name, dtype_name, list(a.shape)])
-        buffers.append(memoryview(a).cast("B") if a.size else b"")
+        buffers.append(memoryview(a).cast("B") if a.size else memoryview(b""))
     header = json.dumps({"meta": dict(meta), "tensors": specs}, separators=(",", ":")).encode()
     return MAGIC + _LEN.pack(len(header)) + header, buffers
 

@@ -51,6 +51,17 @@ rpc.register_error(ResponseTooLarge, grpc.StatusCode.RESOURCE_EXHAUSTED)
 rpc.register_error(SegmentUnavailable, grpc.StatusCode.FAILED_PRECONDITION)
 
 
+def _check_response_size(shard: Shard, size: int) -> None:
+    """Refuse (and count) a response over the gRPC message limit: gRPC would drop it with a bare error."""
+    if size > rpc.max_message_bytes():
+        shard.reject("oversize")
+        raise ResponseTooLarge(
+            f"job '{shard.job}' shard {shard.shard_id}: the response is {size} bytes, over the "
+            f"{rpc.max_message_bytes()}-byte message limit; raise PSTRAIN_MAX_MESSAGE_BYTES on every process "
+            "or spread the variables over more shards"
+        )
+
+
 class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
     def __init__(self, config: PSConfig, metrics: PSMetrics | None = None):
         self.config = config
@@ -63,13 +74,8 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
     def _sent(self, request, response, shard: Shard | None = None):
         """Count the RPC's bytes; refuse a response gRPC could not send."""
         size = response.ByteSize()
-        if size > rpc.max_message_bytes() and shard is not None:
-            shard.reject("oversize")
-            raise ResponseTooLarge(
-                f"job '{request.job}' shard {shard.shard_id}: the response is {size} bytes, over the "
-                f"{rpc.max_message_bytes()}-byte message limit; raise PSTRAIN_MAX_MESSAGE_BYTES on every process "
-                "or spread the variables over more shards"
-            )
+        if shard is not None:
+            _check_response_size(shard, size)
         self.metrics.transferred(request.job, request.ByteSize(), size)
         return response
 
@@ -185,13 +191,7 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
                 worker, step + 1, int(meta.get("min_version", 0)),
                 float(meta.get("timeout") or self.config.pull_timeout), encode,
             )
-        if len(out) > rpc.max_message_bytes():
-            shard.reject("oversize")
-            raise ResponseTooLarge(
-                f"job '{shard.job}' shard {shard.shard_id}: the response is {len(out)} bytes, over the "
-                f"{rpc.max_message_bytes()}-byte message limit; raise PSTRAIN_MAX_MESSAGE_BYTES on every process "
-                "or spread the variables over more shards"
-            )
+        _check_response_size(shard, len(out))
         self.metrics.transferred(shard.job, received, len(out) + reply.get("shm_reply", 0))
         return out
 
@@ -329,7 +329,7 @@ class ParameterServerClient:
         frame, size = None, 0
         if self.segment is not None:
             try:
-                size = tensorwire.pack_into(self.segment.request, _push_meta(*args), _push_tensors(grads, assigns))
+                size = tensorwire.pack_into(self.segment.request, push_meta(*args), push_tensors(grads, assigns))
                 frame = tensorwire.pack({"job": job, "shm": {"name": self.segment.name, "size": size}}, {})
             except ValueError:  # does not fit the segment: this one goes as a frame
                 frame, size = None, 0
@@ -346,8 +346,8 @@ class ParameterServerClient:
     @staticmethod
     def push_frame(job, worker, step, grads, assigns=None, weight=1.0, pull=False, min_version=0, timeout=0.0) -> bytes:
         """A raw-frame push (see PushRaw)."""
-        return tensorwire.pack(_push_meta(job, worker, step, grads, assigns, weight, pull, min_version, timeout),
-                               _push_tensors(grads, assigns))
+        return tensorwire.pack(push_meta(job, worker, step, grads, assigns, weight, pull, min_version, timeout),
+                               push_tensors(grads, assigns))
 
     def read_reply(self, reply: bytes) -> tuple[int, bool, dict]:
         """(version, duplicate, params) from a PushRaw reply (params from the segment's
@@ -416,12 +416,14 @@ class ParameterServerClient:
         self.channel.close()
 
 
-def _push_meta(job, worker, step, grads, assigns, weight, pull, min_version, timeout) -> dict:
+def push_meta(job, worker, step, grads, assigns, weight, pull, min_version, timeout) -> dict:
+    """The meta of a push frame (``grads`` and ``assigns`` only keep the signature that of ``push_frame``)."""
     return {"job": job, "worker": worker, "step": step, "weight": weight, "pull": pull,
             "min_version": min_version, "timeout": timeout}
 
 
-def _push_tensors(grads, assigns) -> dict:
+def push_tensors(grads, assigns) -> dict:
+    """A push frame's tensors: gradients as "g:<key>", assignments as "a:<key>"."""
     tensors = {f"g:{k}": v for k, v in grads.items()}
     tensors.update({f"a:{k}": v for k, v in (assigns or {}).items()})
     return tensors

@@ -139,8 +139,7 @@ class TrainingTask:
         """Offer every shard a shared-memory segment for the pushes (taken where the
         shard is on this host), with room for this worker's slices both ways."""
         for s, client in enumerate(self.shards):
-            views = [self.params[sl.variable] for sl in self.by_shard[s]]
-            nbytes = sum((v[sl.start : sl.stop] if v.ndim else v).nbytes for v, sl in zip(views, self.by_shard[s]))
+            nbytes = sum(v.nbytes for v in self._slice_for_shard(self.params, s).values())
             room = 2 * nbytes + 65536  # gradients and state updates out (or parameters back), headers
             try:
                 client.use_shared_memory(self.job, f"pstrain-{self.job}-w{self.index}-s{s}-{os.getpid()}", room, room)
