@@ -1,5 +1,5 @@
 # make demo    : create/refresh .venv, install pstrain, train examples/mnist_mlp.py on a local cluster
-# make test    : create/refresh .venv, install pstrain + test deps, run the whole suite
+# make test    : create/refresh .venv, install pstrain + test deps, lint (ruff, import layers), run the whole suite
 # make install : only install (runtime deps) into .venv
 # make bench   : the throughput benchmarks (in-process vs PyTorch and NumPy; the local cluster)
 # make protos  : regenerate protos/*_pb2.py from protos/*.proto
@@ -8,7 +8,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check -q
 
-.PHONY: install install-test system-deps demo test bench protos clean
+.PHONY: install install-test system-deps lint demo test bench protos clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -41,7 +41,12 @@ install-test: $(VENV)/.installed-test
 demo: install
 	$(VENV)/bin/psctl train examples/mnist_mlp.py --workers 2 --ps 2 -o mnist_mlp.npz
 
-test: install-test system-deps
+# Lint first (seconds): ruff, then the import-linter layer contracts in pyproject.toml.
+lint: install-test
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/lint-imports
+
+test: install-test system-deps lint
 	$(PY) -m pytest -q
 
 bench: install-test

@@ -86,7 +86,7 @@ def bench_cluster(workers: int, shards: int, mode: str, epochs: int, n: int) -> 
     """samples/s of each epoch after the first, for one job on a fresh local cluster."""
     from client.job import Job, job_to_spec
     from client.launcher import ClusterSpec, local_cluster
-    from master.client import MasterClient
+    from pstrain.transport.master_client import MasterClient
 
     steps_per_epoch = math.ceil(n / BATCH)
     spec = job_to_spec(Job(mlp(), "mnist", batch_size=BATCH, epochs=epochs, mode=mode), name=f"bench-{workers}x{shards}-{mode}")
@@ -178,8 +178,8 @@ def bench_push_pull(warmup: int, iters: int) -> dict:
     each way a worker can send it, beside echoes of the same bytes; every kind of call
     in turn within each iteration, so machine noise hits them alike."""
     from client.launcher import ClusterSpec, local_cluster
-    from master.client import MasterClient
-    from psserver.service import ParameterServerClient
+    from pstrain.transport.master_client import MasterClient
+    from pstrain.transport.ps_client import ParameterServerClient
 
     job = "bench-push-pull"
     variables, trainable, optimizer = shard_init(job)
@@ -276,8 +276,9 @@ def push_pull_breakdown(warmup: int, iters: int) -> list[tuple[str, float]]:
     from protos import tensorwire
     from protos.shm import Segment
     from psserver.config import PSConfig
-    from psserver.service import ParameterServerClient, ParameterServerServicer, push_meta, push_tensors
+    from psserver.service import ParameterServerServicer
     from psserver.shard import Shard
+    from pstrain.transport.ps_client import ParameterServerClient, push_meta, push_tensors
 
     job = "bench-breakdown"
     variables, trainable, optimizer = shard_init(job)

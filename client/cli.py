@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import json
 import logging
 import os
@@ -39,15 +38,28 @@ from typing import Any, Iterable, Mapping, TextIO
 import grpc
 
 from client.job import (
-    MODES, Job, job_to_spec, load_job_file, model_from_export, run_in_process, save_export, steps_per_epoch,
+    MODES,
+    Job,
+    job_to_spec,
+    load_job_file,
+    model_from_export,
+    run_in_process,
+    save_export,
+    steps_per_epoch,
 )
 from client.launcher import (
-    DEVICES, ClusterError, ClusterSpec, LocalProcessLauncher, default_state_dir, describe_exit, load_handle,
+    DEVICES,
+    ClusterError,
+    ClusterSpec,
+    LocalProcessLauncher,
+    default_state_dir,
+    describe_exit,
+    load_handle,
     local_cluster,
 )
 from client.plot import history_curves, plot_history
 from client.progress import ProgressBar, format_metrics, write_epoch_header
-from master.client import MasterClient, MasterUnavailable, describe_error, master_address
+from pstrain.transport.master_client import MasterClient, MasterUnavailable, describe_error, master_address
 
 log = logging.getLogger(__name__)
 
@@ -513,7 +525,7 @@ def _export(args) -> int:
 # ---- train: a local cluster, end to end --------------------------------------------------------------
 def _test_metrics(job: Job, config: dict, names, weights) -> dict:
     """Test-split metrics of the exported model, computed here (as nn.load_model would)."""
-    from client import datasets
+    from pstrain.runtime import datasets
 
     try:
         data = datasets.load(job.dataset)

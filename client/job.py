@@ -28,10 +28,11 @@ from typing import Sequence
 
 import numpy as np
 
-from client import datasets
 from client.nn import layers as layers_mod
 from client.nn import optimizers
-from client.nn.model import FORMAT, History, Sequential, save_arrays
+from client.nn.model import History, Sequential
+from pstrain.runtime import datasets
+from pstrain.runtime.modelfile import FORMAT, write_model
 
 MODES = ("sync", "async", "ssp")
 
@@ -134,7 +135,7 @@ def job_to_spec(job: Job, name: str, device: str | None = None):
     ``device`` overrides the model's (``job.model.device``) kernel backend on the workers.
     """
     # Imported here so that in-process training never needs grpc.
-    from master.client import ModelSignature, TrainSettings, build_job_spec
+    from pstrain.transport.master_client import ModelSignature, TrainSettings, build_job_spec
 
     ensure_built(job)
     model = job.model
@@ -203,7 +204,7 @@ def save_export(path: str | os.PathLike, config: dict, names: Sequence[str], wei
     are stored as ``weight_0 .. weight_N`` in that order.
     """
     _check_export(config, names, weights)
-    save_arrays(path, config, {f"weight_{i}": np.asarray(w) for i, w in enumerate(weights)})
+    write_model(path, config, weights)
 
 
 # ---- in-process -----------------------------------------------------------------------------------

@@ -30,10 +30,11 @@ import re
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Iterator
+
+from pstrain.runtime.files import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -157,19 +158,9 @@ class ProcessStatus:
 # ---- state file ---------------------------------------------------------------------------------------
 def write_handle(handle: ClusterHandle) -> str:
     """Write ``<state_dir>/cluster.json`` atomically (temp file, fsync, rename)."""
-    os.makedirs(handle.state_dir, exist_ok=True)
     path = os.path.join(handle.state_dir, STATE_FILE)
-    fd, tmp = tempfile.mkstemp(dir=handle.state_dir, prefix=".cluster-", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(handle.to_dict(), f, indent=2)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    with atomic_write(path, text=True, mode=0o600) as f:
+        json.dump(handle.to_dict(), f, indent=2)
     return path
 
 
@@ -431,7 +422,7 @@ class LocalProcessLauncher(Launcher):
     def _wait_registered(self, handle: ClusterHandle, spec: ClusterSpec, deadline: float) -> None:
         import grpc
 
-        from master.client import MasterClient, MasterUnavailable  # grpc only when a cluster runs
+        from pstrain.transport.master_client import MasterClient, MasterUnavailable  # grpc only when a cluster runs
 
         client = MasterClient(handle.master_address, timeout=5.0, connect_timeout=1.0)
         counts = {"ps": 0, "worker": 0}

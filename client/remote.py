@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 
 import numpy as np
 
-from client import datasets
+from pstrain.runtime import datasets
+from pstrain.runtime.files import atomic_write
 
 
 def _cache_dir() -> str:
@@ -34,15 +34,8 @@ def stage_arrays(x, y, validation_data) -> str:
         h.update(memoryview(a).cast("B"))
     path = os.path.join(_cache_dir(), "fit-data", h.hexdigest()[:20] + ".npz")
     if not os.path.exists(path):
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                np.savez(f, x_train=x, y_train=y, x_test=vx, y_test=vy)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        with atomic_write(path, mode=0o600) as f:
+            np.savez(f, x_train=x, y_train=y, x_test=vx, y_test=vy)
     return path
 
 
@@ -51,7 +44,7 @@ def fit_on_cluster(model, x, y, batch_size, epochs, shuffle, validation_data, ve
     from client.cli import WatchView, follow
     from client.job import Job, job_to_spec
     from client.nn.model import History
-    from master.client import MasterClient
+    from pstrain.transport.master_client import MasterClient
 
     loss = model._compiled["loss"]
     if loss != "sparse_categorical_crossentropy":

@@ -14,7 +14,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from graph import Graph, RunContext, gradients  # noqa: E402
-from worker.executor import Executor  # noqa: E402
+from pstrain.runtime.executor import Executor  # noqa: E402
 
 
 def main() -> float:

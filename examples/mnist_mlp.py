@@ -17,7 +17,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from client import nn  # noqa: E402
 from client.job import Job, run_in_process  # noqa: E402
 
-
 TRAIN_EXAMPLES = 60000
 
 

@@ -1,5 +1,7 @@
 """pstrain's graph IR: op registry, builder and autodiff (imports neither grpc nor numba).
 
+The bottom layer: imports nothing of pstrain's.
+
 Usage::
 
     from graph import Graph, gradients

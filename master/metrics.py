@@ -36,9 +36,9 @@ from __future__ import annotations
 
 from typing import Callable, Mapping
 
-from protos.observability import KEEP_ENDED_JOBS, ServiceMetrics  # noqa: F401
 from prometheus_client import CollectorRegistry, Gauge
 
+from protos.observability import KEEP_ENDED_JOBS, ServiceMetrics  # noqa: F401
 
 ROLE = "master"
 NODE_ROLES = ("ps", "worker")

@@ -19,9 +19,9 @@ import numpy as np
 from graph.core import Graph, Tensor
 from graph.errors import GraphError
 from master.passes import PassReport, optimize
-from master.placement import Placement, format_placement, place, split
-from master.plan import TrainPlan, build_train_plan
 from protos import codec
+from pstrain.runtime.placement import Placement, format_placement, place, split
+from pstrain.runtime.plan import TrainPlan, build_train_plan
 
 
 @dataclass
@@ -133,7 +133,7 @@ def plan_job(spec, num_shards: int) -> JobPlan:
         raise ValueError(f"train.batch_size={t.batch_size} must be >= 1")
     if num_shards < 1:
         raise ValueError(f"num_shards={num_shards} must be >= 1")
-    from psserver.optimizers import optimizer_from_config
+    from pstrain.runtime.optimizers import optimizer_from_config
 
     try:
         optimizer = json.loads(t.optimizer_json or '{"name": "sgd"}')

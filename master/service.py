@@ -24,13 +24,15 @@ from dataclasses import dataclass, field
 import grpc
 import numpy as np
 
-from client.nn.model import save_arrays
 from master.config import MasterConfig
 from master.jobs import InvalidTransition, JobFinished, JobRecord, JobState, JobStore
 from master.metrics import MasterMetrics
-from master.placement import assemble
 from master.planner import JobPlan, plan_job
-from protos import codec, master_pb2, master_pb2_grpc, rpc
+from protos import codec, master_pb2, master_pb2_grpc
+from pstrain.runtime.modelfile import write_model
+from pstrain.runtime.placement import assemble
+from pstrain.transport import rpc
+from pstrain.transport.ps_client import ParameterServerClient
 
 log = logging.getLogger(__name__)
 
@@ -154,9 +156,7 @@ class Coordinator:
         with self.lock:
             return sum(1 for n in self.nodes.values() if n.role == role and n.alive)
 
-    def _ps(self, address: str):
-        from psserver.service import ParameterServerClient
-
+    def _ps(self, address: str) -> ParameterServerClient:
         client = self._ps_clients.get(address)
         if client is None:
             client = self._ps_clients[address] = ParameterServerClient(address, timeout=60)
@@ -322,7 +322,7 @@ class Coordinator:
             return
         try:
             config, names, weights = self._pull_weights(rt)
-            save_arrays(self._export_path(job_id), config, {f"weight_{i}": w for i, w in enumerate(weights)})
+            write_model(self._export_path(job_id), config, weights)
             self._transition(job_id, JobState.SUCCEEDED)
             self.store.add_event(job_id, "succeeded; final weights saved for export")
         except Exception as exc:  # noqa: BLE001

@@ -1,6 +1,10 @@
-"""pstrain's wire format: the ``.proto`` sources, their generated ``*_pb2`` modules and
-``protos.codec``, the one module that converts between messages and graph / NumPy
-objects (only it and the gRPC service modules import ``*_pb2``).
+"""pstrain's wire format: the ``.proto`` sources, their generated ``*_pb2`` modules,
+``protos.codec`` (the one module converting messages to and from graph / NumPy
+objects), ``tensorwire`` (raw tensor frames), ``shm`` (shared-memory frames),
+``settings`` and ``observability`` (what
+every service edge shares). Only the codec and the service / transport modules
+import ``*_pb2``.
 
+May import: ``pstrain.runtime``, ``pstrain.kernels``, ``graph``.
 Regenerate after editing a ``.proto``: ``python -m protos.generate``.
 """

@@ -20,6 +20,8 @@ from typing import Mapping
 import numpy as np
 
 MAGIC = b"PST1"
+# The service that carries these frames (bytes in, bytes out); declared in ps.proto.
+RAW_SERVICE = "pstrain.ParameterServerRaw"
 _LEN = struct.Struct("<I")
 _DTYPES = {"bool", "int8", "int16", "int32", "int64", "uint8", "float16", "float32", "float64"}
 # Little-endian dtype -> its name, and back. Looked up by dtype because ``dtype.name`` is

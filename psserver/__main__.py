@@ -41,7 +41,7 @@ def main(argv=None) -> int:
     stop = stop_event()
     heart = None
     if config.master:
-        from master.membership import NodeMembership
+        from pstrain.transport.membership import NodeMembership
 
         heart = NodeMembership(config.master, "ps", address=address, interval=config.heartbeat_interval,
                                metrics_address=metrics_address)

@@ -17,13 +17,14 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
+
+from pstrain.runtime.files import atomic_write
 
 _META = "__meta__.json"
 _NPY = ".npy"
@@ -66,26 +67,13 @@ def save_checkpoint(path: str | os.PathLike, state: CheckpointState) -> None:
     """
     path = Path(path)
     meta = json.dumps(_jsonable(state.meta), sort_keys=True, allow_nan=False)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            with zipfile.ZipFile(f, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
-                for key, array in state.arrays.items():
-                    with zf.open(key + _NPY, "w", force_zip64=True) as member:
-                        np.lib.format.write_array(member, np.asarray(array), allow_pickle=False)
-                zf.writestr(_META, meta)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        # Never leave half-written temp files behind; the old checkpoint is untouched.
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    _fsync_dir(path.parent)
+    # Never leaves half-written temp files behind; on failure the old checkpoint is untouched.
+    with atomic_write(path) as f:
+        with zipfile.ZipFile(f, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
+            for key, array in state.arrays.items():
+                with zf.open(key + _NPY, "w", force_zip64=True) as member:
+                    np.lib.format.write_array(member, np.asarray(array), allow_pickle=False)
+            zf.writestr(_META, meta)
 
 
 def load_checkpoint(path: str | os.PathLike) -> CheckpointState | None:
@@ -113,14 +101,6 @@ def load_checkpoint(path: str | os.PathLike) -> CheckpointState | None:
     return CheckpointState(arrays, meta)
 
 
-def _fsync_dir(directory: Path) -> None:
-    if os.name != "posix":  # directories cannot be opened for fsync on Windows
-        return
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _jsonable(value: Any) -> Any:

@@ -35,12 +35,13 @@ from __future__ import annotations
 
 import functools
 
-from protos.observability import KEEP_ENDED_JOBS, ServiceMetrics  # noqa: F401
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from protos.observability import KEEP_ENDED_JOBS, ServiceMetrics  # noqa: F401
 
 ROLE = "ps"
 REJECT_REASONS = (
-    "unknown_variable", "shape", "dtype", "non_finite",  # the push's contents (psserver.store)
+    "unknown_variable", "shape", "dtype", "non_finite",  # the push's contents (pstrain.runtime.store)
     "unknown_worker", "stale_step", "out_of_order", "bad_step", "bad_weight",  # who sent it, when (psserver.shard)
     "oversize",  # a response over the gRPC message limit (psserver.service)
 )

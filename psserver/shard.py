@@ -47,9 +47,9 @@ from typing import Any, Iterable, Mapping
 import numpy as np
 
 from psserver.checkpoint import CheckpointConfig, CheckpointState, load_checkpoint, save_checkpoint
-from psserver.optimizers import SGD, Adam, Optimizer, optimizer_from_config
-from psserver.store import ParameterStore, PushRejected
-from worker.kernels import get_backend
+from pstrain.kernels import get_backend
+from pstrain.runtime.optimizers import SGD, Adam, Optimizer, optimizer_from_config
+from pstrain.runtime.store import ParameterStore, PushRejected
 
 log = logging.getLogger(__name__)
 

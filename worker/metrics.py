@@ -30,9 +30,9 @@ Usage::
 """
 from __future__ import annotations
 
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from protos.observability import KEEP_ENDED_JOBS, ServiceMetrics  # noqa: F401
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 ROLE = "worker"
 DURATION_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,

@@ -12,9 +12,9 @@ import logging
 import queue
 import threading
 
-from master.membership import NodeMembership
+from pstrain.kernels import get_backend
+from pstrain.transport.membership import NodeMembership
 from worker.config import WorkerConfig
-from worker.kernels import get_backend
 from worker.metrics import WorkerMetrics
 from worker.task import TrainingTask
 

@@ -28,14 +28,15 @@ from dataclasses import dataclass
 import grpc
 import numpy as np
 
-from client import datasets
-from client.nn import metrics as metrics_mod
 from graph.registry import RunContext
-from master.plan import TrainPlan
-from protos import codec, rpc
-from psserver.service import ParameterServerClient
+from protos import codec
+from pstrain.runtime import datasets
+from pstrain.runtime import metrics as metrics_mod
+from pstrain.runtime.plan import TrainPlan
+from pstrain.runtime.step import StepRunner
+from pstrain.transport import rpc
+from pstrain.transport.ps_client import ParameterServerClient
 from worker.metrics import WorkerMetrics
-from worker.runner import StepRunner
 
 log = logging.getLogger(__name__)
 

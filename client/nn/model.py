@@ -1,6 +1,6 @@
 """``Sequential`` models: Keras's API, lowered to the graph IR and trained by the
-same pieces the distributed runtime uses (``master.plan`` for the backward pass,
-``worker.runner`` for steps, ``psserver.store`` for parameters and optimizer).
+same pieces the distributed runtime uses (``pstrain.runtime.plan`` for the backward pass,
+``pstrain.runtime.step`` for steps, ``pstrain.runtime.store`` for parameters and optimizer).
 
 Usage::
 
@@ -13,28 +13,25 @@ Usage::
 """
 from __future__ import annotations
 
-import json
 import os
 import sys
-import tempfile
-import time
 from dataclasses import dataclass, field
 from typing import Sequence
 
 import numpy as np
 
-from client.datasets import epoch_permutation
 from client.nn import layers as layers_mod
-from client.nn import losses, metrics as metrics_mod, optimizers
+from client.nn import losses, optimizers
 from client.progress import ProgressBar, write_epoch_header
 from graph.core import Graph
 from graph.registry import RunContext
-from master.plan import TrainPlan, build_train_plan
-from psserver.optimizers import Optimizer
-from psserver.store import ParameterStore
-from worker.runner import StepRunner
-
-FORMAT = "pstrain-model/1"
+from pstrain.runtime import metrics as metrics_mod
+from pstrain.runtime.datasets import epoch_permutation
+from pstrain.runtime.modelfile import FORMAT, read_model, write_model
+from pstrain.runtime.optimizers import Optimizer
+from pstrain.runtime.plan import TrainPlan, build_train_plan
+from pstrain.runtime.step import StepRunner
+from pstrain.runtime.store import ParameterStore
 
 
 @dataclass
@@ -333,37 +330,12 @@ class Sequential:
     def save(self, path: str | os.PathLike) -> None:
         """Write config and weights to one ``.npz`` file (atomically)."""
         self._require_built()
-        arrays = {f"weight_{i}": w for i, w in enumerate(self.get_weights())}
-        save_arrays(path, self.get_config(), arrays)
-
-
-def save_arrays(path, config: dict, arrays: dict) -> None:
-    """Write a model file: JSON config plus arrays, via a temp file and rename."""
-    path = os.fspath(path)
-    d = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=d, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, __config__=np.frombuffer(json.dumps(config).encode(), np.uint8), **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+        write_model(path, self.get_config(), self.get_weights())
 
 
 def load_model(path: str | os.PathLike, device: str = "cpu") -> Sequential:
     """Load a model written by ``model.save`` (or ``psctl export``)."""
-    try:
-        with np.load(path, allow_pickle=False) as f:
-            config = json.loads(bytes(f["__config__"]).decode())
-            weights = [f[f"weight_{i}"] for i in range(len([k for k in f.files if k.startswith("weight_")]))]
-    except (OSError, KeyError, ValueError) as exc:
-        raise ValueError(f"{path}: not a pstrain model file ({exc})") from exc
-    if config.get("format") != FORMAT:
-        raise ValueError(f"{path}: unsupported model format {config.get('format')!r}; expected {FORMAT}")
+    config, weights = read_model(path)
     model = Sequential([layers_mod.from_config(c) for c in config["layers"]], dtype=config["dtype"], seed=config["seed"], device=device, name=config["name"])
     comp = config["compile"] or {"optimizer": "sgd", "loss": "mse", "metrics": []}
     model.compile(optimizers.get(comp["optimizer"]), comp["loss"], comp["metrics"])

@@ -16,8 +16,20 @@ import time
 import pytest
 
 from client.launcher import (
-    STATE_FILE, ClusterError, ClusterHandle, ClusterSpec, LocalProcessLauncher, connectable, describe_exit,
-    load_handle, local_cluster, parse_ready_line, pid_alive, remove_handle, tail, write_handle,
+    STATE_FILE,
+    ClusterError,
+    ClusterHandle,
+    ClusterSpec,
+    LocalProcessLauncher,
+    connectable,
+    describe_exit,
+    load_handle,
+    local_cluster,
+    parse_ready_line,
+    pid_alive,
+    remove_handle,
+    tail,
+    write_handle,
 )
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -134,7 +146,7 @@ def _gone(pid: int) -> bool:
 
 @needs_services
 def test_local_cluster_starts_registers_and_stops(tmp_path):
-    from master.client import MasterClient
+    from pstrain.transport.master_client import MasterClient
 
     spec = ClusterSpec(workers=2, ps=2, port=0, state_dir=str(tmp_path))
     launcher = LocalProcessLauncher(start_timeout=90)

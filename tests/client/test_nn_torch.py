@@ -18,7 +18,6 @@ import torch
 import torch.nn.functional as F
 
 from client import nn
-from graph.errors import GraphError
 from graph.ops.nn import dropout_mask
 
 RTOL, ATOL = 1e-10, 1e-12

@@ -152,7 +152,7 @@ def _wait_for(client, job_id, done, what: str, timeout: float = 180.0) -> dict:
 
 @pytest.mark.slow
 def test_psctl_plot_draws_a_finished_job_and_a_running_one(tmp_path, cluster):
-    from master.client import MasterClient
+    from pstrain.transport.master_client import MasterClient
 
     client = MasterClient(cluster)
     try:

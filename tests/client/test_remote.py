@@ -1,5 +1,4 @@
 """``model.fit(cluster=...)`` on a real local cluster gives what in-process fit gives."""
-import os
 
 import numpy as np
 import pytest

@@ -33,13 +33,19 @@ import pytest
 
 from protos.settings import env_name, env_variables
 from tests.deploy.dashboard_exprs import (
-    COMPOSE_FILE, DASHBOARD_DIR, DASHBOARD_PROVIDER_DIR, DEPLOY, PROMETHEUS_CONFIG, ROOT, load_yaml,
+    COMPOSE_FILE,
+    DASHBOARD_DIR,
+    DASHBOARD_PROVIDER_DIR,
+    DEPLOY,
+    PROMETHEUS_CONFIG,
+    ROOT,
+    load_yaml,
     provisioned_datasource_uids,
 )
 
 COMPOSE = shutil.which("docker-compose")
 DOCKERFILE = DEPLOY / "Dockerfile"
-PACKAGES = ("client", "graph", "master", "psserver", "worker", "protos")
+PACKAGES = ("client", "graph", "master", "psserver", "worker", "protos", "pstrain")
 PUBLISHED = {"master", "prometheus", "grafana"}  # the only services with host ports
 TERMINAL = ("SUCCEEDED", "FAILED", "CANCELLED")
 
@@ -177,7 +183,7 @@ def _trees():
         yield pkg, path, ast.parse(path.read_text(), filename=str(path))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def config_classes() -> dict[str, list[tuple[type, str]]]:
     """package -> [(dataclass, prefix)] built with ``protos.settings.from_sources`` there."""
     found: dict[str, list[tuple[type, str]]] = {}
@@ -197,7 +203,7 @@ def config_classes() -> dict[str, list[tuple[type, str]]]:
     return found
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def direct_reads() -> frozenset[str]:
     """PSTRAIN_* variables the code reads straight from the environment:
     ``os.environ.get("PSTRAIN_X")``, ``os.environ["PSTRAIN_X"]``, ``os.getenv(...)``,
@@ -593,7 +599,7 @@ def _signal_group(proc: subprocess.Popen, sig: int) -> None:
 def local_compose(compose, tmp_path_factory):
     """master, ps-0, ps-1 and two workers from docker-compose.yml, as local processes,
     started in compose's dependency order, waited for as compose waits; always stopped."""
-    from master.client import MasterClient
+    from pstrain.transport.master_client import MasterClient
 
     cluster = LocalCompose(compose, tmp_path_factory.mktemp("compose"), replicas={"worker": 2})
     master = cluster.first("master")

@@ -11,8 +11,19 @@ import subprocess
 import pytest
 
 from tests.deploy.dashboard_exprs import (
-    METRICS, PROMQL_FUNCTIONS, QUERY_LABELS, balanced, base_metric, dashboard_exprs, dashboard_files,
-    function_names, iter_panels, known_series, label_names, load_dashboard, metric_names,
+    METRICS,
+    PROMQL_FUNCTIONS,
+    QUERY_LABELS,
+    balanced,
+    base_metric,
+    dashboard_exprs,
+    dashboard_files,
+    function_names,
+    iter_panels,
+    known_series,
+    label_names,
+    load_dashboard,
+    metric_names,
     provisioned_datasource_uids,
 )
 

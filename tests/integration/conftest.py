@@ -25,7 +25,7 @@ def cluster(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def master(cluster):
-    from master.client import MasterClient
+    from pstrain.transport.master_client import MasterClient
 
     client = MasterClient(cluster[0].master_address, connect_timeout=10)
     yield client

@@ -16,7 +16,14 @@ import pytest
 from client import datasets, nn
 from client.launcher import STATE_FILE, load_handle, pid_alive
 from tests.integration.helpers import (
-    ADDRESS_RE, CONTRACT_FIELDS, MNIST_EXAMPLE, ROOT, all_gone, last_json, psctl, service_env, stop_leftover,
+    ADDRESS_RE,
+    CONTRACT_FIELDS,
+    MNIST_EXAMPLE,
+    all_gone,
+    last_json,
+    psctl,
+    service_env,
+    stop_leftover,
     write_job,
 )
 

@@ -18,7 +18,15 @@ import pytest
 from client.job import job_to_spec
 from protos import codec
 from tests.integration.helpers import (
-    all_gone, last_json, make_job, psctl, running_cluster, service_env, wait_job, worker_node_ids, write_job,
+    all_gone,
+    last_json,
+    make_job,
+    psctl,
+    running_cluster,
+    service_env,
+    wait_job,
+    worker_node_ids,
+    write_job,
 )
 
 
@@ -79,7 +87,7 @@ def test_a_malformed_graph_is_refused_naming_the_node(master, corrupt, node, wor
 def test_sync_job_survives_a_killed_worker(tmp_path):
     """SIGKILL worker 1 of a 2-worker sync job: after the heartbeat timeout the shards
     drop it from the barrier and worker 0 finishes the job alone."""
-    from master.client import MasterClient
+    from pstrain.transport.master_client import MasterClient
 
     with running_cluster(tmp_path / "cluster", workers=2, ps=1, heartbeat_timeout=2.0) as (handle, launcher):
         client = MasterClient(handle.master_address, connect_timeout=10)

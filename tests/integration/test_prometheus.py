@@ -55,7 +55,7 @@ def _value(result: list) -> float:
 @pytest.fixture(scope="module")
 def scraped(tmp_path_factory):
     """(prometheus, sync job status, async job status) once both jobs ran and were scraped."""
-    from master.client import MasterClient
+    from pstrain.transport.master_client import MasterClient
 
     with running_cluster(tmp_path_factory.mktemp("cluster"), workers=2, ps=2) as (handle, _):
         client = MasterClient(handle.master_address, connect_timeout=10)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from client.job import job_to_spec
-from master.client import MasterClient
+from pstrain.transport.master_client import MasterClient
 from tests.integration.helpers import make_job, running_cluster, wait_job
 
 

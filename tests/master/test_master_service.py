@@ -15,14 +15,14 @@ import pytest
 
 from client import nn
 from client.job import Job, job_to_spec
-from master.client import MasterClient
 from master.config import MasterConfig
 from master.service import serve
 from protos import codec, master_pb2
-from protos.rpc import describe as rpc_describe
 from psserver.config import PSConfig
-from psserver.service import ParameterServerClient
 from psserver.service import serve as serve_ps
+from pstrain.transport.master_client import MasterClient
+from pstrain.transport.ps_client import ParameterServerClient
+from pstrain.transport.rpc import describe as rpc_describe
 
 HEARTBEAT_TIMEOUT = 1.0
 HEARTBEAT_INTERVAL = 0.2

@@ -156,7 +156,7 @@ def test_folded_constants_keep_dtype_and_shape(dtype):
     a = g.constant(np.arange(6).astype(dtype).reshape(2, 3), name="a")
     b = g.add(a, g.constant(np.ones((1, 3), dtype)), name="b")
     t = g.transpose(b, name="t")
-    eq = g.maximum(t, t, name="eq")
+    _eq = g.maximum(t, t, name="eq")
 
     out = check_pass(lambda g: fold_constants(g, set())[0], g, ["b", "t", "eq"])
 
@@ -217,7 +217,7 @@ def test_a_node_whose_value_raises_is_left_for_run_time():
     g = Graph()
     empty = g.constant(np.zeros((0,), np.float32))
     m = g.reduce_max(empty, name="m")
-    ok = g.add(g.constant(1.0), g.constant(2.0), name="ok")
+    _ok = g.add(g.constant(1.0), g.constant(2.0), name="ok")
 
     out, folded = fold_constants(g, set())
 
@@ -229,8 +229,8 @@ def test_a_node_whose_value_raises_is_left_for_run_time():
 
 def test_max_bytes_limits_the_size_of_folded_values():
     g = Graph()
-    big = g.add(g.constant(np.zeros((100, 1), np.float32)), g.constant(np.zeros((1, 100), np.float32)), name="big")
-    small = g.reduce_sum(g.constant(np.ones(4, np.float32)), name="small")
+    _big = g.add(g.constant(np.zeros((100, 1), np.float32)), g.constant(np.zeros((1, 100), np.float32)), name="big")
+    _small = g.reduce_sum(g.constant(np.ones(4, np.float32)), name="small")
 
     _, folded = fold_constants(g, set(), max_bytes=1000)
     assert folded == ["small"]

@@ -15,9 +15,9 @@ from client.job import job_to_spec
 from graph.errors import GraphError
 from graph.interpret import evaluate
 from graph.registry import RunContext
-from master.placement import assemble
 from master.planner import JobPlan, plan_job
 from protos import codec, master_pb2
+from pstrain.runtime.placement import assemble
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 MNIST_VARIABLES = {

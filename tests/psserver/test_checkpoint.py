@@ -9,9 +9,9 @@ import pytest
 
 from psserver import checkpoint as ckpt
 from psserver.checkpoint import CheckpointConfig, CheckpointState, load_checkpoint, save_checkpoint
-from psserver.optimizers import SGD, Adam, Optimizer
 from psserver.shard import Shard
-from worker.kernels import get_backend
+from pstrain.kernels import get_backend
+from pstrain.runtime.optimizers import SGD, Adam, Optimizer
 from tests.psserver.test_shard import TRAINABLE, assert_states_identical, final_state, initial, pulled, random_pushes
 
 pytestmark = pytest.mark.filterwarnings("error")

@@ -16,10 +16,12 @@ import grpc
 import numpy as np
 import pytest
 
-from master.placement import assemble, place, split
-from protos import codec, ps_pb2, ps_pb2_grpc, rpc
+from protos import codec, ps_pb2, ps_pb2_grpc
 from psserver.config import PSConfig
-from psserver.service import ParameterServerClient, serve
+from psserver.service import serve
+from pstrain.runtime.placement import assemble, place, split
+from pstrain.transport import rpc
+from pstrain.transport.ps_client import ParameterServerClient
 
 JOB = "svc-test"
 SGD_LR1 = json.dumps({"name": "sgd", "learning_rate": 1.0})

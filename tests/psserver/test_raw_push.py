@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from psserver.config import PSConfig
-from psserver.service import ParameterServerClient, serve
+from psserver.service import serve
+from pstrain.transport.ps_client import ParameterServerClient
 
 
 @pytest.fixture

@@ -11,10 +11,10 @@ import time
 import numpy as np
 import pytest
 
-from psserver.optimizers import SGD, Adam, Optimizer
 from psserver.shard import MODES, PushAck, PushRefused, Shard
-from psserver.store import ParameterStore, PushRejected
-from worker.kernels import get_backend
+from pstrain.kernels import get_backend
+from pstrain.runtime.optimizers import SGD, Adam, Optimizer
+from pstrain.runtime.store import ParameterStore, PushRejected
 
 TRAINABLE = ("w", "b")
 

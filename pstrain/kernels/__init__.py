@@ -1,4 +1,5 @@
 """Kernel backends, one file each, behind one interface; ``get_backend`` chooses.
+May import: ``graph`` only.
 
 A backend provides:
 
@@ -22,17 +23,17 @@ from __future__ import annotations
 import functools
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def get_backend(device: str = "cpu"):
     """The backend for ``device``; "auto" is cuda when a GPU is usable, else cpu."""
     if device == "auto":
         device = "cuda" if cuda_available() else "cpu"
     if device == "reference":
-        from worker.kernels.reference import ReferenceBackend
+        from pstrain.kernels.reference import ReferenceBackend
 
         return ReferenceBackend()
     if device == "cpu":
-        from worker.kernels.cpu import CpuBackend
+        from pstrain.kernels.cpu import CpuBackend
 
         return CpuBackend()
     if device == "cuda":
@@ -41,7 +42,7 @@ def get_backend(device: str = "cpu"):
                 "device 'cuda' was asked for but no CUDA GPU is usable (numba.cuda.is_available() is False); "
                 "use --device cpu, or set NUMBA_ENABLE_CUDASIM=1 to run the CUDA kernels in the simulator"
             )
-        from worker.kernels.cuda import CudaBackend
+        from pstrain.kernels.cuda import CudaBackend
 
         return CudaBackend()
     raise ValueError(f"unknown device '{device}'; use one of: auto, cpu, cuda, reference")

@@ -1,6 +1,6 @@
 """The CUDA backend: Numba-CUDA kernels on device arrays.
 
-Same interface as ``worker.kernels.reference``: ``kernel(node)`` returns
+Same interface as ``pstrain.kernels.reference``: ``kernel(node)`` returns
 ``k(ctx, out, *inputs)`` that writes ``node``'s result into the preallocated device
 array ``out``, or ``None`` for ops (or attrs) without a CUDA kernel, which the
 executor then runs through the NumPy reference on the host. The same code runs on
@@ -30,7 +30,7 @@ import numba
 import numpy as np
 from numba import cuda
 
-from worker.kernels.reference import reference_kernel
+from pstrain.kernels.reference import reference_kernel
 
 TPB = 256  # threads per block of 1-D launches
 TILE = 16  # matmul tile edge: TILE x TILE threads per block
@@ -280,7 +280,7 @@ def _binary(node):
 _ACTIVATIONS = {"linear": _identity, "relu": _relu, "sigmoid": _sigmoid, "tanh": _tanh}
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _matmul_kernel(dtype: np.dtype, act: str = "linear", has_bias: bool = False):
     """``out = act(op(a) @ op(b) [+ bias])`` for 2-D ``a``, ``b``; ``op`` transposes when
     ``ta`` / ``tb`` is set. One TILE x TILE block per output tile."""

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from graph.registry import RunContext
-from master.plan import TrainPlan
-from worker.executor import Executor
+from pstrain.runtime.executor import Executor
+from pstrain.runtime.plan import TrainPlan
 
 
 @dataclass

@@ -17,7 +17,7 @@ from typing import Mapping
 
 import numpy as np
 
-from psserver.optimizers import Optimizer
+from pstrain.runtime.optimizers import Optimizer
 
 
 class PushRejected(ValueError):

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from psserver.optimizers import SGD, Adam, Optimizer
-from psserver.store import ParameterStore, PushRejected
-from worker.kernels import get_backend
+from pstrain.kernels import get_backend
+from pstrain.runtime.optimizers import SGD, Adam, Optimizer
+from pstrain.runtime.store import ParameterStore, PushRejected
 
 BACKENDS = ["reference", "cpu"]
 

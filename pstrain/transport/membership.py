@@ -18,8 +18,8 @@ from typing import Callable
 
 import grpc
 
-from master.client import MasterClient
-from protos import rpc
+from pstrain.transport import rpc
+from pstrain.transport.master_client import MasterClient
 
 log = logging.getLogger(__name__)
 

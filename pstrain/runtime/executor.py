@@ -26,8 +26,8 @@ from graph.errors import DTypeError, GraphError, ShapeError
 from graph.interpret import needed_nodes
 from graph.ops._util import fmt_shape
 from graph.registry import RunContext, TensorSpec, get_op
-from worker.kernels import get_backend
-from worker.kernels.reference import reference_kernel
+from pstrain.kernels import get_backend
+from pstrain.kernels.reference import reference_kernel
 
 log = logging.getLogger(__name__)
 

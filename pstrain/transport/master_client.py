@@ -19,7 +19,8 @@ import grpc
 import numpy as np
 
 from graph.core import Graph
-from protos import codec, master_pb2, master_pb2_grpc, rpc
+from protos import codec, master_pb2, master_pb2_grpc
+from pstrain.transport import rpc
 
 DEFAULT_MASTER = "127.0.0.1:50051"
 

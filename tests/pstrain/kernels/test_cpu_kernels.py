@@ -12,8 +12,8 @@ import pytest
 
 from graph.core import Node
 from graph.registry import RunContext, TensorSpec, get_op
-from worker.kernels import cpu, reference
-from worker.kernels.cpu import ACTIVATIONS, CpuBackend
+from pstrain.kernels import cpu, reference
+from pstrain.kernels.cpu import ACTIVATIONS, CpuBackend
 
 DTYPES = [np.float32, np.float64]
 TOL = {

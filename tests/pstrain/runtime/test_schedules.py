@@ -4,8 +4,8 @@ import math
 import numpy as np
 import pytest
 
-from psserver.optimizers import SGD, Adam, CosineDecay, ExponentialDecay, Optimizer, optimizer_from_config
-from worker.kernels import get_backend
+from pstrain.kernels import get_backend
+from pstrain.runtime.optimizers import SGD, Adam, CosineDecay, ExponentialDecay, Optimizer, optimizer_from_config
 
 
 def test_cosine_decay_values():

@@ -2,7 +2,7 @@
 
 Usage::
 
-    from client import datasets
+    from client import datasets   # the same module as pstrain.runtime.datasets
     ds = datasets.load("mnist")            # or "digits", "synthetic", "path/to/data.npz"
     ds.x_train.shape, ds.x_train.dtype     # (60000, 784) float32, values in [0, 1]
     ds.y_train.dtype, ds.num_classes       # int64, 10
@@ -23,7 +23,6 @@ from __future__ import annotations
 import logging
 import operator
 import os
-import tempfile
 import time
 import warnings
 from dataclasses import dataclass
@@ -31,6 +30,8 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
+
+from pstrain.runtime.files import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -194,18 +195,8 @@ def _parse_label_pixel_csv(raw: bytes, source: str) -> tuple[np.ndarray, np.ndar
 def _write_npz_atomic(path: Path, arrays: dict[str, np.ndarray]) -> None:
     # Write beside the target and rename, so a concurrent reader or a crash never sees a
     # half-written cache.
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; the cache is shareable data
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_write(path, mode=0o644) as f:  # the cache is shareable data
+        np.savez(f, **arrays)
 
 
 # -- .npz files --------------------------------------------------------------------------

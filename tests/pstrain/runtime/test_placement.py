@@ -1,4 +1,4 @@
-"""Tests for master.placement: key-range placement of variables on PS shards.
+"""Tests for pstrain.runtime.placement: key-range placement of variables on PS shards.
 
 The invariants, checked for the MNIST MLP and for seeded random variable sets:
 every variable's slices cover its rows exactly once and in order, every shard holds
@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from master.placement import Placement, Slice, assemble, format_placement, place, split
+from pstrain.runtime.placement import Placement, Slice, assemble, format_placement, place, split
 
 MNIST_MLP = {
     "dense/kernel": ((784, 256), np.float32),

@@ -13,7 +13,7 @@ import pytest
 
 from graph import DTypeError, Graph, GraphError, RunContext, ShapeError, gradients
 from graph.interpret import evaluate, needed_nodes
-from worker.executor import Executor
+from pstrain.runtime.executor import Executor
 
 BACKENDS = ["cpu", "reference"]
 DTYPES = [np.float32, np.float64]

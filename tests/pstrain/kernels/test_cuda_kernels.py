@@ -31,9 +31,9 @@ from numba import cuda  # noqa: E402
 
 from graph.core import Node  # noqa: E402
 from graph.registry import RunContext, TensorSpec, get_op  # noqa: E402
-from worker.kernels import get_backend  # noqa: E402
-from worker.kernels.cuda import CudaBackend  # noqa: E402
-from worker.kernels.reference import adam_update, sgd_update  # noqa: E402
+from pstrain.kernels import get_backend  # noqa: E402
+from pstrain.kernels.cuda import CudaBackend  # noqa: E402
+from pstrain.kernels.reference import adam_update, sgd_update  # noqa: E402
 
 pytestmark = [
     pytest.mark.skipif(

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from psserver.optimizers import SGD, Adam, Optimizer, optimizer_from_config
-from worker.kernels import get_backend
+from pstrain.kernels import get_backend
+from pstrain.runtime.optimizers import SGD, Adam, Optimizer, optimizer_from_config
 
 BACKENDS = ["reference", "cpu"]
 DTYPES = [np.float64, np.float32]

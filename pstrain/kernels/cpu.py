@@ -13,7 +13,7 @@ import math
 import numpy as np
 from numba import njit
 
-from worker.kernels.reference import ReferenceBackend
+from pstrain.kernels.reference import ReferenceBackend
 
 # Activation codes for the fused dense kernel.
 ACTIVATIONS = {"linear": 0, "relu": 1, "sigmoid": 2, "tanh": 3}

@@ -1,0 +1,17 @@
+"""The runtime core: everything training needs that is neither a service nor a wire
+format. Pure Python + NumPy over the graph IR and the kernel backends; imports no
+grpc, protobuf or numba of its own (import-linter checks).
+
+- ``plan``: a model graph plus its backward pass (``TrainPlan``);
+- ``executor``: compiles a graph per input signature into a schedule of kernel calls;
+- ``step``: one training / evaluation step of a plan (``StepRunner``);
+- ``optimizers``: SGD, Adam, learning-rate schedules, the in-place update;
+- ``store``: a parameter store (variables + optimizer; every push checked whole);
+- ``placement``: variables split into byte-balanced row ranges across shards, slicing and assembly;
+- ``datasets``: datasets by name, epoch permutations, worker shards (``from client import datasets``);
+- ``metrics``: accuracy as Keras computes it;
+- ``modelfile``: the one model-file format (``pstrain-model/1``);
+- ``files``: the one atomic-write helper (write, fsync, rename, fsync dir).
+
+May import: ``pstrain.kernels``, ``graph``.
+"""
