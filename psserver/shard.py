@@ -4,7 +4,8 @@ A shard owns some of a job's variables (slices, by name) and applies the
 workers' gradients to them with the job's optimizer. gRPC server threads call
 it concurrently; one ``threading.Condition`` guards all state, and waiters
 (blocked pulls) are woken whenever the version, the clocks or the membership
-change.
+change. What differs between modes is asked of a pure policy object
+(``psserver.consistency``); the shard itself has no per-mode code.
 
 Modes:
 
@@ -47,13 +48,16 @@ from typing import Any, Iterable, Mapping
 import numpy as np
 
 from psserver.checkpoint import CheckpointConfig, CheckpointState, load_checkpoint, save_checkpoint
+from psserver.consistency import ConsistencyPolicy, policy_for
 from pstrain.kernels import get_backend
-from pstrain.runtime.optimizers import SGD, Adam, Optimizer, optimizer_from_config
+from pstrain.runtime.modes import MODES, Mode
+from pstrain.runtime.optimizers import Optimizer, UpdateRule
 from pstrain.runtime.store import ParameterStore, PushRejected
+
+__all__ = ["MODES", "CheckpointConfig", "PushAck", "PushRefused", "Shard", "ShardClosed", "ShardObserver"]
 
 log = logging.getLogger(__name__)
 
-MODES = ("sync", "async", "ssp")
 CHECKPOINT_FORMAT = 1
 
 
@@ -119,8 +123,8 @@ class Shard:
         shard_id: int,
         variables: Mapping[str, np.ndarray],
         trainable: set[str] | None,
-        optimizer: SGD | Adam | dict | str,
-        mode: str = "sync",
+        optimizer: UpdateRule | dict | str,
+        mode: Mode | str = "sync",
         *,
         staleness: int = 0,
         workers: Iterable[int],
@@ -128,23 +132,23 @@ class Shard:
         checkpoint: CheckpointConfig | None = None,
         observer: ShardObserver | None = None,
     ):
-        if mode not in MODES:
-            raise ValueError(f"Shard.mode={mode!r} is not a consistency mode; use one of {list(MODES)}")
+        mode = Mode.parse(mode, field="Shard.mode")
         if isinstance(staleness, bool) or not isinstance(staleness, int) or staleness < 0:
             raise ValueError(f"Shard.staleness={staleness!r} is out of range; allowed integers [0, inf)")
         self.job = job
         self.shard_id = int(shard_id)
-        self.mode = mode
+        self.mode: str = mode.value  # the plain string, as stats and checkpoints carry it
         self.staleness = staleness  # only ssp uses it; a job may carry one whatever its mode
+        self._policy: ConsistencyPolicy = policy_for(mode, staleness)
         self.checkpoint_config = checkpoint
         self._backend = get_backend(backend)
-        self._store = ParameterStore(variables, trainable, Optimizer(optimizer_from_config(optimizer), self._backend))
+        self._store = ParameterStore(variables, trainable, Optimizer(optimizer, self._backend))
         self._cond = threading.Condition()
         self._live: set[int] = _worker_set(workers)
         self._clocks: dict[int, int] = {k: 0 for k in self._live}  # worker -> steps pushed (its last step + 1)
         self._last_step: dict[int, int] = {}  # worker -> highest step received: the idempotency key
-        self._pending: dict[int, dict[int, _Push]] = {}  # sync: step -> worker -> push
-        self._barrier_start: dict[int, float] = {}  # sync: step -> when its first push arrived
+        self._pending: dict[int, dict[int, _Push]] = {}  # buffered (sync): step -> worker -> push
+        self._barrier_start: dict[int, float] = {}  # buffered (sync): step -> when its first push arrived
         self._pulled_version: dict[int, int] = {}  # worker -> version of its last pull (staleness)
         self._observer = observer or ShardObserver()
         self._closed = False
@@ -231,20 +235,20 @@ class Shard:
             self._last_step[worker] = step
             self._clocks[worker] = max(self._clocks.get(worker, 0), step + 1)
             self._pushed_bytes += sum(a.nbytes for a in grads.values()) + sum(a.nbytes for a in assigns.values())
-            if self.mode == "sync":
+            if self._policy.buffers_pushes:
                 self._barrier_start.setdefault(step, time.perf_counter())
                 self._pending.setdefault(step, {})[worker] = _Push(weight, grads, assigns)
-                self._advance_sync()
+                self._complete_barriers()
                 if not immutable and worker in self._pending.get(step, {}):
                     # It waits at the barrier, and the caller may reuse its arrays: keep our
                     # own copies. (The push that completes a barrier is applied as it is.)
                     self._pending[step][worker] = _Push(
                         weight, {n: g.copy() for n, g in grads.items()}, {n: a.copy() for n, a in assigns.items()}
                     )
-            elif weight != 0:
+            elif (scale := self._policy.gradient_scale(weight)) != 0:
                 started = time.perf_counter()
-                if weight != 1.0:
-                    grads = {n: np.multiply(g, weight, dtype=g.dtype) if g.dtype.kind == "f" else g
+                if scale != 1.0:
+                    grads = {n: np.multiply(g, scale, dtype=g.dtype) if g.dtype.kind == "f" else g
                              for n, g in grads.items()}
                 self._apply(grads, assigns, step)
                 self._applied += 1
@@ -298,8 +302,7 @@ class Shard:
         with self._cond:
             self._check_open()
             self._set_live(new)
-            if self.mode == "sync":
-                self._advance_sync()
+            self._complete_barriers()  # the barrier may have waited only for removed workers
             self._cond.notify_all()
             due = self._due_snapshot()
         if due is not None:
@@ -378,21 +381,12 @@ class Shard:
                 f"{where}: worker {worker} is not live here (live: {sorted(self._live)}); "
                 "it was removed after a failure or never registered",
             )
-        if step <= self._last_step.get(worker, -1):
+        last_step = self._last_step.get(worker)
+        if last_step is not None and step <= last_step:
             return True
-        if self.mode == "sync":
-            version = self._store.version
-            if step < version:
-                raise self._refuse(
-                    "stale_step",
-                    f"{where}: step {step} was already completed without it (version is {version}); "
-                    f"pull version {version} and push step {version}",
-                )
-            if step > version and self._last_step.get(worker) != step - 1:
-                raise self._refuse(
-                    "out_of_order",
-                    f"{where}: step {step - 1} has not arrived from this worker; sync pushes come in step order",
-                )
+        refusal = self._policy.check_step(step, self._store.version, last_step)
+        if refusal is not None:
+            raise self._refuse(refusal.reason, f"{where}: {refusal.message}")
         return False
 
     def _refuse(self, reason: str, message: str) -> PushRefused:
@@ -401,13 +395,13 @@ class Shard:
         log.warning("%s", message)
         return PushRefused(reason, message)
 
-    def _advance_sync(self) -> None:
-        """Complete every barrier whose live workers have all pushed (several when
-        workers ran ahead). Caller holds the lock."""
-        while self._live:
+    def _complete_barriers(self) -> None:
+        """Apply every buffered step whose barrier the policy says is complete (several
+        when workers ran ahead); nothing when the policy buffers nothing. Caller holds the lock."""
+        while True:
             step = self._store.version
             arrived = self._pending.get(step)
-            if arrived is None or not self._live <= arrived.keys():
+            if arrived is None or not self._policy.barrier_complete(arrived.keys(), self._live):
                 return
             del self._pending[step]
             started = time.perf_counter()
@@ -473,36 +467,18 @@ class Shard:
 
     # ---- pulls and membership ------------------------------------------------------------------
     def _ready(self, step: int, min_version: int):
-        if self.mode == "sync":
-            return lambda: self._store.version >= min_version
-        if self.mode == "ssp":
-            return lambda: self._slowest()[1] >= step - self.staleness
-        return lambda: True
-
-    def _slowest(self) -> tuple[int | None, float]:
-        """(worker, clock) of the slowest live worker; (None, inf) when none is live."""
-        if not self._live:
-            return None, math.inf
-        worker = min(self._live, key=lambda k: (self._clocks[k], k))
-        return worker, self._clocks[worker]
+        # Reads the attributes on every call: membership replaces self._live.
+        ready = self._policy.pull_ready
+        return lambda: ready(step, min_version, self._store.version, self._live, self._clocks)
 
     def _wait_message(self, worker: int, step: int, min_version: int, timeout: float | None) -> str:
         head = (
             f"job '{self.job}' shard {self.shard_id}: pull by worker {worker} for step {step} "
             f"timed out after {timeout}s"
         )
-        if self.mode == "sync":
-            version = self._store.version
-            missing = sorted(self._live - self._pending.get(version, {}).keys())
-            return (
-                f"{head} waiting for version >= {min_version} (now {version}); "
-                f"the barrier for step {version} still waits for worker(s) {missing}"
-            )
-        slow, clock = self._slowest()
-        return (
-            f"{head} waiting for the slowest worker to reach clock {step - self.staleness} "
-            f"(staleness {self.staleness}); slowest is worker {slow} at clock {clock}"
-        )
+        version = self._store.version
+        arrived = self._pending.get(version, {}).keys()
+        return f"{head} {self._policy.wait_reason(step, min_version, version, self._live, self._clocks, arrived)}"
 
     def _set_live(self, new: set[int]) -> None:
         """Membership change; caller holds the lock (also used on restore)."""
@@ -513,9 +489,8 @@ class Shard:
                 if not self._pending[step]:
                     del self._pending[step]
                     self._barrier_start.pop(step, None)
-            if self.mode == "sync" and k in self._last_step:
-                # Its buffered steps were dropped, so only applied ones still count as received.
-                self._last_step[k] = min(self._last_step[k], self._store.version - 1)
+            if k in self._last_step:  # its buffered pushes were just dropped
+                self._last_step[k] = self._policy.received_after_removal(self._last_step[k], self._store.version)
         floor = min((self._clocks[k] for k in self._live & new), default=0)
         for k in added:
             self._clocks[k] = max(self._clocks.get(k, 0), floor)
@@ -653,8 +628,7 @@ class Shard:
         workers = self._live
         self._live = set(meta["live_workers"])
         self._set_live(workers)
-        if self.mode == "sync":
-            self._advance_sync()
+        self._complete_barriers()
         self._restored = True
         log.info("job %s shard %d: restored version %d from %s", self.job, self.shard_id, self._store.version, path)
 

@@ -1,4 +1,5 @@
-"""Optimizers: validated configs and the update rules that apply them.
+"""Optimizers: one class per optimizer (its validated settings and its update rule),
+a registry by name, and the ``Optimizer`` that applies one to named parameters.
 
 The same ``Optimizer`` applies updates in the in-process trainer and (with the
 distributed runtime) in every parameter-server shard, so both paths produce the
@@ -6,16 +7,24 @@ same numbers. Rules follow PyTorch: SGD ``v = momentum * v + g; p -= lr * v``;
 Adam with bias correction and ``p -= lr * m_hat / (sqrt(v_hat) + epsilon)``
 (epsilon defaults to Keras's 1e-7).
 
+Adding an optimizer is one ``UpdateRule`` subclass, decorated with
+``@register_optimizer``, plus its kernels in every backend's ``optimizer_kernels()``
+(``pstrain.kernels``); it is then known by name to configs, job files and shards.
+
 Usage::
 
     opt = Optimizer(SGD(learning_rate=0.1, momentum=0.9), backend)
     opt.apply("dense/kernel", param, grad)   # in place
+    optimizer_from_config({"name": "adam", "learning_rate": 0.01})   # Adam(learning_rate=0.01)
 """
 from __future__ import annotations
 
+import dataclasses
 import math
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
-from typing import Any, Union
+from typing import Any, ClassVar, Union
 
 
 def _check_range(cls: str, field: str, value: float, lo: float, hi: float, lo_open=False, hi_open=False) -> None:
@@ -102,10 +111,97 @@ def learning_rate_at(lr, step: int) -> float:
     return lr(step) if callable(lr) else lr
 
 
+class UpdateRule(ABC):
+    """One optimizer: its settings and how it updates a parameter.
+
+    Subclasses are frozen dataclasses with a ``learning_rate`` field (a float or a
+    schedule), validated in ``__post_init__``; they name themselves (``name``, as in
+    configs) and the state arrays they keep per variable (``state_keys``). Register
+    one with ``@register_optimizer``.
+
+    Usage::
+
+        @register_optimizer
+        @dataclass(frozen=True)
+        class SignSGD(UpdateRule):
+            name: ClassVar[str] = "sign_sgd"
+            state_keys: ClassVar[tuple[str, ...]] = ()
+            learning_rate: float = 0.01
+
+            def init_state(self, param, backend):
+                return {}
+
+            def update(self, param, grad, state, lr, step, kernels):
+                kernels["sign_sgd"](param, grad, lr)
+    """
+
+    name: ClassVar[str]
+    state_keys: ClassVar[tuple[str, ...]]
+    learning_rate: float | Schedule
+
+    @abstractmethod
+    def init_state(self, param, backend) -> dict[str, Any]:
+        """Fresh state for ``param``: ``{key: array}`` for every key in ``state_keys``,
+        allocated on ``backend`` (a ``pstrain.kernels`` backend)."""
+
+    @abstractmethod
+    def update(self, param, grad, state: Mapping[str, Any], lr: float, step: int,
+               kernels: Mapping[str, Callable[..., None]]) -> None:
+        """Update ``param`` and the arrays in ``state`` in place with ``grad``, at learning
+        rate ``lr``; ``step`` counts this variable's updates including this one (1, 2, ...).
+        ``kernels`` is the backend's ``optimizer_kernels()``."""
+
+    def get_config(self) -> dict:
+        """The settings as plain JSON-able values, ``name`` first (``optimizer_from_config``
+        turns it back into an equal object)."""
+        config: dict[str, Any] = {"name": self.name}
+        for field in dataclasses.fields(self):  # type: ignore[arg-type]
+            value = getattr(self, field.name)
+            config[field.name] = _lr_config(value) if field.name == "learning_rate" else value
+        return config
+
+
+_REGISTRY: dict[str, type[UpdateRule]] = {}
+
+
+def register_optimizer(cls: type[UpdateRule]) -> type[UpdateRule]:
+    """Class decorator: make ``cls`` known by ``cls.name`` to ``optimizer_from_config``
+    and ``Optimizer`` (see ``UpdateRule`` for an example).
+
+    Raises ValueError when ``cls`` is not a frozen ``UpdateRule`` dataclass with a
+    ``learning_rate`` field, or when its name is taken by another class.
+    """
+    where = f"register_optimizer({cls.__name__})"
+    if not (isinstance(cls, type) and issubclass(cls, UpdateRule)):
+        raise ValueError(f"{where}: the class must subclass UpdateRule")
+    if not dataclasses.is_dataclass(cls) or not cls.__dataclass_params__.frozen:  # type: ignore[attr-defined]
+        raise ValueError(f"{where}: decorate the class with @dataclass(frozen=True) first (below @register_optimizer)")
+    if "learning_rate" not in {f.name for f in dataclasses.fields(cls)}:
+        raise ValueError(f"{where}: the class needs a learning_rate field (a float or a schedule)")
+    name = getattr(cls, "name", None)
+    if not isinstance(name, str) or not name or name != name.lower():
+        raise ValueError(f"{where}: name={name!r} must be a non-empty lower-case string (configs use it)")
+    if not isinstance(getattr(cls, "state_keys", None), tuple) or "t" in cls.state_keys:
+        raise ValueError(f"{where}: state_keys must be a tuple of state array names, without 't' (kept by Optimizer)")
+    taken = _REGISTRY.get(name)
+    if taken is not None and taken is not cls:
+        raise ValueError(f"{where}: the name '{name}' is already registered to {taken.__name__}; choose another name")
+    _REGISTRY[name] = cls
+    return cls
+
+
+def known_optimizers() -> list[str]:
+    """The registered optimizer names, sorted (``["adam", "sgd"]`` built in)."""
+    return sorted(_REGISTRY)
+
+
+@register_optimizer
 @dataclass(frozen=True)
-class SGD:
+class SGD(UpdateRule):
     """Stochastic gradient descent with optional (heavy-ball) momentum."""
 
+    name: ClassVar[str] = "sgd"
+    state_keys: ClassVar[tuple[str, ...]] = ("velocity",)
     learning_rate: float | Schedule = 0.01
     momentum: float = 0.0
 
@@ -113,14 +209,22 @@ class SGD:
         _check_lr("SGD", self.learning_rate)
         _check_range("SGD", "momentum", float(self.momentum), 0.0, 1.0, hi_open=True)
 
-    def get_config(self) -> dict:
-        return {"name": "sgd", "learning_rate": _lr_config(self.learning_rate), "momentum": self.momentum}
+    def init_state(self, param, backend) -> dict[str, Any]:
+        # Without momentum the kernel ignores the velocity: keep an empty one, not a copy of param.
+        velocity = backend.zeros(param.shape, param.dtype) if self.momentum else backend.empty((0,), param.dtype)
+        return {"velocity": velocity}
+
+    def update(self, param, grad, state, lr, step, kernels) -> None:
+        kernels["sgd"](param, grad, state["velocity"], lr, self.momentum)
 
 
+@register_optimizer
 @dataclass(frozen=True)
-class Adam:
+class Adam(UpdateRule):
     """Adam (Kingma & Ba)."""
 
+    name: ClassVar[str] = "adam"
+    state_keys: ClassVar[tuple[str, ...]] = ("m", "v")
     learning_rate: float | Schedule = 0.001
     beta_1: float = 0.9
     beta_2: float = 0.999
@@ -132,65 +236,81 @@ class Adam:
         _check_range("Adam", "beta_2", float(self.beta_2), 0.0, 1.0, hi_open=True)
         _check_range("Adam", "epsilon", float(self.epsilon), 0.0, float("inf"), lo_open=True, hi_open=True)
 
-    def get_config(self) -> dict:
-        return {"name": "adam", **asdict(self), "learning_rate": _lr_config(self.learning_rate)}
+    def init_state(self, param, backend) -> dict[str, Any]:
+        return {"m": backend.zeros(param.shape, param.dtype), "v": backend.zeros(param.shape, param.dtype)}
+
+    def update(self, param, grad, state, lr, step, kernels) -> None:
+        kernels["adam"](param, grad, state["m"], state["v"], lr, self.beta_1, self.beta_2, self.epsilon, step)
 
 
-_BY_NAME = {"sgd": SGD, "adam": Adam}
+def optimizer_from_config(config: UpdateRule | Mapping[str, Any] | str) -> UpdateRule:
+    """An optimizer from a name ("sgd", "adam", any registered one), a config dict
+    (``get_config()``'s form) or an optimizer object (returned as is).
 
+    Raises ValueError naming an unknown optimizer and listing the known ones, or
+    naming a field that is unknown or out of range.
 
-def optimizer_from_config(config: dict | str | Any) -> SGD | Adam:
-    """An optimizer config from a name ("sgd", "adam"), a dict or a config object."""
-    if isinstance(config, (SGD, Adam)):
+    Usage::
+
+        optimizer_from_config("sgd")                                   # SGD()
+        optimizer_from_config({"name": "adam", "learning_rate": 0.02})  # Adam(learning_rate=0.02)
+    """
+    if isinstance(config, UpdateRule):
+        if _REGISTRY.get(config.name) is not type(config):
+            raise ValueError(
+                f"unknown optimizer {type(config).__name__} (name '{config.name}'); use one of {known_optimizers()}, "
+                "or register the class with @register_optimizer"
+            )
         return config
     if isinstance(config, str):
         config = {"name": config}
+    if not isinstance(config, Mapping):
+        raise ValueError(
+            f"unknown optimizer {config!r}; use one of {known_optimizers()}, "
+            "by name, as a config dict or as an optimizer object such as SGD(0.1)"
+        )
     config = dict(config)
     name = str(config.pop("name", "")).lower()
-    if name not in _BY_NAME:
-        raise ValueError(f"unknown optimizer '{name}'; use one of {sorted(_BY_NAME)}")
+    cls = _REGISTRY.get(name)
+    if cls is None:
+        raise ValueError(f"unknown optimizer '{name}'; use one of {known_optimizers()}")
     if "learning_rate" in config:
         config["learning_rate"] = _lr_from_config(config["learning_rate"])
     try:
-        return _BY_NAME[name](**config)
+        return cls(**config)
     except TypeError as exc:  # an unknown field
-        raise ValueError(f"bad {name} optimizer config {config}: {exc}") from exc
+        fields = [f.name for f in dataclasses.fields(cls)]
+        raise ValueError(f"bad {name} optimizer config {config}: {exc}; {cls.__name__} takes {fields}") from exc
 
 
 class Optimizer:
-    """Applies an optimizer config to named parameters, in place, keeping per-variable state."""
+    """Applies an optimizer to named parameters, in place, keeping per-variable state
+    (the rule's ``state_keys`` arrays plus ``t``, the variable's update count).
 
-    def __init__(self, config: SGD | Adam, backend):
-        self.config = config
+    ``config`` is anything ``optimizer_from_config`` takes; an unknown one raises ValueError.
+    """
+
+    def __init__(self, config: UpdateRule | Mapping[str, Any] | str, backend):
+        self.config = optimizer_from_config(config)
         self.backend = backend
         self.kernels = backend.optimizer_kernels()
         self.state: dict[str, dict[str, Any]] = {}
 
-    def _zeros(self, like):
-        return self.backend.zeros(like.shape, like.dtype)
-
     def apply(self, name: str, param, grad, step: int | None = None) -> None:
         """Update ``param`` in place. ``step`` (0-based global step) drives learning-rate
         schedules; by default it is the number of updates this variable has had."""
-        c = self.config
+        rule = self.config
         st = self.state.get(name)
-        if isinstance(c, SGD):
-            if st is None:
-                velocity = self._zeros(param) if c.momentum else self.backend.empty((0,), param.dtype)
-                st = self.state[name] = {"velocity": velocity, "t": 0}
-            lr = learning_rate_at(c.learning_rate, st["t"] if step is None else step)
-            st["t"] += 1
-            self.kernels["sgd"](param, grad, st["velocity"], lr, c.momentum)
-        else:
-            if st is None:
-                st = self.state[name] = {"m": self._zeros(param), "v": self._zeros(param), "t": 0}
-            lr = learning_rate_at(c.learning_rate, st["t"] if step is None else step)
-            st["t"] += 1
-            self.kernels["adam"](param, grad, st["m"], st["v"], lr, c.beta_1, c.beta_2, c.epsilon, st["t"])
+        if st is None:
+            st = self.state[name] = {**rule.init_state(param, self.backend), "t": 0}
+        lr = learning_rate_at(rule.learning_rate, st["t"] if step is None else step)
+        st["t"] += 1
+        rule.update(param, grad, st, lr, st["t"], self.kernels)
 
     def state_dict(self) -> dict[str, dict[str, Any]]:
-        """The per-variable state as host copies, for checkpoints: SGD ``{"velocity", "t"}``,
-        Adam ``{"m", "v", "t"}`` per variable (``t`` an int, the rest NumPy arrays).
+        """The per-variable state as host copies, for checkpoints: the rule's
+        ``state_keys`` plus ``t`` per variable (SGD ``{"velocity", "t"}``, Adam
+        ``{"m", "v", "t"}``; ``t`` an int, the rest NumPy arrays).
 
         Usage::
 
@@ -207,7 +327,7 @@ class Optimizer:
         """Replace all state with ``state`` (as returned by ``state_dict``); variables
         missing from it start fresh. Raises ValueError when the state is not this
         optimizer's kind (e.g. Adam moments given to SGD)."""
-        want = {"velocity", "t"} if isinstance(self.config, SGD) else {"m", "v", "t"}
+        want = {*self.config.state_keys, "t"}
         kind = type(self.config).__name__
         for name, st in state.items():
             if set(st) != want:

@@ -6,6 +6,7 @@ backends in float64 (tight) and float32.
 """
 from __future__ import annotations
 
+import dataclasses
 import re
 
 import numpy as np
@@ -216,3 +217,63 @@ def test_optimizer_from_config_validates_values():
 def test_optimizer_from_config_names_an_unknown_field():
     with pytest.raises((TypeError, ValueError), match="lr"):
         optimizer_from_config({"name": "sgd", "lr": 0.1})
+
+
+# ---- each optimizer class on its own: init_state and update ------------------------------------------
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(
+    "config, want",
+    [
+        (SGD(0.1), {"velocity": (0,)}),  # no momentum: the kernel never reads the velocity
+        (SGD(0.1, momentum=0.9), {"velocity": (2, 3)}),
+        (Adam(0.01), {"m": (2, 3), "v": (2, 3)}),
+    ],
+    ids=str,
+)
+def test_init_state_is_zeros_of_the_state_keys(config, want, backend, dtype):
+    param = np.ones((2, 3), dtype)
+    state = config.init_state(param, get_backend(backend))
+    assert tuple(state) == type(config).state_keys == tuple(want)
+    for key, shape in want.items():
+        assert state[key].shape == shape and state[key].dtype == dtype
+        np.testing.assert_array_equal(state[key], 0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sgd_update_by_hand(backend, dtype):
+    be = get_backend(backend)
+    config = SGD(learning_rate=0.5, momentum=0.9)
+    p, g = np.array(P0, dtype), np.array(G, dtype)
+    state = config.init_state(p, be)
+    state["velocity"][:] = [1.0, 1.0, 1.0]
+    config.update(p, g, state, 0.1, 7, be.optimizer_kernels())  # lr is the argument, not the config's
+    # v = 0.9 * 1 + g = [1.4, -0.1, 2.9]; p - 0.1 * v
+    np.testing.assert_allclose(state["velocity"], [1.4, -0.1, 2.9], **TOL[np.dtype(dtype)])
+    np.testing.assert_allclose(p, [0.86, -1.99, 0.21], **TOL[np.dtype(dtype)])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_adam_update_uses_step_for_bias_correction(backend, dtype):
+    be = get_backend(backend)
+    config = Adam(learning_rate=0.5)
+    p, g = np.array(P0, dtype), np.array(G, dtype)
+    state = config.init_state(p, be)
+    config.update(p, g, state, 0.01, 1, be.optimizer_kernels())
+    # step 1 is the hand-computed single step above (lr 0.01, not the config's 0.5)
+    np.testing.assert_allclose(p, [0.9900000019999996, -1.9900000009999999, 0.4900000005], **TOL[np.dtype(dtype)])
+    np.testing.assert_allclose(state["m"], [0.05, -0.1, 0.2], **TOL[np.dtype(dtype)])
+
+
+@pytest.mark.parametrize("config", [SGD(0.3, 0.5), Adam(0.004, 0.85, 0.995, 1e-6)], ids=str)
+def test_get_config_is_name_then_fields(config):
+    got = config.get_config()
+    assert list(got)[0] == "name" and got["name"] == type(config).name
+    assert list(got)[1:] == [f.name for f in dataclasses.fields(config)]
+
+
+def test_optimizer_refuses_an_unknown_config():
+    with pytest.raises(ValueError, match=r"unknown optimizer 'rmsprop'; use one of \['adam', 'sgd'\]"):
+        make("rmsprop", "reference")
