@@ -85,7 +85,7 @@ def per_epoch_rates(ends: dict[int, dict[int, float]], epochs: int, n: int) -> l
 def bench_cluster(workers: int, shards: int, mode: str, epochs: int, n: int) -> list[float]:
     """samples/s of each epoch after the first, for one job on a fresh local cluster."""
     from client.job import Job, job_to_spec
-    from client.launcher import ClusterSpec, local_cluster
+    from client.launchers import ClusterSpec, local_cluster
     from pstrain.transport.master_client import MasterClient
 
     steps_per_epoch = math.ceil(n / BATCH)
@@ -177,7 +177,7 @@ def bench_push_pull(warmup: int, iters: int) -> dict:
     """Median seconds of one push+pull against a real shard process of a local cluster,
     each way a worker can send it, beside echoes of the same bytes; every kind of call
     in turn within each iteration, so machine noise hits them alike."""
-    from client.launcher import ClusterSpec, local_cluster
+    from client.launchers import ClusterSpec, local_cluster
     from pstrain.transport.master_client import MasterClient
     from pstrain.transport.ps_client import ParameterServerClient
 
@@ -344,7 +344,7 @@ def main(argv=None) -> int:
     warmup, iters = (10, 50) if args.quick else (20, 200)
 
     from client import datasets
-    from client.launcher import thread_env
+    from client.launchers import thread_env
 
     # A lone worker's thread count: what the launcher gives a 1-worker cluster, and what
     # this process's OpenBLAS/Numba pools already use (both follow the same environment).

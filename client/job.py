@@ -33,6 +33,7 @@ from client.nn import optimizers
 from client.nn.model import History, Sequential
 from pstrain.runtime import datasets
 from pstrain.runtime.modelfile import FORMAT, write_model
+from pstrain.runtime.spec import JobSpec, ModelSpec, TrainConfig
 
 MODES = ("sync", "async", "ssp")
 
@@ -129,29 +130,27 @@ def _dataset_ref(dataset: str) -> str:
     return dataset
 
 
-def job_to_spec(job: Job, name: str, device: str | None = None):
-    """The declarative ``master_pb2.JobSpec`` for ``job``: graph, signature, settings, data.
+def job_to_spec(job: Job, name: str, device: str | None = None) -> JobSpec:
+    """The declarative ``JobSpec`` for ``job``: graph, signature, settings, data
+    (``MasterClient.submit`` sends it; ``protos.jobcodec`` is its wire form).
 
     ``device`` overrides the model's (``job.model.device``) kernel backend on the workers.
     """
-    # Imported here so that in-process training never needs grpc.
-    from pstrain.transport.master_client import ModelSignature, TrainSettings, build_job_spec
-
     ensure_built(job)
     model = job.model
     plan = model._plan
     compiled = model._compiled
-    sig = ModelSignature(
-        features=plan.features, labels=plan.labels, loss=plan.loss, prediction=plan.prediction,
+    sig = ModelSpec(
+        plan.graph, features=plan.features, labels=plan.labels, loss=plan.loss, prediction=plan.prediction,
         model_config=model.get_config(), weight_order=model._weight_names(),
     )
-    train = TrainSettings(
+    train = TrainConfig(
         optimizer=compiled["optimizer"].get_config(), batch_size=int(job.batch_size), epochs=int(job.epochs),
         mode=job.mode, staleness=int(job.staleness), seed=int(job.seed), loss_name=compiled["loss"],
         metrics=tuple(compiled["metrics"]), shuffle=bool(job.shuffle), device=device or model.device,
         num_workers=int(job.num_workers), num_shards=int(job.num_shards),
     )
-    return build_job_spec(name, plan.graph, sig, train, _dataset_ref(job.dataset))
+    return JobSpec(name, sig, train, _dataset_ref(job.dataset))
 
 
 def steps_per_epoch(job: Job) -> int | None:

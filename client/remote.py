@@ -16,6 +16,7 @@ import os
 
 import numpy as np
 
+from client.progress import WatchView, follow
 from pstrain.runtime import datasets
 from pstrain.runtime.files import atomic_write
 
@@ -41,7 +42,6 @@ def stage_arrays(x, y, validation_data) -> str:
 
 def fit_on_cluster(model, x, y, batch_size, epochs, shuffle, validation_data, verbose, cluster, mode="sync"):
     """Train ``model`` on the cluster whose master is at ``cluster``; returns a History."""
-    from client.cli import WatchView, follow
     from client.job import Job, job_to_spec
     from client.nn.model import History
     from pstrain.transport.master_client import MasterClient

@@ -1,8 +1,9 @@
 """Plan a job: validate the submitted graph, optimise it, add the backward pass,
 optimise again, and place every variable on the parameter-server shards.
 
-Pure (no gRPC): the master's SubmitJob and GetPlan, and ``psctl plan`` offline, all
-call ``plan_job``.
+Pure (no gRPC, plain types): the master's SubmitJob and GetPlan, and ``psctl plan``
+offline, all call ``plan_job`` with a ``pstrain.runtime.spec.JobSpec`` (the model's
+roles and the train config are already validated when it was constructed).
 
 Usage::
 
@@ -17,11 +18,12 @@ from dataclasses import dataclass
 import numpy as np
 
 from graph.core import Graph, Tensor
-from graph.errors import GraphError
 from master.passes import PassReport, optimize
-from protos import codec
+from pstrain.runtime.modes import Mode
+from pstrain.runtime.optimizers import optimizer_from_config
 from pstrain.runtime.placement import Placement, format_placement, place, split
 from pstrain.runtime.plan import TrainPlan, build_train_plan
+from pstrain.runtime.spec import JobSpec
 
 
 @dataclass
@@ -31,7 +33,7 @@ class JobPlan:
     forward_report: PassReport
     train_report: PassReport
     optimizer: dict
-    mode: str
+    mode: Mode
     staleness: int
     weight_order: list
 
@@ -78,14 +80,14 @@ class JobPlan:
             where = "input" if node.op == "placeholder" else "const" if node.op == "constant" else "worker"
             shape = "(" + ", ".join("?" if d is None else str(d) for d in node.shape) + ")"
             lines.append(f"  [{where:6}] {node.name:40} {node.op:34} {shape} {node.dtype}")
-        lines += ["", f"== parameter-server shards ({self.mode}"
-                  + (f", staleness {self.staleness}" if self.mode == "ssp" else "") + f"; optimizer {self.optimizer.get('name')}) =="]
+        lines += ["", f"== parameter-server shards ({self.mode.value}"
+                  + (f", staleness {self.staleness}" if self.mode is Mode.SSP else "") + f"; optimizer {self.optimizer.get('name')}) =="]
         lines.append(format_placement(self.placement))
         return "\n".join(lines)
 
     def to_dict(self) -> dict:
         return {
-            "mode": self.mode,
+            "mode": self.mode.value,
             "staleness": self.staleness,
             "optimizer": self.optimizer,
             "nodes": len(self.graph.nodes),
@@ -111,40 +113,20 @@ def _report_dict(r: PassReport) -> dict:
     }
 
 
-def plan_job(spec, num_shards: int) -> JobPlan:
-    """Validate and plan a ``master_pb2.JobSpec`` for ``num_shards`` shards."""
+def plan_job(spec: JobSpec, num_shards: int) -> JobPlan:
+    """Optimise and plan ``spec`` for ``num_shards`` shards."""
     m, t = spec.model, spec.train
-    g = codec.graph_from_proto(m.graph)  # validates: ops, edges, cycles, shapes, dtypes
-    names = {"features": m.features, "labels": m.labels, "loss": m.loss, "prediction": m.prediction}
-    for role, name in names.items():
-        if name not in g.nodes:
-            raise GraphError(f"the job's {role} node does not exist in the graph", name or "<empty>")
-    for role in ("features", "labels"):
-        if g.nodes[names[role]].op != "placeholder":
-            raise GraphError(f"the job's {role} must be a placeholder", names[role], g.nodes[names[role]].op)
-    if g.nodes[m.loss].shape != ():
-        raise GraphError(f"the loss must be a scalar, got shape {g.nodes[m.loss].shape}", m.loss, g.nodes[m.loss].op)
-    for name in m.weight_order:
-        if name not in g.nodes or g.nodes[name].op != "variable":
-            raise GraphError("weight_order names a node that is not a variable", name)
-    if t.mode not in ("sync", "async", "ssp"):
-        raise ValueError(f"train.mode={t.mode!r}: use sync, async or ssp")
-    if t.batch_size < 1:
-        raise ValueError(f"train.batch_size={t.batch_size} must be >= 1")
     if num_shards < 1:
         raise ValueError(f"num_shards={num_shards} must be >= 1")
-    from pstrain.runtime.optimizers import optimizer_from_config
-
+    optimizer = dict(t.optimizer)
     try:
-        optimizer = json.loads(t.optimizer_json or '{"name": "sgd"}')
-        if not isinstance(optimizer, dict):
-            raise ValueError(f"expected a JSON object, got {type(optimizer).__name__}")
         optimizer_from_config(dict(optimizer))  # validate now, not on the shards
     except (ValueError, TypeError) as exc:
-        raise ValueError(f"train.optimizer_json={t.optimizer_json!r} is not a valid optimizer config: {exc}") from None
+        raise ValueError(f"train.optimizer={json.dumps(optimizer)} is not a valid optimizer config: {exc}") from None
 
-    keep = set(names.values()) | set(m.weight_order)
-    fwd, fwd_report = optimize(g, [m.loss, m.prediction], keep=keep)
+    names = (m.features, m.labels, m.loss, m.prediction)
+    keep = set(names) | set(m.weight_order)
+    fwd, fwd_report = optimize(m.graph, [m.loss, m.prediction], keep=keep)
     train = build_train_plan(fwd, Tensor(fwd, m.loss), Tensor(fwd, m.prediction), m.features, m.labels)
     outputs = [m.loss, m.prediction] + list(train.grads.values())
     g2, train_report = optimize(train.graph, outputs, keep=keep | set(train.grads.values()))

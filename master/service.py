@@ -28,9 +28,10 @@ from master.config import MasterConfig
 from master.jobs import InvalidTransition, JobFinished, JobRecord, JobState, JobStore
 from master.metrics import MasterMetrics
 from master.planner import JobPlan, plan_job
-from protos import codec, master_pb2, master_pb2_grpc
-from pstrain.runtime.modelfile import write_model
+from protos import codec, jobcodec, master_pb2, master_pb2_grpc
+from pstrain.runtime.modelfile import read_model, write_model
 from pstrain.runtime.placement import assemble
+from pstrain.runtime.spec import JobSpec, Progress, SliceSpec, TaskSpec
 from pstrain.transport import rpc
 from pstrain.transport.ps_client import ParameterServerClient
 
@@ -62,10 +63,21 @@ class NodeInfo:
     finished: list = field(default_factory=list)
 
 
+@dataclass(frozen=True)
+class HeartbeatReply:
+    """What a heartbeat answers: ``known`` False means register again; the rest is new
+    work, jobs to stop, and jobs whose final model ``evaluator`` evaluates."""
+
+    known: bool
+    tasks: tuple[TaskSpec, ...] = ()
+    cancelled: tuple[str, ...] = ()
+    finished: tuple[tuple[str, int], ...] = ()  # (job, evaluator worker index)
+
+
 @dataclass
 class JobRuntime:
     id: str
-    spec: master_pb2.JobSpec
+    spec: JobSpec
     plan: JobPlan
     workers: dict[int, str]  # worker index -> node id
     shards: list[str]  # shard index -> address
@@ -134,19 +146,15 @@ class Coordinator:
             self.changed.notify_all()
             return node
 
-    def heartbeat(self, node_id: str) -> master_pb2.HeartbeatResponse:
+    def heartbeat(self, node_id: str) -> HeartbeatReply:
         with self.lock:
             node = self.nodes.get(node_id)
             if node is None or not node.alive:
-                return master_pb2.HeartbeatResponse(known=False)
+                return HeartbeatReply(known=False)
             node.last_seen = time.monotonic()
-            resp = master_pb2.HeartbeatResponse(known=True)
-            resp.tasks.extend(node.tasks)
-            resp.cancelled_jobs.extend(node.cancelled)
-            for job, evaluator in node.finished:
-                resp.finished.add(job=job, evaluator=evaluator)
+            reply = HeartbeatReply(True, tuple(node.tasks), tuple(node.cancelled), tuple(node.finished))
             node.tasks, node.cancelled, node.finished = [], [], []
-            return resp
+            return reply
 
     def list_nodes(self) -> list[NodeInfo]:
         with self.lock:
@@ -163,21 +171,21 @@ class Coordinator:
         return client
 
     # ---- jobs ---------------------------------------------------------------------------
-    def plan(self, spec: master_pb2.JobSpec) -> JobPlan:
+    def plan(self, spec: JobSpec) -> JobPlan:
         with self.lock:
             alive_ps = sum(1 for n in self.nodes.values() if n.role == "ps" and n.alive)
         return plan_job(spec, spec.train.num_shards or max(alive_ps, 1))
 
-    def submit(self, spec: master_pb2.JobSpec) -> JobRecord:
+    def submit(self, spec: JobSpec) -> JobRecord:
         plan = self.plan(spec)  # validate before recording anything: bad specs fail INVALID_ARGUMENT
-        rec = self.store.create(spec.name or "job", spec.SerializeToString(), {})
+        rec = self.store.create(spec.name or "job", jobcodec.job_spec_to_bytes(spec), {})
         with self.lock:
             self._job_states[rec.id] = rec.state
         self.store.add_event(rec.id, "submitted")
         self._try_start(rec.id, spec, plan)
         return self.store.get(rec.id)
 
-    def _try_start(self, job_id: str, spec: master_pb2.JobSpec, plan: JobPlan | None = None) -> bool:
+    def _try_start(self, job_id: str, spec: JobSpec, plan: JobPlan | None = None) -> bool:
         """Start a PENDING job if enough nodes are free; ``plan`` is reused when it was
         made for the number of shards the job gets."""
         with self.lock:
@@ -215,7 +223,7 @@ class Coordinator:
                 tensors = plan.shard_tensors(s)
                 self._ps(node.address).init_shard(
                     job_id, s, tensors, trainable & set(tensors),
-                    json.dumps(plan.optimizer), spec.train.mode, spec.train.staleness, indices,
+                    json.dumps(plan.optimizer), spec.train.mode.value, spec.train.staleness, indices,
                 )
         except Exception as exc:  # noqa: BLE001 - recorded on the job
             with self.lock:
@@ -241,24 +249,17 @@ class Coordinator:
             self.changed.notify_all()
         return True
 
-    def _task(self, rt: JobRuntime, index: int) -> master_pb2.Task:
-        plan, spec = rt.plan, rt.spec
-        t = master_pb2.Task(
-            job=rt.id, worker_index=index, num_workers=len(rt.workers), features=plan.train.features,
-            labels=plan.train.labels, loss=plan.train.loss, prediction=plan.train.prediction,
+    def _task(self, rt: JobRuntime, index: int) -> TaskSpec:
+        train = rt.plan.train
+        return TaskSpec(
+            job=rt.id, worker_index=index, workers=tuple(rt.workers), graph=train.graph, features=train.features,
+            labels=train.labels, loss=train.loss, prediction=train.prediction, grads=train.grads,
+            state_variables=train.state_variables,
+            slices=tuple(SliceSpec(s.variable, s.key, s.shard, s.start, s.stop) for s in rt.plan.placement.slices),
+            shard_addresses=tuple(rt.shards), train=rt.spec.train, dataset=rt.spec.dataset,
         )
-        t.graph.CopyFrom(codec.graph_to_proto(plan.graph))
-        t.grads.update(plan.train.grads)
-        t.state_variables.extend(plan.train.state_variables)
-        for s in plan.placement.slices:
-            t.slices.add(variable=s.variable, key=s.key, shard=s.shard, start=s.start, stop=s.stop)
-        t.shard_addresses.extend(rt.shards)
-        t.train.CopyFrom(spec.train)
-        t.data.CopyFrom(spec.data)
-        t.workers.extend(sorted(rt.workers))
-        return t
 
-    def progress(self, r: master_pb2.ProgressReport) -> bool:
+    def progress(self, r: Progress) -> bool:
         """Record a worker's report; returns True if the job was cancelled."""
         rec = self.store.get(r.job)
         if rec.state == JobState.CANCELLED:
@@ -400,18 +401,14 @@ class Coordinator:
             out = np.empty(node.shape, node.dtype)
             assemble(slices, [parts[s.key] for s in slices], out)
             weights.append(out)
-        config = json.loads(rt.spec.model.model_config_json or "{}")
-        return config, names, weights
+        return dict(rt.spec.model.model_config), names, weights
 
     def export(self, job_id: str) -> tuple[dict, list[str], list[np.ndarray]]:
         rec = self.store.get(job_id)
         path = self._export_path(job_id)
         if os.path.exists(path):
-            with np.load(path) as f:
-                config = json.loads(bytes(f["__config__"]).decode())
-                weights = [f[f"weight_{i}"] for i in range(sum(1 for k in f.files if k.startswith("weight_")))]
-            spec = master_pb2.JobSpec.FromString(rec.spec)
-            return config, list(spec.model.weight_order), weights
+            config, weights = read_model(path, check_format=False)
+            return config, list(jobcodec.job_spec_from_bytes(rec.spec).model.weight_order), weights
         with self.lock:
             rt = self.runtimes.get(job_id)
         if rt is None:
@@ -470,7 +467,7 @@ class Coordinator:
 
     def _schedule_pending(self) -> None:
         for rec in self.store.list(states=[JobState.PENDING]):
-            self._try_start(rec.id, master_pb2.JobSpec.FromString(rec.spec))
+            self._try_start(rec.id, jobcodec.job_spec_from_bytes(rec.spec))
 
 
 def _status(rec: JobRecord) -> master_pb2.JobStatus:
@@ -493,7 +490,7 @@ class MasterServicer(master_pb2_grpc.MasterServicer):
 
     @rpc.guarded
     def SubmitJob(self, request, context):
-        return _status(self.c.submit(request.spec))
+        return _status(self.c.submit(jobcodec.job_spec_from_proto(request.spec)))
 
     @rpc.guarded
     def GetJob(self, request, context):
@@ -525,7 +522,7 @@ class MasterServicer(master_pb2_grpc.MasterServicer):
 
     @rpc.guarded
     def GetPlan(self, request, context):
-        plan = self.c.plan(request.spec)
+        plan = self.c.plan(jobcodec.job_spec_from_proto(request.spec))
         resp = master_pb2.GetPlanResponse(text=plan.text, plan_json=json.dumps(plan.to_dict()))
         resp.graph.CopyFrom(codec.graph_to_proto(plan.graph))
         return resp
@@ -547,11 +544,16 @@ class MasterServicer(master_pb2_grpc.MasterServicer):
 
     @rpc.guarded
     def Heartbeat(self, request, context):
-        return self.c.heartbeat(request.node_id)
+        reply = self.c.heartbeat(request.node_id)
+        resp = master_pb2.HeartbeatResponse(known=reply.known, cancelled_jobs=list(reply.cancelled))
+        resp.tasks.extend(jobcodec.task_to_proto(t) for t in reply.tasks)
+        for job, evaluator in reply.finished:
+            resp.finished.add(job=job, evaluator=evaluator)
+        return resp
 
     @rpc.guarded
     def ReportProgress(self, request, context):
-        return master_pb2.ProgressAck(cancelled=self.c.progress(request))
+        return master_pb2.ProgressAck(cancelled=self.c.progress(jobcodec.progress_from_proto(request)))
 
     @rpc.guarded
     def ListNodes(self, request, context):

@@ -28,8 +28,9 @@ def write_model(path: str | os.PathLike, config: dict, weights: Sequence[np.ndar
         np.savez(f, __config__=np.frombuffer(json.dumps(config).encode(), np.uint8), **arrays)
 
 
-def read_model(path: str | os.PathLike) -> tuple[dict, list[np.ndarray]]:
-    """(config, weights) of a model file; ValueError naming the file if it is not one."""
+def read_model(path: str | os.PathLike, check_format: bool = True) -> tuple[dict, list[np.ndarray]]:
+    """(config, weights) of a model file; ValueError naming the file if it is not one.
+    ``check_format=False`` takes any config (the master's export of a graph job has none)."""
     try:
         with np.load(path, allow_pickle=False) as f:
             config = json.loads(bytes(f["__config__"]).decode())
@@ -37,7 +38,8 @@ def read_model(path: str | os.PathLike) -> tuple[dict, list[np.ndarray]]:
             weights = [f[f"weight_{i}"] for i in range(count)]
     except (OSError, KeyError, ValueError) as exc:
         raise ValueError(f"{path}: not a pstrain model file ({exc})") from exc
-    check_config(config, where=os.fspath(path))
+    if check_format:
+        check_config(config, where=os.fspath(path))
     return config, weights
 
 

@@ -4,7 +4,7 @@ workers and parameter servers. Converts between protobuf messages and plain Pyth
 Usage::
 
     m = MasterClient("127.0.0.1:50051")
-    job = m.submit(spec)              # spec: master_pb2.JobSpec (see build_job_spec)
+    job = m.submit(spec)              # spec: pstrain.runtime.spec.JobSpec (client.job.job_to_spec)
     for status, history in m.watch(job["id"]):
         ...
 """
@@ -12,14 +12,14 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field
-from typing import Iterator, Sequence
+from typing import Iterator
 
 import grpc
 import numpy as np
 
 from graph.core import Graph
-from protos import codec, master_pb2, master_pb2_grpc
+from protos import codec, jobcodec, master_pb2, master_pb2_grpc
+from pstrain.runtime.spec import JobSpec
 from pstrain.transport import rpc
 
 DEFAULT_MASTER = "127.0.0.1:50051"
@@ -32,59 +32,6 @@ def master_address(explicit: str | None = None) -> str:
 
 class MasterUnavailable(ConnectionError):
     """No master answers at the address."""
-
-
-@dataclass(frozen=True)
-class TrainSettings:
-    """How to train: the declarative part of a JobSpec besides the graph."""
-
-    optimizer: dict
-    batch_size: int
-    epochs: int
-    mode: str = "sync"
-    staleness: int = 0
-    seed: int = 0
-    loss_name: str = ""
-    metrics: Sequence[str] = ()
-    shuffle: bool = True
-    device: str = "cpu"
-    num_workers: int = 0
-    num_shards: int = 0
-
-    def __post_init__(self):
-        if self.mode not in ("sync", "async", "ssp"):
-            raise ValueError(f"mode={self.mode!r}: use sync, async or ssp")
-        if self.staleness < 0:
-            raise ValueError(f"staleness={self.staleness} must be >= 0")
-        if self.batch_size < 1 or self.epochs < 0:
-            raise ValueError(f"batch_size={self.batch_size} must be >= 1 and epochs={self.epochs} >= 0")
-
-
-@dataclass(frozen=True)
-class ModelSignature:
-    features: str
-    labels: str
-    loss: str
-    prediction: str
-    model_config: dict = field(default_factory=dict)
-    weight_order: Sequence[str] = ()
-
-
-def build_job_spec(name: str, graph: Graph, sig: ModelSignature, train: TrainSettings, dataset: str) -> master_pb2.JobSpec:
-    spec = master_pb2.JobSpec(name=name)
-    spec.model.graph.CopyFrom(codec.graph_to_proto(graph))
-    spec.model.features, spec.model.labels = sig.features, sig.labels
-    spec.model.loss, spec.model.prediction = sig.loss, sig.prediction
-    spec.model.model_config_json = json.dumps(sig.model_config)
-    spec.model.weight_order.extend(sig.weight_order)
-    t = spec.train
-    t.optimizer_json = json.dumps(train.optimizer)
-    t.batch_size, t.epochs, t.mode, t.staleness = train.batch_size, train.epochs, train.mode, train.staleness
-    t.seed, t.loss_name, t.shuffle, t.device = train.seed, train.loss_name, train.shuffle, train.device
-    t.metrics.extend(train.metrics)
-    t.num_workers, t.num_shards = train.num_workers, train.num_shards
-    spec.data.dataset = dataset
-    return spec
 
 
 def status_to_dict(s: master_pb2.JobStatus) -> dict:
@@ -127,8 +74,14 @@ class MasterClient:
         return method(request, timeout=timeout or self.timeout)
 
     # ---- jobs ------------------------------------------------------------------------------
-    def submit(self, spec: master_pb2.JobSpec) -> dict:
-        return status_to_dict(self._call(self.stub.SubmitJob, master_pb2.SubmitJobRequest(spec=spec), timeout=120))
+    def submit(self, spec: JobSpec) -> dict:
+        """Submit a job; returns its status dict (``status --json``'s form)."""
+        return self.submit_message(jobcodec.job_spec_to_proto(spec))
+
+    def submit_message(self, msg: master_pb2.JobSpec) -> dict:
+        """Submit an already-encoded ``JobSpec`` message as it is (tools and tests that
+        send malformed specs on purpose)."""
+        return status_to_dict(self._call(self.stub.SubmitJob, master_pb2.SubmitJobRequest(spec=msg), timeout=120))
 
     def get(self, job_id: str) -> dict:
         return status_to_dict(self._call(self.stub.GetJob, master_pb2.GetJobRequest(id=job_id)))
@@ -145,8 +98,13 @@ class MasterClient:
         for event in self.stub.WatchJob(master_pb2.WatchJobRequest(id=job_id, since=since)):
             yield status_to_dict(event.job), [json.loads(h) for h in event.history_json]
 
-    def plan(self, spec: master_pb2.JobSpec) -> tuple[str, dict, Graph]:
-        r = self._call(self.stub.GetPlan, master_pb2.GetPlanRequest(spec=spec), timeout=120)
+    def plan(self, spec: JobSpec) -> tuple[str, dict, Graph]:
+        """The master's plan of ``spec``: (text, plan dict, optimised training graph)."""
+        return self.plan_message(jobcodec.job_spec_to_proto(spec))
+
+    def plan_message(self, msg: master_pb2.JobSpec) -> tuple[str, dict, Graph]:
+        """``plan`` of an already-encoded ``JobSpec`` message, sent as it is."""
+        r = self._call(self.stub.GetPlan, master_pb2.GetPlanRequest(spec=msg), timeout=120)
         return r.text, json.loads(r.plan_json), codec.graph_from_proto(r.graph)
 
     def export(self, job_id: str) -> tuple[dict, list[str], list[np.ndarray]]:
@@ -158,8 +116,8 @@ class MasterClient:
         req = master_pb2.RegisterNodeRequest(role=role, address=address, name=name, metrics_address=metrics_address)
         return self._call(self.stub.RegisterNode, req)
 
-    def heartbeat(self, node_id: str, status: dict | None = None) -> master_pb2.HeartbeatResponse:
-        req = master_pb2.HeartbeatRequest(node_id=node_id, status_json=json.dumps(status or {}))
+    def heartbeat(self, node_id: str) -> master_pb2.HeartbeatResponse:
+        req = master_pb2.HeartbeatRequest(node_id=node_id)
         return self._call(self.stub.Heartbeat, req, timeout=10)
 
     def report(self, job: str, worker: int, step: int, epoch: int, loss: float, metrics: dict, step_time: float = 0.0,

@@ -36,7 +36,6 @@ class NodeMembership:
         self.index: int | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name=f"{role}-heartbeat", daemon=True)
-        self.status: dict = {}
 
     def register(self) -> None:
         r = self.client.register(self.role, self.address, self.name, self.metrics_address)
@@ -51,7 +50,7 @@ class NodeMembership:
     def _loop(self) -> None:
         while not self._stop.wait(self.interval):
             try:
-                resp = self.client.heartbeat(self.node_id, self.status)
+                resp = self.client.heartbeat(self.node_id)
                 if not resp.known:
                     log.warning("the master does not know this node any more; registering again")
                     self.register()

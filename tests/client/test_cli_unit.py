@@ -1,7 +1,6 @@
-"""Unit tests for psctl (client/cli.py) and the job helpers it uses (client/job.py):
+"""Unit tests for psctl (the client/cli package) and the job helpers it uses (client/job.py):
 argument parsing, master address rules, errors without a master, job specs, exported
-models, plan rendering and the progress view. None of these need the services."""
-import io
+models, plan rendering and status formatting. None of these need the services."""
 import json
 import os
 import shutil
@@ -13,10 +12,16 @@ import numpy as np
 import pytest
 
 from client import cli, nn
-from client.cli import CommandError, WatchView, build_parser, format_record, format_table, plan_to_dot, render_png
+from client.cli.cluster import down_command, up_command
+from client.cli.common import EXIT_UNAVAILABLE, EXIT_USAGE, CommandError, connect_timeout, master_client
+from client.cli.formatting import format_record, format_status, format_table
+from client.cli.jobs import cancel_command, export_command, list_command, logs_command, status_command, submit_command
+from client.cli.parser import build_parser
+from client.cli.plan import SHARD_COLORS, WORKER_COLOR, _q, plan_command, plan_to_dot, render_png
+from client.cli.train import train_command
 from client.job import Job, job_to_spec, load_job_file, model_from_export, save_export
 from graph.core import Graph
-from protos import codec
+from protos import codec, jobcodec
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 MNIST_JOB = os.path.join(ROOT, "examples", "mnist_mlp.py")
@@ -41,17 +46,17 @@ def _small_model(input_dim=8, seed=0) -> nn.Sequential:
 # ---- parsing ---------------------------------------------------------------------------------------------
 def test_parse_up_and_down():
     a = parse("up", "--workers", "3", "--ps", "1", "--port", "0", "--device", "auto", "--detach", "--state-dir", "/tmp/x")
-    assert (a.func, a.workers, a.ps, a.port, a.device, a.detach, a.state_dir) == (cli._up, 3, 1, 0, "auto", True, "/tmp/x")
+    assert (a.func, a.workers, a.ps, a.port, a.device, a.detach, a.state_dir) == (up_command, 3, 1, 0, "auto", True, "/tmp/x")
     a = parse("up")
     assert (a.workers, a.ps, a.port, a.device, a.detach, a.state_dir) == (2, 2, 50051, "cpu", False, None)
     a = parse("down", "--state-dir", "d")
-    assert (a.func, a.state_dir) == (cli._down, "d")
+    assert (a.func, a.state_dir) == (down_command, "d")
 
 
 def test_parse_submit():
     a = parse("submit", "job.py", "--mode", "ssp", "--staleness", "3", "--epochs", "4", "--batch-size", "64",
               "--workers", "2", "--shards", "1", "--wait", "--json", "--name", "n")
-    assert a.func is cli._submit
+    assert a.func is submit_command
     assert (a.jobfile, a.mode, a.staleness, a.epochs, a.batch_size, a.num_workers, a.num_shards, a.wait, a.json, a.name) \
         == ("job.py", "ssp", 3, 4, 64, 2, 1, True, True, "n")
     a = parse("submit", "job.py")
@@ -70,23 +75,23 @@ def test_parse_rejects_bad_arguments(argv, capsys):
 
 
 def test_parse_job_commands():
-    for name, func in (("status", cli._status), ("cancel", cli._cancel)):
+    for name, func in (("status", status_command), ("cancel", cancel_command)):
         a = parse(name, "job-000001", "--json")
         assert (a.func, a.job, a.json) == (func, "job-000001", True)
-    assert parse("list", "--json").func is cli._list
+    assert parse("list", "--json").func is list_command
     a = parse("logs", "job-1", "-f")
-    assert (a.func, a.job, a.follow) == (cli._logs, "job-1", True)
+    assert (a.func, a.job, a.follow) == (logs_command, "job-1", True)
     assert parse("logs", "job-1").follow is False
     a = parse("export", "job-1", "-o", "m.npz")
-    assert (a.func, a.job, a.output) == (cli._export, "job-1", "m.npz")
+    assert (a.func, a.job, a.output) == (export_command, "job-1", "m.npz")
 
 
 def test_parse_train_and_plan():
     a = parse("train", "j.py", "--workers", "3", "--ps", "1", "--mode", "async", "-o", "m.npz", "--json", "--epochs", "2")
     assert (a.func, a.workers, a.ps, a.mode, a.output, a.json, a.epochs, a.in_process) == \
-        (cli._train, 3, 1, "async", "m.npz", True, 2, False)
+        (train_command, 3, 1, "async", "m.npz", True, 2, False)
     a = parse("plan", "j.py", "--workers", "4", "--ps", "3", "--png", "p.png", "--dot", "p.dot", "--json")
-    assert (a.func, a.num_workers, a.num_shards, a.png, a.dot, a.json) == (cli._plan, 4, 3, "p.png", "p.dot", True)
+    assert (a.func, a.num_workers, a.num_shards, a.png, a.dot, a.json) == (plan_command, 4, 3, "p.png", "p.dot", True)
 
 
 def test_global_options_go_before_or_after_the_command():
@@ -108,7 +113,7 @@ def test_master_address_flag_then_env_then_default(flag, env, expected, monkeypa
     else:
         monkeypatch.setenv("PSTRAIN_MASTER", env)
     argv = (["--master", flag] if flag else []) + ["list"]
-    client = cli._client(parse(*argv))  # channels connect lazily: nothing is dialled here
+    client = master_client(parse(*argv))  # channels connect lazily: nothing is dialled here
     try:
         assert client.address == expected
     finally:
@@ -117,11 +122,11 @@ def test_master_address_flag_then_env_then_default(flag, env, expected, monkeypa
 
 def test_connect_timeout_flag_then_env(monkeypatch):
     monkeypatch.setenv("PSTRAIN_CONNECT_TIMEOUT", "1.5")
-    assert cli._connect_timeout(parse("list")) == 1.5
-    assert cli._connect_timeout(parse("list", "--connect-timeout", "0.25")) == 0.25
+    assert connect_timeout(parse("list")) == 1.5
+    assert connect_timeout(parse("list", "--connect-timeout", "0.25")) == 0.25
     monkeypatch.setenv("PSTRAIN_CONNECT_TIMEOUT", "soon")
     with pytest.raises(ValueError, match="PSTRAIN_CONNECT_TIMEOUT"):
-        cli._connect_timeout(parse("list"))
+        connect_timeout(parse("list"))
 
 
 # ---- errors --------------------------------------------------------------------------------------------------
@@ -145,7 +150,7 @@ def test_submit_to_a_master_that_is_down_fails_cleanly(tmp_path):
          "--master", f"127.0.0.1:{_free_port()}", "--connect-timeout", "0.5"],
         capture_output=True, text=True, cwd=ROOT, env=env, timeout=120,
     )
-    assert out.returncode == cli.EXIT_UNAVAILABLE
+    assert out.returncode == EXIT_UNAVAILABLE
     assert "cannot reach the pstrain master" in out.stderr and out.stderr.startswith("psctl: error: ")
     assert "Traceback" not in out.stderr and len(out.stderr.strip().splitlines()) == 1
 
@@ -162,9 +167,9 @@ def test_errors_are_one_line_without_traceback(argv, message, capsys):
 
 def test_bad_job_overrides_name_the_field(tmp_path, capsys):
     assert cli.main(["submit", str(_write_job(tmp_path)), "--mode", "ssp", "--workers", "0", "--connect-timeout", "0.2",
-                     "--master", f"127.0.0.1:{_free_port()}"]) == cli.EXIT_UNAVAILABLE  # valid overrides reach the master
+                     "--master", f"127.0.0.1:{_free_port()}"]) == EXIT_UNAVAILABLE  # valid overrides reach the master
     code = cli.main(["plan", str(_write_job(tmp_path, "Job(m, dataset='synthetic', mode='sometimes')"))])
-    assert code == cli.EXIT_USAGE and "Job.mode='sometimes'" in capsys.readouterr().err
+    assert code == EXIT_USAGE and "Job.mode='sometimes'" in capsys.readouterr().err
 
 
 # ---- Job and JobSpec ------------------------------------------------------------------------------------------
@@ -181,9 +186,9 @@ def test_job_validates_new_fields():
 def test_job_to_spec_for_the_mnist_example():
     job = load_job_file(MNIST_JOB)
     spec = job_to_spec(job, "mnist_mlp")
-    g = codec.graph_from_proto(spec.model.graph)
+    g = spec.model.graph
     m = spec.model
-    assert spec.name == "mnist_mlp" and spec.data.dataset == "mnist"
+    assert spec.name == "mnist_mlp" and spec.dataset == "mnist"
     for name in (m.features, m.labels, m.loss, m.prediction):
         assert name in g.nodes
     assert g.nodes[m.features].op == g.nodes[m.labels].op == "placeholder"
@@ -191,11 +196,18 @@ def test_job_to_spec_for_the_mnist_example():
     assert list(m.weight_order) == job.model._weight_names()
     assert all(g.nodes[w].op == "variable" for w in m.weight_order)
     assert [g.nodes[w].shape for w in m.weight_order] == [w.shape for w in job.model.get_weights()]
-    assert json.loads(m.model_config_json) == job.model.get_config()
+    assert m.model_config == job.model.get_config()
     t = spec.train
     assert (t.batch_size, t.epochs, t.mode, t.staleness, t.seed, t.shuffle, t.device) == (128, 10, "sync", 0, 0, True, "cpu")
     assert (t.loss_name, list(t.metrics), t.num_workers, t.num_shards) == ("sparse_categorical_crossentropy", ["accuracy"], 0, 0)
-    assert json.loads(t.optimizer_json)["name"] == "sgd"
+    assert t.optimizer["name"] == "sgd"
+    # and through the wire: the message the master decodes says the same
+    msg = jobcodec.job_spec_to_proto(spec)
+    g2 = codec.graph_from_proto(msg.model.graph)
+    assert json.loads(msg.model.model_config_json) == job.model.get_config()
+    assert (msg.train.mode, msg.train.device, msg.data.dataset) == ("sync", "cpu", "mnist")
+    assert json.loads(msg.train.optimizer_json)["name"] == "sgd"
+    np.testing.assert_array_equal(g2.initial_values[m.weight_order[0]], job.model.get_weights()[0])
     np.testing.assert_array_equal(g.initial_values[m.weight_order[0]], job.model.get_weights()[0])
 
 
@@ -205,7 +217,7 @@ def test_job_to_spec_builds_from_the_dataset_and_carries_settings(tmp_path):
     assert not m.built
     job = Job(m, dataset="digits", batch_size=8, epochs=2, mode="ssp", staleness=3, num_workers=2, num_shards=1)
     spec = job_to_spec(job, "d", device="cuda")
-    g = codec.graph_from_proto(spec.model.graph)
+    g = spec.model.graph
     assert g.nodes[spec.model.features].shape == (None, 64)  # digits: 8x8 images, flat
     t = spec.train
     assert (t.mode, t.staleness, t.seed, t.num_workers, t.num_shards, t.device) == ("ssp", 3, 7, 2, 1, "cuda")
@@ -218,7 +230,7 @@ def test_job_to_spec_sends_npz_paths_absolute(tmp_path, monkeypatch):
     np.savez(tmp_path / "data.npz", **arrays)
     monkeypatch.chdir(tmp_path)
     spec = job_to_spec(Job(_small_model(), dataset="data.npz"), "n")
-    assert spec.data.dataset == str(tmp_path / "data.npz")
+    assert spec.dataset == str(tmp_path / "data.npz")
 
 
 # ---- exported models ------------------------------------------------------------------------------------------
@@ -280,10 +292,10 @@ def test_plan_to_dot_colors_by_placement_and_marks_folded_constants():
     ps1 = dot.split("subgraph cluster_ps1")[1].split("}")[0]
     assert "w[0:2]" in ps0 and "variable (2, 2)" in ps0 and "b\\nvariable (2)" not in ps0
     assert "w[2:3]" in ps1 and "variable (1, 2)" in ps1 and "b\\nvariable (2)" in ps1
-    assert cli.SHARD_COLORS[0] in ps0 and cli.SHARD_COLORS[1] in ps1
+    assert SHARD_COLORS[0] in ps0 and SHARD_COLORS[1] in ps1
     workers = dot.split("subgraph cluster_workers")[1].split("}")[0]
     assert "two_folded" in workers and "folded constant" in workers and "dashed" in workers
-    assert cli.WORKER_COLOR in workers and "loss" in workers
+    assert WORKER_COLOR in workers and "loss" in workers
     ids = {line.split()[0]: line for line in dot.splitlines() if "[label=" in line}
     matmul = next(i for i, line in ids.items() if '"matmul\\nmatmul' in line)
     slices = [i for i, line in ids.items() if '"w[' in line]
@@ -292,7 +304,7 @@ def test_plan_to_dot_colors_by_placement_and_marks_folded_constants():
 
 
 def test_dot_strings_are_quoted_and_escaped():
-    assert cli._q('a"b\\c\nd') == '"a\\"b\\\\c\\nd"'
+    assert _q('a"b\\c\nd') == '"a\\"b\\\\c\\nd"'
 
 
 def test_render_png_without_graphviz_says_how_to_install(monkeypatch, tmp_path):
@@ -319,52 +331,10 @@ def test_plan_without_a_master_plans_locally(tmp_path, capsys):
     assert dot.read_text().count("subgraph cluster_ps") == 3
 
 
-# ---- progress view and formatting --------------------------------------------------------------------------------
+# ---- formatting ----------------------------------------------------------------------------------------------
 def _status(state="RUNNING", step=0, epoch=0, **metrics):
     return {"id": "job-000001", "state": state, "step": step, "epoch": epoch, "loss": None, "metrics": metrics,
             "updated": 100.0}
-
-
-def test_watch_view_draws_epochs_with_their_validation_metrics():
-    out = io.StringIO()
-    view = WatchView(epochs=2, steps_per_epoch=10, stream=out)
-    view.update(_status("PENDING"))
-    rec = lambda w, step, epoch, t, **m: {"time": t, "worker": w, "step": step, "epoch": epoch, **m}  # noqa: E731
-    view.update(_status(step=5), [rec(0, 5, 0, 101.0, loss=1.0, accuracy=0.5), rec(1, 5, 0, 101.0, loss=3.0, accuracy=0.7)])
-    # worker 1 ends epoch 0 first; the validating worker 0 follows with val_ metrics
-    view.update(_status(step=10, epoch=1), [rec(1, 10, 1, 102.0, loss=0.5, accuracy=0.8)])
-    assert "val_accuracy" not in out.getvalue()
-    view.update(_status(step=10, epoch=1), [rec(0, 10, 1, 102.0, loss=0.7, accuracy=0.6, val_loss=0.4, val_accuracy=0.9)])
-    # epoch 1 runs and ends in one burst, then the "done" reports and the final evaluation
-    view.close(_status("SUCCEEDED", step=20, epoch=2, val_accuracy=0.95),
-               [rec(0, 20, 2, 104.0, loss=0.2, accuracy=0.9, val_loss=0.2, val_accuracy=0.95), rec(1, 20, 2, 104.0, loss=0.3, accuracy=0.9),
-                rec(0, 20, 2, 104.5, loss=0.0), {"time": 105.0, "worker": 0, "step": 20, "epoch": 2, "loss": 0.2, "final": True,
-                                                 "val_loss": 0.2, "val_accuracy": 0.95}])
-    lines = out.getvalue().splitlines()
-    assert lines[0] == "job-000001 is PENDING (waiting for workers and shards)"
-    assert lines[1] == "Epoch 1/2"
-    assert lines[2].startswith("10/10 [==============================] - 2s 200ms/step")
-    assert "loss: 0.6000 - accuracy: 0.7000 - val_loss: 0.4000 - val_accuracy: 0.9000" in lines[2]
-    assert lines[3] == "Epoch 2/2"
-    assert lines[4].startswith("10/10 [==============================] - 2s 200ms/step")
-    assert "loss: 0.2500 - accuracy: 0.9000 - val_loss: 0.2000 - val_accuracy: 0.9500" in lines[4]
-    assert len(lines) == 5
-
-
-def test_watch_view_finishes_a_failed_epoch_where_it_stopped():
-    out = io.StringIO()
-    view = WatchView(epochs=3, steps_per_epoch=10, stream=out)
-    view.update(_status(step=4), [{"time": 1.0, "worker": 0, "step": 4, "epoch": 0, "loss": 1.0}])
-    view.close(_status("FAILED", step=4))
-    lines = out.getvalue().splitlines()
-    assert lines == ["Epoch 1/3", lines[1]] and lines[1].startswith(" 4/10 [===========>")
-
-
-def test_watch_view_learns_steps_per_epoch_from_the_records():
-    out = io.StringIO()
-    view = WatchView(epochs=1, steps_per_epoch=None, stream=out)
-    view.close(_status("SUCCEEDED", step=7, epoch=1), [{"time": 1.0, "worker": 0, "step": 7, "epoch": 1, "loss": 0.5}])
-    assert "7/7 [" in out.getvalue()
 
 
 def test_formatting_helpers():
@@ -374,5 +344,5 @@ def test_formatting_helpers():
                            "metrics": {"accuracy": 0.75}}])
     assert table.splitlines()[0].split() == ["ID", "NAME", "STATE", "EPOCH", "STEP", "LOSS", "ACCURACY"]
     assert table.splitlines()[1].split() == ["job-000001", "n", "RUNNING", "1", "5", "0.5000", "0.7500"]
-    text = cli.format_status({**_status(), "name": "n", "error": "boom", "created": 0, "workers": {}})
+    text = format_status({**_status(), "name": "n", "error": "boom", "created": 0, "workers": {}})
     assert "job-000001  n  RUNNING" in text and "error: boom" in text

@@ -1,4 +1,4 @@
-"""Tests for client/launcher.py.
+"""Tests for the launcher interface and the local launcher (client/launchers/base.py, local.py).
 
 The pure parts (state file, READY lines, log tails, config validation) are tested
 directly. The launcher itself is tested against the real services (``python -m master``,
@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from client.launcher import (
+from client.launchers import (
     STATE_FILE,
     ClusterError,
     ClusterHandle,
@@ -90,6 +90,18 @@ def test_state_file_round_trip_is_atomic(tmp_path):
     assert list(loaded.processes())[1] == ("ps", 0, 12, "p.log")
 
 
+def test_state_file_names_the_launcher_and_older_files_mean_local(tmp_path):
+    handle = ClusterHandle("127.0.0.1:4000", str(tmp_path), launcher="ray")
+    write_handle(handle)
+    assert json.loads((tmp_path / STATE_FILE).read_text())["launcher"] == "ray"
+    assert load_handle(str(tmp_path)).launcher == "ray"
+    data = handle.to_dict()
+    del data["launcher"]  # a state file written before launchers had names
+    (tmp_path / STATE_FILE).write_text(json.dumps(data))
+    assert load_handle(str(tmp_path)).launcher == "local"
+    assert ClusterHandle("h:1", str(tmp_path)).launcher == "local"
+
+
 def test_load_handle_missing_and_corrupt(tmp_path):
     assert load_handle(str(tmp_path)) is None
     (tmp_path / STATE_FILE).write_text("{not json")
@@ -154,7 +166,7 @@ def test_local_cluster_starts_registers_and_stops(tmp_path):
     try:
         pids = [p for ps in handle.pids.values() for p in ps]
         assert len(pids) == 5 and all(pid_alive(p) for p in pids)
-        assert load_handle(str(tmp_path)) == handle
+        assert load_handle(str(tmp_path)) == handle and handle.launcher == "local"
         assert handle.master_address.startswith("127.0.0.1:") and not handle.master_address.endswith(":0")
         client = MasterClient(handle.master_address, connect_timeout=5)
         nodes = client.nodes()

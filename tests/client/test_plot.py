@@ -126,7 +126,7 @@ def _psctl(*args, timeout=120):
 
 @pytest.fixture
 def cluster(tmp_path, monkeypatch):
-    from client.launcher import ClusterSpec, local_cluster
+    from client.launchers import ClusterSpec, local_cluster
 
     # The cluster's processes inherit the environment: no CUDA simulator there.
     monkeypatch.delenv("NUMBA_ENABLE_CUDASIM", raising=False)

@@ -1,10 +1,11 @@
-"""Tests for client/progress.py: rendering to plain streams and to a fake terminal."""
+"""Tests for client/progress.py: rendering to plain streams and to a fake terminal, and a
+cluster job's progress (WatchView, follow) from its progress records."""
 import io
 
 import numpy as np
 import pytest
 
-from client.progress import ProgressBar, epoch_header, format_metrics, write_epoch_header
+from client.progress import ProgressBar, WatchView, epoch_header, follow, format_metrics, write_epoch_header
 
 
 class FakeTTY(io.StringIO):
@@ -148,3 +149,90 @@ def test_rejects_bad_arguments(kwargs, match):
     args = {"total_steps": 10, **kwargs}
     with pytest.raises(ValueError, match=match):
         ProgressBar(**args)
+
+
+# ---- WatchView and follow: a job's progress from the master's records ----------------------------------------
+def _status(state="RUNNING", step=0, epoch=0, **metrics):
+    return {"id": "job-000001", "state": state, "step": step, "epoch": epoch, "loss": None, "metrics": metrics,
+            "updated": 100.0}
+
+
+def test_watch_view_draws_epochs_with_their_validation_metrics():
+    out = io.StringIO()
+    view = WatchView(epochs=2, steps_per_epoch=10, stream=out)
+    view.update(_status("PENDING"))
+    rec = lambda w, step, epoch, t, **m: {"time": t, "worker": w, "step": step, "epoch": epoch, **m}  # noqa: E731
+    view.update(_status(step=5), [rec(0, 5, 0, 101.0, loss=1.0, accuracy=0.5), rec(1, 5, 0, 101.0, loss=3.0, accuracy=0.7)])
+    # worker 1 ends epoch 0 first; the validating worker 0 follows with val_ metrics
+    view.update(_status(step=10, epoch=1), [rec(1, 10, 1, 102.0, loss=0.5, accuracy=0.8)])
+    assert "val_accuracy" not in out.getvalue()
+    view.update(_status(step=10, epoch=1), [rec(0, 10, 1, 102.0, loss=0.7, accuracy=0.6, val_loss=0.4, val_accuracy=0.9)])
+    # epoch 1 runs and ends in one burst, then the "done" reports and the final evaluation
+    view.close(_status("SUCCEEDED", step=20, epoch=2, val_accuracy=0.95),
+               [rec(0, 20, 2, 104.0, loss=0.2, accuracy=0.9, val_loss=0.2, val_accuracy=0.95), rec(1, 20, 2, 104.0, loss=0.3, accuracy=0.9),
+                rec(0, 20, 2, 104.5, loss=0.0), {"time": 105.0, "worker": 0, "step": 20, "epoch": 2, "loss": 0.2, "final": True,
+                                                 "val_loss": 0.2, "val_accuracy": 0.95}])
+    lines = out.getvalue().splitlines()
+    assert lines[0] == "job-000001 is PENDING (waiting for workers and shards)"
+    assert lines[1] == "Epoch 1/2"
+    assert lines[2].startswith("10/10 [==============================] - 2s 200ms/step")
+    assert "loss: 0.6000 - accuracy: 0.7000 - val_loss: 0.4000 - val_accuracy: 0.9000" in lines[2]
+    assert lines[3] == "Epoch 2/2"
+    assert lines[4].startswith("10/10 [==============================] - 2s 200ms/step")
+    assert "loss: 0.2500 - accuracy: 0.9000 - val_loss: 0.2000 - val_accuracy: 0.9500" in lines[4]
+    assert len(lines) == 5
+
+
+def test_watch_view_finishes_a_failed_epoch_where_it_stopped():
+    out = io.StringIO()
+    view = WatchView(epochs=3, steps_per_epoch=10, stream=out)
+    view.update(_status(step=4), [{"time": 1.0, "worker": 0, "step": 4, "epoch": 0, "loss": 1.0}])
+    view.close(_status("FAILED", step=4))
+    lines = out.getvalue().splitlines()
+    assert lines == ["Epoch 1/3", lines[1]] and lines[1].startswith(" 4/10 [===========>")
+
+
+def test_watch_view_learns_steps_per_epoch_from_the_records():
+    out = io.StringIO()
+    view = WatchView(epochs=1, steps_per_epoch=None, stream=out)
+    view.close(_status("SUCCEEDED", step=7, epoch=1), [{"time": 1.0, "worker": 0, "step": 7, "epoch": 1, "loss": 0.5}])
+    assert "7/7 [" in out.getvalue()
+
+
+class FakeMaster:
+    """A master that streams the given watch events, then ends each stream early (as a
+    restarting master does) until its statuses run out; records the calls it gets."""
+
+    def __init__(self, streams, statuses):
+        self.streams = list(streams)  # one list of (status, records) per watch call
+        self.statuses = list(statuses)  # what get() answers, in turn
+        self.calls = []
+
+    def watch(self, job_id, since=0):
+        self.calls.append(("watch", job_id, since))
+        yield from self.streams.pop(0) if self.streams else []
+
+    def get(self, job_id):
+        self.calls.append(("get", job_id))
+        return self.statuses.pop(0)
+
+
+def test_follow_watches_again_after_an_early_end_and_closes_the_view(monkeypatch):
+    monkeypatch.setattr("client.progress.time.sleep", lambda s: None)
+    rec = {"time": 1.0, "worker": 0, "step": 5, "epoch": 1, "loss": 0.5}
+    master = FakeMaster(streams=[[(_status(step=2), [dict(rec, step=2, epoch=0)])], [(_status(step=5), [rec])]],
+                        statuses=[_status(step=2), _status("SUCCEEDED", step=5, epoch=1)])
+    out = io.StringIO()
+    final = follow(master, "job-000001", WatchView(epochs=1, steps_per_epoch=5, stream=out))
+    assert final["state"] == "SUCCEEDED"
+    # the second watch resumes after the one record already seen
+    assert master.calls == [("watch", "job-000001", 0), ("get", "job-000001"),
+                            ("watch", "job-000001", 1), ("get", "job-000001")]
+    lines = out.getvalue().splitlines()
+    assert lines[0] == "Epoch 1/1" and lines[1].startswith("5/5 [==============================]")
+
+
+def test_follow_without_a_view_returns_the_final_status():
+    master = FakeMaster(streams=[[(_status("FAILED", step=1), [])]], statuses=[])
+    assert follow(master, "job-000001")["state"] == "FAILED"
+    assert master.calls == [("watch", "job-000001", 0)]

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from client import datasets, nn
-from client.launcher import ClusterSpec, local_cluster
+from client.launchers import ClusterSpec, local_cluster
 
 
 @pytest.fixture(autouse=True)

@@ -21,7 +21,7 @@ import textwrap
 import time
 from typing import Iterator
 
-from client.launcher import ClusterHandle, ClusterSpec, LocalProcessLauncher, load_handle, parse_ready_line, pid_alive
+from client.launchers import ClusterHandle, ClusterSpec, LocalProcessLauncher, load_handle, parse_ready_line, pid_alive
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 MNIST_EXAMPLE = os.path.join(ROOT, "examples", "mnist_mlp.py")

@@ -14,7 +14,7 @@ from types import SimpleNamespace
 import pytest
 
 from client import datasets, nn
-from client.launcher import STATE_FILE, load_handle, pid_alive
+from client.launchers import STATE_FILE, load_handle, pid_alive
 from tests.integration.helpers import (
     ADDRESS_RE,
     CONTRACT_FIELDS,

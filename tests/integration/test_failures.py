@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from client.job import job_to_spec
-from protos import codec
+from protos import codec, jobcodec
 from tests.integration.helpers import (
     all_gone,
     last_json,
@@ -71,11 +71,11 @@ def _incompatible_operands(spec):
     (_incompatible_operands, "dense_1/matmul", "inner dimensions"),
 ], ids=["dangling-input", "unknown-op", "declared-shape", "incompatible-operands"])
 def test_a_malformed_graph_is_refused_naming_the_node(master, corrupt, node, words):
-    spec = job_to_spec(make_job(), "malformed")
+    spec = jobcodec.job_spec_to_proto(job_to_spec(make_job(), "malformed"))  # what an untrusted client sends
     corrupt(spec)
     before = len(master.list())
     with pytest.raises(grpc.RpcError) as err:
-        master.submit(spec)
+        master.submit_message(spec)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value
     message = err.value.details()
     assert f"'{node}'" in message and words in message, message

@@ -17,7 +17,7 @@ from client import nn
 from client.job import Job, job_to_spec
 from master.config import MasterConfig
 from master.service import serve
-from protos import codec, master_pb2
+from protos import codec, jobcodec, master_pb2
 from psserver.config import PSConfig
 from psserver.service import serve as serve_ps
 from pstrain.transport.master_client import MasterClient
@@ -36,7 +36,7 @@ def spec_bytes() -> bytes:
     )
     model.compile(optimizer=nn.optimizers.SGD(learning_rate=0.1), loss="sparse_categorical_crossentropy",
                   metrics=["accuracy"])
-    return job_to_spec(Job(model, dataset="digits", batch_size=16, epochs=1), name="tiny").SerializeToString()
+    return jobcodec.job_spec_to_bytes(job_to_spec(Job(model, dataset="digits", batch_size=16, epochs=1), name="tiny"))
 
 
 @pytest.fixture
@@ -211,7 +211,7 @@ CORRUPTIONS = {
 def test_submit_invalid_spec_is_invalid_argument_naming_the_node(master, spec, corrupt):
     node, needle = CORRUPTIONS[corrupt](spec)
     c = master.client()
-    for call in (c.submit, c.plan):
+    for call in (c.submit_message, c.plan_message):
         with pytest.raises(grpc.RpcError) as info:
             call(spec)
         assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
@@ -222,7 +222,7 @@ def test_submit_invalid_spec_is_invalid_argument_naming_the_node(master, spec, c
 
 def test_submit_empty_spec_is_invalid_argument(master):
     with pytest.raises(grpc.RpcError) as info:
-        master.client().submit(master_pb2.JobSpec(name="empty"))
+        master.client().submit_message(master_pb2.JobSpec(name="empty"))
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "features" in info.value.details()
 
@@ -230,7 +230,7 @@ def test_submit_empty_spec_is_invalid_argument(master):
 # ---- the job lifecycle without nodes ----------------------------------------------------------------
 def test_valid_job_without_nodes_stays_pending_then_cancels(master, spec):
     c = master.client()
-    job = c.submit(spec)
+    job = c.submit_message(spec)
     assert job["state"] == "PENDING" and job["name"] == "tiny" and job["id"].startswith("job-")
     assert job["error"] is None and job["loss"] is None
     time.sleep(0.4)  # a monitor pass or two: still nothing to run on
@@ -251,7 +251,7 @@ def test_valid_job_without_nodes_stays_pending_then_cancels(master, spec):
 
 def test_unknown_job_is_not_found(master, spec):
     c = master.client()
-    known = c.submit(spec)["id"]
+    known = c.submit_message(spec)["id"]
     for call in (c.get, c.cancel, c.export, lambda i: list(c.watch(i))):
         with pytest.raises(grpc.RpcError) as info:
             call("job-999999")
@@ -261,7 +261,7 @@ def test_unknown_job_is_not_found(master, spec):
 
 def test_export_of_a_pending_job_is_failed_precondition(master, spec):
     c = master.client()
-    job = c.submit(spec)
+    job = c.submit_message(spec)
     with pytest.raises(grpc.RpcError) as info:
         c.export(job["id"])
     assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
@@ -270,7 +270,7 @@ def test_export_of_a_pending_job_is_failed_precondition(master, spec):
 
 def test_watch_ends_when_the_job_is_cancelled(master, spec):
     c = master.client()
-    job = c.submit(spec)
+    job = c.submit_message(spec)
     states = []
 
     def watch():
@@ -295,7 +295,7 @@ def test_register_heartbeat_and_list_nodes(master):
     assert (w0.index, w1.index, ps.index) == (0, 1, 0)
     assert w0.heartbeat_interval == pytest.approx(HEARTBEAT_INTERVAL)
     assert len({w0.node_id, w1.node_id, ps.node_id}) == 3
-    resp = c.heartbeat(w0.node_id, {"state": "idle"})
+    resp = c.heartbeat(w0.node_id)
     assert resp.known and list(resp.tasks) == [] and list(resp.cancelled_jobs) == []
 
     nodes = {n["node_id"]: n for n in c.nodes()}
@@ -340,7 +340,7 @@ def start_job(c: MasterClient, heartbeats: Heartbeats, spec, ps_address: str):
     """Submit with no nodes (PENDING), then register a PS and a worker and let the
     scheduler start it. Only the monitor starts the job: submitting onto registered
     nodes races the monitor (see test_submit_races_the_scheduler)."""
-    job = c.submit(spec)
+    job = c.submit_message(spec)
     assert job["state"] == "PENDING"
     ps, worker = c.register("ps", address=ps_address), c.register("worker", name="w0")
     heartbeats.add(ps.node_id)
@@ -362,7 +362,7 @@ def test_job_runs_on_registered_nodes_and_cancels(master, heartbeats, ps_server,
     tasks = wait_for(lambda: heartbeats.received(worker, "tasks"))
     assert len(tasks) == 1
     task = tasks[0]
-    assert task.job == job["id"] and task.worker_index == 0 and task.num_workers == 1
+    assert task.job == job["id"] and task.worker_index == 0 and list(task.workers) == [0]
     assert list(task.shard_addresses) == [ps_address] and list(task.workers) == [0]
     assert {s.variable for s in task.slices} == set(spec.model.weight_order)
     assert set(task.grads) == set(spec.model.weight_order)
@@ -419,8 +419,8 @@ def test_jobs_survive_a_master_restart(master, heartbeats, ps_server, spec):
     c = master.client()
     ps_address, _ = ps_server
     running = c.get(start_job(c, heartbeats, spec, ps_address)[0])
-    pending = c.submit(spec)  # the only worker is busy
-    cancelled = c.submit(spec)
+    pending = c.submit_message(spec)  # the only worker is busy
+    cancelled = c.submit_message(spec)
     c.cancel(cancelled["id"])
     assert c.get(pending["id"])["state"] == "PENDING"
     heartbeats.close()  # the old master's nodes stop beating
@@ -437,7 +437,7 @@ def test_jobs_survive_a_master_restart(master, heartbeats, ps_server, spec):
         assert status["name"] == "tiny" and status["created"] == pytest.approx(job["created"])
         assert any("master restarted" in e for e in status["events"])
     assert c.nodes() == []  # nodes are not durable: they register again
-    new = c.submit(spec)["id"]
+    new = c.submit_message(spec)["id"]
     assert new not in jobs and c.get(new)["state"] == "PENDING"
 
 
@@ -445,7 +445,7 @@ def test_jobs_survive_a_master_restart(master, heartbeats, ps_server, spec):
 @pytest.mark.parametrize("num_shards", [1, 2])
 def test_get_plan(master, spec, num_shards):
     spec.train.num_shards = num_shards
-    text, plan, graph = master.client().plan(spec)
+    text, plan, graph = master.client().plan_message(spec)
     assert "== graph passes ==" in text and "== parameter-server shards (sync; optimizer sgd) ==" in text
     total = sum(64 * 8 + 8 + 8 * 10 + 10 for _ in [0]) * 4
     assert sum(plan["shard_bytes"]) == total and len(plan["shard_bytes"]) == num_shards
@@ -476,7 +476,7 @@ def test_submit_races_the_scheduler(tmp_path, ps_server, spec):
         errors, ids = [], []
         for _ in range(15):
             try:
-                ids.append(c.submit(spec)["id"])
+                ids.append(c.submit_message(spec)["id"])
             except grpc.RpcError as exc:
                 errors.append(rpc_describe(exc))
         tasks: dict[str, int] = {}
@@ -496,7 +496,7 @@ def test_one_ps_registered_twice_does_not_lose_slices(master, heartbeats, ps_ser
     c = master.client()
     for node in (c.register("ps", address=ps_address), c.register("ps", address=ps_address), c.register("worker")):
         heartbeats.add(node.node_id)
-    job = c.submit(spec)
+    job = c.submit_message(spec)
     worker = [n["node_id"] for n in c.nodes() if n["role"] == "worker"][0]
     task = wait_for(lambda: heartbeats.received(worker, "tasks"))[0] if job["state"] == "RUNNING" else None
     if task is not None:

@@ -16,7 +16,7 @@ from graph.errors import GraphError
 from graph.interpret import evaluate
 from graph.registry import RunContext
 from master.planner import JobPlan, plan_job
-from protos import codec, master_pb2
+from protos import codec, jobcodec, master_pb2
 from pstrain.runtime.placement import assemble
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -42,7 +42,7 @@ def _load_example(name: str):
 def mnist():
     """(job, serialized JobSpec) of examples/mnist_mlp.py."""
     job = _load_example("mnist_mlp").job(epochs=1, batch_size=32)
-    return job, job_to_spec(job, name="mnist_mlp").SerializeToString()
+    return job, jobcodec.job_spec_to_bytes(job_to_spec(job, name="mnist_mlp"))
 
 
 @pytest.fixture
@@ -53,7 +53,7 @@ def spec(mnist) -> master_pb2.JobSpec:
 @pytest.fixture(scope="module")
 def plans(mnist) -> dict[int, JobPlan]:
     spec = master_pb2.JobSpec.FromString(mnist[1])
-    return {s: plan_job(spec, s) for s in (1, 2, 3, 4)}
+    return {s: plan_job(jobcodec.job_spec_from_proto(spec), s) for s in (1, 2, 3, 4)}
 
 
 def row_bytes(shape) -> int:
@@ -142,7 +142,7 @@ def test_text_and_dict(plans, num_shards):
 
 def test_ssp_plan_mentions_staleness(spec):
     spec.train.mode, spec.train.staleness = "ssp", 2
-    plan = plan_job(spec, 2)
+    plan = plan_job(jobcodec.job_spec_from_proto(spec), 2)
     assert "(ssp, staleness 2;" in plan.text and plan.to_dict()["staleness"] == 2
 
 
@@ -170,7 +170,7 @@ def test_optimized_graph_matches_the_model_graph(mnist, plans):
 
 
 def test_plan_is_deterministic(spec, plans):
-    again = plan_job(spec, 3)
+    again = plan_job(jobcodec.job_spec_from_proto(spec), 3)
     assert again.placement == plans[3].placement
     assert codec.graph_to_bytes(again.graph) == codec.graph_to_bytes(plans[3].graph)
 
@@ -230,7 +230,7 @@ ERRORS = {f.__name__[1:]: f for f in (_missing_loss, _empty_loss, _labels_not_pl
 def test_bad_spec_errors_are_clear(spec, case):
     exc_type, needles = ERRORS[case](spec)
     with pytest.raises(exc_type) as info:
-        plan_job(spec, 2)
+        plan_job(jobcodec.job_spec_from_proto(spec), 2)
     for needle in needles:
         assert needle in str(info.value), str(info.value)
 
@@ -238,12 +238,12 @@ def test_bad_spec_errors_are_clear(spec, case):
 @pytest.mark.parametrize("num_shards", [0, -1])
 def test_bad_num_shards(spec, num_shards):
     with pytest.raises(ValueError, match=rf"num_shards={num_shards} must be >= 1"):
-        plan_job(spec, num_shards)
+        plan_job(jobcodec.job_spec_from_proto(spec), num_shards)
 
 
 @pytest.mark.parametrize("text", ["{not json", '"sgd"', "[1, 2]"])
 def test_malformed_optimizer_json_names_the_field(spec, text):
     spec.train.optimizer_json = text
     with pytest.raises(ValueError) as info:
-        plan_job(spec, 1)
+        plan_job(jobcodec.job_spec_from_proto(spec), 1)
     assert "optimizer" in str(info.value), str(info.value)

@@ -1,16 +1,10 @@
-"""Launching a pstrain cluster (one master, S parameter-server shards, N workers).
-
-One interface, one backend per class: :class:`LocalProcessLauncher` runs every service as
-a local process today; a Ray launcher will implement the same :class:`Launcher` methods.
+"""The ``local`` launcher: the master, S parameter-server shards and N workers as
+processes of this machine (the default of ``psctl up`` and ``psctl train``).
 
 Usage::
 
-    from client.launcher import ClusterSpec, LocalProcessLauncher, local_cluster
+    from client.launchers import ClusterSpec, LocalProcessLauncher, load_handle
 
-    with local_cluster(ClusterSpec(workers=2, ps=2, port=0, state_dir="/tmp/c")) as handle:
-        MasterClient(handle.master_address).submit(spec)
-
-    # or, for a cluster that outlives this process (``psctl up --detach``):
     launcher = LocalProcessLauncher()
     handle = launcher.start(ClusterSpec())          # writes <state_dir>/cluster.json
     ...
@@ -21,9 +15,7 @@ only psctl, which then stops the cluster in order: workers, shards, master.
 """
 from __future__ import annotations
 
-import abc
 import contextlib
-import json
 import logging
 import os
 import re
@@ -31,162 +23,27 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field
-from typing import Iterator
 
-from pstrain.runtime.files import atomic_write
+from client.launchers.base import (
+    STOP_ORDER,
+    ClusterError,
+    ClusterHandle,
+    ClusterSpec,
+    Launcher,
+    ProcessStatus,
+    describe_exit,
+    load_handle,
+    remove_handle,
+    tail,
+    write_handle,
+)
 
 log = logging.getLogger(__name__)
 
-STATE_FILE = "cluster.json"
-ROLES = ("master", "ps", "worker")
-STOP_ORDER = ("worker", "ps", "master")  # workers first, so no one pushes to a stopped shard
-DEVICES = ("cpu", "cuda", "auto")
-MAX_PROCESSES = 256
 READY_PREFIX = "PSTRAIN_READY"
 _READY = re.compile(r"^PSTRAIN_READY\s+(master|ps|worker)\b[ \t]*(\S*)[ \t]*$", re.MULTILINE)
 _METRICS = re.compile(r"^PSTRAIN_METRICS[ \t]+(master|ps|worker)[ \t]+(\S+)[ \t]*$", re.MULTILINE)
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # repository root
-
-
-class ClusterError(RuntimeError):
-    """A cluster could not be started or stopped; the message says which process and why."""
-
-
-def default_state_dir() -> str:
-    """``$PSTRAIN_HOME`` if set, else ``~/.pstrain/cluster``."""
-    return os.environ.get("PSTRAIN_HOME") or os.path.join("~", ".pstrain", "cluster")
-
-
-# ---- configuration -------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class ClusterSpec:
-    """What to launch. ``port=0`` lets the master pick a free port; ``state_dir`` holds
-    the state file, logs, the master's job database and (by default) checkpoints."""
-
-    workers: int = 2
-    ps: int = 2
-    host: str = "127.0.0.1"
-    port: int = 50051
-    state_dir: str = ""
-    device: str = "cpu"
-    heartbeat_timeout: float = 5.0
-    checkpoint_dir: str = ""
-
-    def __post_init__(self):
-        for name in ("workers", "ps"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_PROCESSES:
-                raise ValueError(f"ClusterSpec.{name}={value!r} is out of range; allowed: an integer in [1, {MAX_PROCESSES}]")
-        if isinstance(self.port, bool) or not isinstance(self.port, int) or not 0 <= self.port <= 65535:
-            raise ValueError(f"ClusterSpec.port={self.port!r} is out of range; allowed: [0, 65535] (0 picks a free port)")
-        if not isinstance(self.host, str) or not self.host or any(c.isspace() for c in self.host):
-            raise ValueError(f"ClusterSpec.host={self.host!r} must be a host name or IP address, e.g. 127.0.0.1")
-        if self.device not in DEVICES:
-            raise ValueError(f"ClusterSpec.device={self.device!r}; allowed: {', '.join(DEVICES)}")
-        if isinstance(self.heartbeat_timeout, bool) or not isinstance(self.heartbeat_timeout, (int, float)) \
-                or not 0.1 <= self.heartbeat_timeout <= 3600:
-            raise ValueError(f"ClusterSpec.heartbeat_timeout={self.heartbeat_timeout!r} is out of range; "
-                             "allowed: [0.1, 3600] seconds")
-        # Absolute paths: the state file outlives the cwd psctl ran in.
-        state_dir = os.path.abspath(os.path.expanduser(self.state_dir or default_state_dir()))
-        object.__setattr__(self, "state_dir", state_dir)
-        checkpoint_dir = self.checkpoint_dir or os.path.join(state_dir, "checkpoints")
-        object.__setattr__(self, "checkpoint_dir", os.path.abspath(os.path.expanduser(checkpoint_dir)))
-        object.__setattr__(self, "heartbeat_timeout", float(self.heartbeat_timeout))
-
-    @property
-    def log_dir(self) -> str:
-        return os.path.join(self.state_dir, "logs")
-
-    @property
-    def state_file(self) -> str:
-        return os.path.join(self.state_dir, STATE_FILE)
-
-
-@dataclass
-class ClusterHandle:
-    """A running cluster: where its master is and which processes make it up.
-    ``metrics_address`` is where the master serves /metrics (the master's ListNodes gives
-    every other node's)."""
-
-    master_address: str
-    state_dir: str
-    pids: dict[str, list[int]] = field(default_factory=lambda: {r: [] for r in ROLES})
-    logs: dict[str, list[str]] = field(default_factory=lambda: {r: [] for r in ROLES})
-    spec: ClusterSpec | None = None
-    metrics_address: str = ""
-
-    def processes(self) -> Iterator[tuple[str, int, int, str]]:
-        """(role, index, pid, log path) for every process, master first."""
-        for role in ROLES:
-            logs = self.logs.get(role, [])
-            for i, pid in enumerate(self.pids.get(role, [])):
-                yield role, i, pid, logs[i] if i < len(logs) else ""
-
-    def to_dict(self) -> dict:
-        return {
-            "master_address": self.master_address, "state_dir": self.state_dir,
-            "pids": self.pids, "logs": self.logs, "spec": asdict(self.spec) if self.spec else None,
-            "metrics_address": self.metrics_address,
-        }
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "ClusterHandle":
-        spec = ClusterSpec(**d["spec"]) if d.get("spec") else None
-        return cls(
-            master_address=str(d["master_address"]), state_dir=str(d["state_dir"]),
-            pids={r: [int(p) for p in d.get("pids", {}).get(r, [])] for r in ROLES},
-            logs={r: [str(p) for p in d.get("logs", {}).get(r, [])] for r in ROLES},
-            spec=spec, metrics_address=str(d.get("metrics_address", "")),
-        )
-
-
-@dataclass(frozen=True)
-class ProcessStatus:
-    role: str
-    index: int
-    pid: int
-    alive: bool
-    log: str
-
-    @property
-    def label(self) -> str:
-        return f"{self.role}-{self.index}"
-
-
-# ---- state file ---------------------------------------------------------------------------------------
-def write_handle(handle: ClusterHandle) -> str:
-    """Write ``<state_dir>/cluster.json`` atomically (temp file, fsync, rename)."""
-    path = os.path.join(handle.state_dir, STATE_FILE)
-    with atomic_write(path, text=True, mode=0o600) as f:
-        json.dump(handle.to_dict(), f, indent=2)
-    return path
-
-
-def load_handle(state_dir: str | None = None) -> ClusterHandle | None:
-    """The cluster recorded in ``state_dir`` (default: :func:`default_state_dir`), or None."""
-    state_dir = os.path.abspath(os.path.expanduser(state_dir or default_state_dir()))
-    path = os.path.join(state_dir, STATE_FILE)
-    try:
-        with open(path) as f:
-            data = json.load(f)
-        return ClusterHandle.from_dict(data)
-    except FileNotFoundError:
-        return None
-    except (ValueError, KeyError, TypeError) as exc:
-        raise ValueError(f"the cluster state file {path} is unreadable ({exc}); stop any pstrain processes "
-                         "by hand and delete it") from None
-
-
-def remove_handle(handle: ClusterHandle) -> None:
-    """Delete the state file if it still describes ``handle`` (not a newer cluster)."""
-    current = None
-    with contextlib.suppress(ValueError):
-        current = load_handle(handle.state_dir)
-    if current is not None and current.pids.get("master") == handle.pids.get("master"):
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(os.path.join(handle.state_dir, STATE_FILE))
+_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # repository root
 
 
 # ---- pure helpers -------------------------------------------------------------------------------------
@@ -214,32 +71,6 @@ def connectable(address: str) -> str:
     if host in ("0.0.0.0", "[::]", "::", ""):
         return f"127.0.0.1:{port}"
     return address
-
-
-def tail(path: str, lines: int = 20) -> str:
-    """The last ``lines`` lines of a text file ("" if it is missing)."""
-    try:
-        with open(path, "rb") as f:
-            f.seek(0, os.SEEK_END)
-            size = f.tell()
-            f.seek(max(0, size - 64 * 1024))
-            data = f.read().decode(errors="replace")
-    except OSError:
-        return ""
-    return "\n".join(data.splitlines()[-lines:])
-
-
-def describe_exit(role: str, index: int, pid: int, code: int | None, log_path: str, lines: int = 20) -> str:
-    """A user-facing message for a service that died, with the tail of its log."""
-    if code is None:
-        how = "exited"
-    elif code < 0:
-        how = f"was killed by signal {-code}"
-    else:
-        how = f"exited with code {code}"
-    text = tail(log_path, lines) or "(the log is empty)"
-    indented = "\n".join("    " + line for line in text.splitlines())
-    return f"{role}-{index} (pid {pid}) {how}; last lines of {log_path}:\n{indented}"
 
 
 def pid_alive(pid: int) -> bool:
@@ -279,22 +110,6 @@ def _is_pstrain_process(pid: int, role: str) -> bool:
     return any(a == b"-m" and b == module for a, b in zip(argv, argv[1:]))
 
 
-# ---- the interface --------------------------------------------------------------------------------------
-class Launcher(abc.ABC):
-    """Starts and stops the services of a cluster; one subclass per backend."""
-
-    @abc.abstractmethod
-    def start(self, spec: ClusterSpec) -> ClusterHandle:
-        """Start a cluster and return once every shard and worker is registered and alive."""
-
-    @abc.abstractmethod
-    def stop(self, handle: ClusterHandle, timeout: float = 10.0) -> None:
-        """Stop every process of the cluster (workers, then shards, then the master)."""
-
-    @abc.abstractmethod
-    def status(self, handle: ClusterHandle) -> list[ProcessStatus]:
-        """Whether each process of the cluster still runs."""
-
 
 def thread_env(role: str, workers: int, cores: int | None = None) -> dict[str, str]:
     """Thread counts for a process sharing this machine with the rest of the cluster.
@@ -325,6 +140,8 @@ class LocalProcessLauncher(Launcher):
     for every node to register; ``poll`` is how often it checks.
     """
 
+    name = "local"
+
     def __init__(self, start_timeout: float = 120.0, poll: float = 0.2, python: str | None = None):
         self.start_timeout = start_timeout
         self.poll = poll
@@ -346,7 +163,7 @@ class LocalProcessLauncher(Launcher):
         os.makedirs(spec.log_dir, exist_ok=True)
         os.makedirs(spec.checkpoint_dir, exist_ok=True)
         address = f"{spec.host}:{spec.port}"
-        handle = ClusterHandle(master_address=address, state_dir=spec.state_dir, spec=spec)
+        handle = ClusterHandle(master_address=address, state_dir=spec.state_dir, spec=spec, launcher=self.name)
         deadline = time.monotonic() + self.start_timeout
         try:
             self._spawn(handle, "master", 0, [
@@ -507,14 +324,3 @@ def _signal_group(pid: int, sig: int) -> None:
     except PermissionError:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, sig)
-
-
-@contextlib.contextmanager
-def local_cluster(spec: ClusterSpec, launcher: Launcher | None = None, stop_timeout: float = 10.0) -> Iterator[ClusterHandle]:
-    """Start a cluster for the ``with`` block and always stop it afterwards."""
-    launcher = launcher or LocalProcessLauncher()
-    handle = launcher.start(spec)
-    try:
-        yield handle
-    finally:
-        launcher.stop(handle, timeout=stop_timeout)

@@ -1,0 +1,6 @@
+"""``python -m client.cli``: the same as ``psctl``."""
+import sys
+
+from client.cli import main
+
+sys.exit(main())

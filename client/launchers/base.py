@@ -1,0 +1,252 @@
+"""The launcher interface: what to launch (:class:`ClusterSpec`), what was launched
+(:class:`ClusterHandle`, kept in the state file ``<state_dir>/cluster.json``) and the
+:class:`Launcher` methods every backend implements.
+
+A backend is one module with one :class:`Launcher` subclass, registered by name in
+:mod:`client.launchers`; ``psctl up|train --launcher NAME`` picks it and ``psctl down``
+finds it again through the ``launcher`` field of the state file. Usage::
+
+    class MyLauncher(Launcher):
+        name = "mine"
+
+        def start(self, spec: ClusterSpec) -> ClusterHandle:
+            handle = ClusterHandle(master_address=..., state_dir=spec.state_dir, spec=spec, launcher=self.name)
+            write_handle(handle)  # so that `psctl down` can stop it
+            return handle
+
+        def stop(self, handle, timeout=10.0): ...
+        def status(self, handle): ...
+"""
+from __future__ import annotations
+
+import abc
+import argparse
+import contextlib
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from typing import Any, ClassVar, Iterator
+
+from pstrain.runtime.files import atomic_write
+
+STATE_FILE = "cluster.json"
+ROLES = ("master", "ps", "worker")
+STOP_ORDER = ("worker", "ps", "master")  # workers first, so no one pushes to a stopped shard
+DEVICES = ("cpu", "cuda", "auto")
+MAX_PROCESSES = 256
+DEFAULT_LAUNCHER = "local"
+
+
+class ClusterError(RuntimeError):
+    """A cluster could not be started or stopped; the message says which process and why."""
+
+
+def default_state_dir() -> str:
+    """``$PSTRAIN_HOME`` if set, else ``~/.pstrain/cluster``."""
+    return os.environ.get("PSTRAIN_HOME") or os.path.join("~", ".pstrain", "cluster")
+
+
+# ---- configuration -------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ClusterSpec:
+    """What to launch. ``port=0`` lets the master pick a free port; ``state_dir`` holds
+    the state file, logs, the master's job database and (by default) checkpoints."""
+
+    workers: int = 2
+    ps: int = 2
+    host: str = "127.0.0.1"
+    port: int = 50051
+    state_dir: str = ""
+    device: str = "cpu"
+    heartbeat_timeout: float = 5.0
+    checkpoint_dir: str = ""
+
+    def __post_init__(self):
+        for name in ("workers", "ps"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_PROCESSES:
+                raise ValueError(f"ClusterSpec.{name}={value!r} is out of range; allowed: an integer in [1, {MAX_PROCESSES}]")
+        if isinstance(self.port, bool) or not isinstance(self.port, int) or not 0 <= self.port <= 65535:
+            raise ValueError(f"ClusterSpec.port={self.port!r} is out of range; allowed: [0, 65535] (0 picks a free port)")
+        if not isinstance(self.host, str) or not self.host or any(c.isspace() for c in self.host):
+            raise ValueError(f"ClusterSpec.host={self.host!r} must be a host name or IP address, e.g. 127.0.0.1")
+        if self.device not in DEVICES:
+            raise ValueError(f"ClusterSpec.device={self.device!r}; allowed: {', '.join(DEVICES)}")
+        if isinstance(self.heartbeat_timeout, bool) or not isinstance(self.heartbeat_timeout, (int, float)) \
+                or not 0.1 <= self.heartbeat_timeout <= 3600:
+            raise ValueError(f"ClusterSpec.heartbeat_timeout={self.heartbeat_timeout!r} is out of range; "
+                             "allowed: [0.1, 3600] seconds")
+        # Absolute paths: the state file outlives the cwd psctl ran in.
+        state_dir = os.path.abspath(os.path.expanduser(self.state_dir or default_state_dir()))
+        object.__setattr__(self, "state_dir", state_dir)
+        checkpoint_dir = self.checkpoint_dir or os.path.join(state_dir, "checkpoints")
+        object.__setattr__(self, "checkpoint_dir", os.path.abspath(os.path.expanduser(checkpoint_dir)))
+        object.__setattr__(self, "heartbeat_timeout", float(self.heartbeat_timeout))
+
+    @property
+    def log_dir(self) -> str:
+        return os.path.join(self.state_dir, "logs")
+
+    @property
+    def state_file(self) -> str:
+        return os.path.join(self.state_dir, STATE_FILE)
+
+
+@dataclass
+class ClusterHandle:
+    """A running cluster: where its master is and which processes make it up.
+    ``metrics_address`` is where the master serves /metrics (the master's ListNodes gives
+    every other node's). ``launcher`` names the backend that started it (the
+    :class:`Launcher` to stop it with); state files written before it existed mean
+    ``"local"``."""
+
+    master_address: str
+    state_dir: str
+    pids: dict[str, list[int]] = field(default_factory=lambda: {r: [] for r in ROLES})
+    logs: dict[str, list[str]] = field(default_factory=lambda: {r: [] for r in ROLES})
+    spec: ClusterSpec | None = None
+    metrics_address: str = ""
+    launcher: str = DEFAULT_LAUNCHER
+
+    def processes(self) -> Iterator[tuple[str, int, int, str]]:
+        """(role, index, pid, log path) for every process, master first."""
+        for role in ROLES:
+            logs = self.logs.get(role, [])
+            for i, pid in enumerate(self.pids.get(role, [])):
+                yield role, i, pid, logs[i] if i < len(logs) else ""
+
+    def to_dict(self) -> dict:
+        return {
+            "master_address": self.master_address, "state_dir": self.state_dir,
+            "pids": self.pids, "logs": self.logs, "spec": asdict(self.spec) if self.spec else None,
+            "metrics_address": self.metrics_address, "launcher": self.launcher,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ClusterHandle":
+        spec = ClusterSpec(**d["spec"]) if d.get("spec") else None
+        return cls(
+            master_address=str(d["master_address"]), state_dir=str(d["state_dir"]),
+            pids={r: [int(p) for p in d.get("pids", {}).get(r, [])] for r in ROLES},
+            logs={r: [str(p) for p in d.get("logs", {}).get(r, [])] for r in ROLES},
+            spec=spec, metrics_address=str(d.get("metrics_address", "")),
+            launcher=str(d.get("launcher") or DEFAULT_LAUNCHER),
+        )
+
+
+@dataclass(frozen=True)
+class ProcessStatus:
+    role: str
+    index: int
+    pid: int
+    alive: bool
+    log: str
+
+    @property
+    def label(self) -> str:
+        return f"{self.role}-{self.index}"
+
+
+# ---- state file ---------------------------------------------------------------------------------------
+def write_handle(handle: ClusterHandle) -> str:
+    """Write ``<state_dir>/cluster.json`` atomically (temp file, fsync, rename)."""
+    path = os.path.join(handle.state_dir, STATE_FILE)
+    with atomic_write(path, text=True, mode=0o600) as f:
+        json.dump(handle.to_dict(), f, indent=2)
+    return path
+
+
+def load_handle(state_dir: str | None = None) -> ClusterHandle | None:
+    """The cluster recorded in ``state_dir`` (default: :func:`default_state_dir`), or None."""
+    state_dir = os.path.abspath(os.path.expanduser(state_dir or default_state_dir()))
+    path = os.path.join(state_dir, STATE_FILE)
+    try:
+        with open(path) as f:
+            data = json.load(f)
+        return ClusterHandle.from_dict(data)
+    except FileNotFoundError:
+        return None
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"the cluster state file {path} is unreadable ({exc}); stop any pstrain processes "
+                         "by hand and delete it") from None
+
+
+def remove_handle(handle: ClusterHandle) -> None:
+    """Delete the state file if it still describes ``handle`` (not a newer cluster)."""
+    current = None
+    with contextlib.suppress(ValueError):
+        current = load_handle(handle.state_dir)
+    if current is not None and current.pids.get("master") == handle.pids.get("master"):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(os.path.join(handle.state_dir, STATE_FILE))
+
+
+# ---- service logs -----------------------------------------------------------------------------------
+def tail(path: str, lines: int = 20) -> str:
+    """The last ``lines`` lines of a text file ("" if it is missing)."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            size = f.tell()
+            f.seek(max(0, size - 64 * 1024))
+            data = f.read().decode(errors="replace")
+    except OSError:
+        return ""
+    return "\n".join(data.splitlines()[-lines:])
+
+
+def describe_exit(role: str, index: int, pid: int, code: int | None, log_path: str, lines: int = 20) -> str:
+    """A user-facing message for a service that died, with the tail of its log."""
+    if code is None:
+        how = "exited"
+    elif code < 0:
+        how = f"was killed by signal {-code}"
+    else:
+        how = f"exited with code {code}"
+    text = tail(log_path, lines) or "(the log is empty)"
+    indented = "\n".join("    " + line for line in text.splitlines())
+    return f"{role}-{index} (pid {pid}) {how}; last lines of {log_path}:\n{indented}"
+
+
+
+# ---- the interface --------------------------------------------------------------------------------------
+class Launcher(abc.ABC):
+    """Starts and stops the services of a cluster; one subclass per backend, registered
+    under its :attr:`name` (see :func:`client.launchers.register_launcher`).
+
+    Every launcher takes the keyword ``start_timeout`` (seconds :meth:`start` may wait
+    for the cluster to come up); ``psctl`` builds one from its flags with
+    :meth:`options_from_args`.
+    """
+
+    name: ClassVar[str] = ""  # what --launcher and the state file call this backend
+
+    @abc.abstractmethod
+    def start(self, spec: ClusterSpec) -> ClusterHandle:
+        """Start a cluster and return once every shard and worker is registered and alive.
+        The handle's ``launcher`` is :attr:`name`, and it is written to the state file
+        (:func:`write_handle`) so that ``psctl down`` can stop the cluster."""
+
+    @abc.abstractmethod
+    def stop(self, handle: ClusterHandle, timeout: float = 10.0) -> None:
+        """Stop every process of the cluster (workers, then shards, then the master)."""
+
+    @abc.abstractmethod
+    def status(self, handle: ClusterHandle) -> list[ProcessStatus]:
+        """Whether each process of the cluster still runs."""
+
+    def exit_code(self, pid: int) -> int | None:
+        """The exit status of a service that stopped (None: running, or not known here)."""
+        return None
+
+    # -- psctl's flags: a new backend adds its own here, so the CLI needs no edit ------------------------
+    @classmethod
+    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
+        """Add this backend's own flags (e.g. ``--ray-address``) to ``psctl up`` and
+        ``psctl train``; flags are shared by every backend, so name them after yours.
+        None by default."""
+
+    @classmethod
+    def options_from_args(cls, args: argparse.Namespace) -> dict[str, Any]:
+        """The constructor's keyword arguments from ``psctl``'s parsed flags."""
+        return {"start_timeout": args.start_timeout}

@@ -1,0 +1,78 @@
+"""protos.jobcodec: plain job types <-> master.proto messages, round trips and clear errors."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from graph.errors import GraphError
+from protos import codec, jobcodec, master_pb2
+from pstrain.runtime.modes import Mode
+from pstrain.runtime.spec import Device, JobSpec, Progress, SliceSpec, TaskSpec
+from tests.pstrain.runtime.test_spec import small_model, train
+
+
+def spec() -> JobSpec:
+    return JobSpec("tiny", small_model(), train(mode="ssp", staleness=2, metrics=["accuracy"], seed=7,
+                                                num_workers=2, num_shards=1, device="auto"), dataset="digits")
+
+
+def test_job_spec_round_trip():
+    s = spec()
+    msg = jobcodec.job_spec_to_proto(s)
+    assert msg.train.mode == "ssp" and msg.train.device == "auto" and msg.data.dataset == "digits"
+    back = jobcodec.job_spec_from_bytes(msg.SerializeToString())
+    assert back.train == s.train and back.name == s.name and back.dataset == s.dataset
+    assert back.model.weight_order == s.model.weight_order and back.model.model_config == s.model.model_config
+    assert codec.graph_to_bytes(back.model.graph) == codec.graph_to_bytes(s.model.graph)
+    assert back.train.mode is Mode.SSP and back.train.device is Device.AUTO
+
+
+def test_unset_fields_take_defaults():
+    msg = jobcodec.job_spec_to_proto(spec())
+    msg.train.ClearField("mode")
+    msg.train.ClearField("optimizer_json")
+    msg.train.ClearField("device")
+    back = jobcodec.job_spec_from_proto(msg)
+    assert back.train.mode is Mode.SYNC and back.train.optimizer == {"name": "sgd"} and back.train.device is Device.AUTO
+
+
+@pytest.mark.parametrize("text", ["{not json", '"sgd"', "[1, 2]"])
+def test_malformed_json_names_the_field(text):
+    msg = jobcodec.job_spec_to_proto(spec())
+    msg.train.optimizer_json = text
+    with pytest.raises(ValueError, match="optimizer_json"):
+        jobcodec.job_spec_from_proto(msg)
+
+
+def test_bad_fields_name_themselves():
+    msg = jobcodec.job_spec_to_proto(spec())
+    msg.train.batch_size = 0
+    with pytest.raises(ValueError, match="train: batch_size=0"):
+        jobcodec.job_spec_from_proto(msg)
+    msg = jobcodec.job_spec_to_proto(spec())
+    msg.model.loss = "missing"
+    with pytest.raises(GraphError, match="'missing'"):
+        jobcodec.job_spec_from_proto(msg)
+
+
+def test_an_empty_message_is_refused():
+    with pytest.raises(GraphError, match="features"):
+        jobcodec.job_spec_from_proto(master_pb2.JobSpec(name="empty"))
+
+
+def test_task_round_trip():
+    s = spec()
+    task = TaskSpec(job="job-1", worker_index=0, workers=(0, 1), graph=s.model.graph, features="x", labels="y",
+                    loss="loss", prediction="pred", grads={"w": "loss/grad_w"}, state_variables=(),
+                    slices=(SliceSpec("w", "w[0:2]", 0, 0, 2), SliceSpec("w", "w[2:3]", 1, 2, 3)),
+                    shard_addresses=("127.0.0.1:1", "127.0.0.1:2"), train=s.train, dataset="digits")
+    back = jobcodec.task_from_proto(master_pb2.Task.FromString(jobcodec.task_to_proto(task).SerializeToString()))
+    for f in ("job", "worker_index", "workers", "features", "labels", "loss", "prediction", "grads", "state_variables",
+              "slices", "shard_addresses", "train", "dataset"):
+        assert getattr(back, f) == getattr(task, f), f
+    np.testing.assert_array_equal(back.graph.initial_values["w"], task.graph.initial_values["w"])
+
+
+def test_progress_round_trip():
+    p = Progress("job-1", 1, step=10, epoch=2, loss=0.25, metrics={"accuracy": 0.5}, step_time=0.01, done=True)
+    assert jobcodec.progress_from_proto(jobcodec.progress_to_proto(p)) == p
