@@ -31,7 +31,7 @@ from master.planner import JobPlan, plan_job
 from protos import codec, jobcodec, master_pb2, master_pb2_grpc
 from pstrain.runtime.modelfile import read_model, write_model
 from pstrain.runtime.placement import assemble
-from pstrain.runtime.spec import JobSpec, Progress, SliceSpec, TaskSpec
+from pstrain.runtime.spec import FinishedJob, HeartbeatReply, JobSpec, Progress, SliceSpec, TaskSpec
 from pstrain.transport import rpc
 from pstrain.transport.ps_client import ParameterServerClient
 
@@ -58,20 +58,9 @@ class NodeInfo:
     last_seen: float = field(default_factory=time.monotonic)
     alive: bool = True
     job: str | None = None  # a worker's current job
-    tasks: list = field(default_factory=list)
+    tasks: list[TaskSpec] = field(default_factory=list)
     cancelled: list = field(default_factory=list)
-    finished: list = field(default_factory=list)
-
-
-@dataclass(frozen=True)
-class HeartbeatReply:
-    """What a heartbeat answers: ``known`` False means register again; the rest is new
-    work, jobs to stop, and jobs whose final model ``evaluator`` evaluates."""
-
-    known: bool
-    tasks: tuple[TaskSpec, ...] = ()
-    cancelled: tuple[str, ...] = ()
-    finished: tuple[tuple[str, int], ...] = ()  # (job, evaluator worker index)
+    finished: list[FinishedJob] = field(default_factory=list)
 
 
 @dataclass
@@ -309,11 +298,11 @@ class Coordinator:
         if rt.evaluator is None and rt.live and rt.live <= rt.done:
             rt.evaluator = min(rt.live)
             node = self.nodes[rt.workers[rt.evaluator]]
-            node.finished.append((rt.id, rt.evaluator))
+            node.finished.append(FinishedJob(rt.id, rt.evaluator))
             for i in rt.live:
                 other = self.nodes[rt.workers[i]]
                 if other is not node:
-                    other.finished.append((rt.id, rt.evaluator))
+                    other.finished.append(FinishedJob(rt.id, rt.evaluator))
             self.store.add_event(rt.id, f"all workers done; worker {rt.evaluator} evaluates the final model")
 
     def _succeed(self, job_id: str) -> None:
@@ -544,12 +533,7 @@ class MasterServicer(master_pb2_grpc.MasterServicer):
 
     @rpc.guarded
     def Heartbeat(self, request, context):
-        reply = self.c.heartbeat(request.node_id)
-        resp = master_pb2.HeartbeatResponse(known=reply.known, cancelled_jobs=list(reply.cancelled))
-        resp.tasks.extend(jobcodec.task_to_proto(t) for t in reply.tasks)
-        for job, evaluator in reply.finished:
-            resp.finished.add(job=job, evaluator=evaluator)
-        return resp
+        return jobcodec.heartbeat_reply_to_proto(self.c.heartbeat(request.node_id))
 
     @rpc.guarded
     def ReportProgress(self, request, context):

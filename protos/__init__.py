@@ -1,6 +1,6 @@
 """pstrain's wire format: the ``.proto`` sources, their generated ``*_pb2`` modules,
-``protos.codec`` (the one module converting messages to and from graph / NumPy
-objects), ``tensorwire`` (raw tensor frames), ``shm`` (shared-memory frames),
+``protos.codec`` (messages to and from graph / NumPy objects), ``protos.jobcodec``
+(job messages to and from the plain types of ``pstrain.runtime.spec``), ``tensorwire`` (raw tensor frames), ``shm`` (shared-memory frames),
 ``settings`` and ``observability`` (what
 every service edge shares). Only the codec and the service / transport modules
 import ``*_pb2``.

@@ -1,6 +1,6 @@
 """Convert the job messages of ``protos/master.proto`` to and from the core's plain
 types (``pstrain.runtime.spec``): the one place a ``JobSpec``, ``TrainConfig``,
-``Task`` or ``ProgressReport`` crosses between protobuf and dataclasses. The
+``Task``, ``HeartbeatResponse`` or ``ProgressReport`` crosses between protobuf and dataclasses. The
 services and clients call these at their edge and work with plain types inside.
 
 Decoding validates: a graph goes through ``codec.graph_from_proto`` (unknown ops,
@@ -17,7 +17,16 @@ from __future__ import annotations
 import json
 
 from protos import codec, master_pb2
-from pstrain.runtime.spec import JobSpec, ModelSpec, Progress, SliceSpec, TaskSpec, TrainConfig
+from pstrain.runtime.spec import (
+    FinishedJob,
+    HeartbeatReply,
+    JobSpec,
+    ModelSpec,
+    Progress,
+    SliceSpec,
+    TaskSpec,
+    TrainConfig,
+)
 
 
 def _json_object(text: str, field_name: str, default: dict) -> dict:
@@ -115,6 +124,22 @@ def task_from_proto(t: master_pb2.Task) -> TaskSpec:
         state_variables=tuple(t.state_variables),
         slices=tuple(SliceSpec(s.variable, s.key, s.shard, s.start, s.stop) for s in t.slices),
         shard_addresses=tuple(t.shard_addresses), train=train_config_from_proto(t.train), dataset=t.data.dataset,
+    )
+
+
+# ---- heartbeat -----------------------------------------------------------------------------------
+def heartbeat_reply_to_proto(reply: HeartbeatReply) -> master_pb2.HeartbeatResponse:
+    msg = master_pb2.HeartbeatResponse(known=reply.known, cancelled_jobs=list(reply.cancelled_jobs))
+    msg.tasks.extend(task_to_proto(t) for t in reply.tasks)
+    for f in reply.finished:
+        msg.finished.add(job=f.job, evaluator=f.evaluator)
+    return msg
+
+
+def heartbeat_reply_from_proto(msg: master_pb2.HeartbeatResponse) -> HeartbeatReply:
+    return HeartbeatReply(
+        known=msg.known, tasks=tuple(task_from_proto(t) for t in msg.tasks), cancelled_jobs=tuple(msg.cancelled_jobs),
+        finished=tuple(FinishedJob(f.job, f.evaluator) for f in msg.finished),
     )
 
 

@@ -353,3 +353,164 @@ class ParameterServer:
             timeout,
             metadata,
             _registered_method=True)
+
+
+class ParameterServerRawStub:
+    """Missing associated documentation comment in .proto file."""
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.Push = channel.unary_unary(
+                '/pstrain.ParameterServerRaw/Push',
+                request_serializer=protos_dot_ps__pb2.TensorFrame.SerializeToString,
+                response_deserializer=protos_dot_ps__pb2.TensorFrame.FromString,
+                _registered_method=True)
+        self.Attach = channel.unary_unary(
+                '/pstrain.ParameterServerRaw/Attach',
+                request_serializer=protos_dot_ps__pb2.TensorFrame.SerializeToString,
+                response_deserializer=protos_dot_ps__pb2.TensorFrame.FromString,
+                _registered_method=True)
+        self.Echo = channel.unary_unary(
+                '/pstrain.ParameterServerRaw/Echo',
+                request_serializer=protos_dot_ps__pb2.TensorFrame.SerializeToString,
+                response_deserializer=protos_dot_ps__pb2.TensorFrame.FromString,
+                _registered_method=True)
+
+
+class ParameterServerRawServicer:
+    """Missing associated documentation comment in .proto file."""
+
+    def Push(self, request, context):
+        """push (+ pull): "g:<key>" gradients, "a:<key>" assignments
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Attach(self, request, context):
+        """offer a shared-memory segment (protos/shm.py)
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Echo(self, request, context):
+        """returns its payload: the raw transport's baseline
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_ParameterServerRawServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'Push': grpc.unary_unary_rpc_method_handler(
+                    servicer.Push,
+                    request_deserializer=protos_dot_ps__pb2.TensorFrame.FromString,
+                    response_serializer=protos_dot_ps__pb2.TensorFrame.SerializeToString,
+            ),
+            'Attach': grpc.unary_unary_rpc_method_handler(
+                    servicer.Attach,
+                    request_deserializer=protos_dot_ps__pb2.TensorFrame.FromString,
+                    response_serializer=protos_dot_ps__pb2.TensorFrame.SerializeToString,
+            ),
+            'Echo': grpc.unary_unary_rpc_method_handler(
+                    servicer.Echo,
+                    request_deserializer=protos_dot_ps__pb2.TensorFrame.FromString,
+                    response_serializer=protos_dot_ps__pb2.TensorFrame.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'pstrain.ParameterServerRaw', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('pstrain.ParameterServerRaw', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class ParameterServerRaw:
+    """Missing associated documentation comment in .proto file."""
+
+    @staticmethod
+    def Push(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pstrain.ParameterServerRaw/Push',
+            protos_dot_ps__pb2.TensorFrame.SerializeToString,
+            protos_dot_ps__pb2.TensorFrame.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Attach(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pstrain.ParameterServerRaw/Attach',
+            protos_dot_ps__pb2.TensorFrame.SerializeToString,
+            protos_dot_ps__pb2.TensorFrame.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Echo(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pstrain.ParameterServerRaw/Echo',
+            protos_dot_ps__pb2.TensorFrame.SerializeToString,
+            protos_dot_ps__pb2.TensorFrame.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)

@@ -70,13 +70,11 @@ class WorkerNode:
                 except queue.Empty:
                     continue
                 job = task.job
-                self.membership.status = {"job": job, "worker": task.worker_index}
-                log.info("job %s: starting as worker %d of %d", job, task.worker_index, task.num_workers)
+                log.info("job %s: starting as worker %d of %d", job, task.worker_index, len(task.workers))
                 TrainingTask(task, self.membership.client, self.device, self.config.report_interval,
                              metrics=self.metrics).run(
                     self._cancel_event(job), lambda j=job: self.finished.get(j)
                 )
-                self.membership.status = {}
                 with self.lock:
                     self.finished.pop(job, None)
         finally:

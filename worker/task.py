@@ -1,10 +1,10 @@
 """One worker's part of a training job: pull → compute → push, on its data shard.
 
-The data schedule is global: every epoch the whole training set is permuted with a
-seed derived from the job seed and the epoch, cut into global batches of
-``batch_size``, and each worker takes its contiguous part of every global batch.
-So in sync mode the shards apply exactly the gradient of each global batch (a
-weighted average of the workers' parts), the schedule in-process training uses.
+The training loop is the one in-process ``model.fit`` runs (pstrain/runtime/loop.py:
+a global data schedule, each worker taking its contiguous part of every global
+batch), here against the job's shards (``ShardedParameterClient``); this module adds
+the master's side: progress reports, per-epoch validation, cancellation and the final
+evaluation.
 
 Each step sends one push to every shard at once (in parallel), and the new
 parameters ride back on the replies: one round trip per step. Deeper pipelining —
@@ -19,45 +19,33 @@ Usage (the worker node does this for each task the master sends)::
 from __future__ import annotations
 
 import logging
-import math
-import os
 import threading
 import time
-from dataclasses import dataclass
 
 import grpc
 import numpy as np
 
-from graph.registry import RunContext
-from protos import codec
 from pstrain.runtime import datasets
-from pstrain.runtime import metrics as metrics_mod
+from pstrain.runtime.loop import Callback, EpochTotals, Schedule, TrainingCancelled, TrainingLoop
+from pstrain.runtime.modes import Mode
+from pstrain.runtime.placement import layout
 from pstrain.runtime.plan import TrainPlan
+from pstrain.runtime.spec import Device, TaskSpec
 from pstrain.runtime.step import StepRunner
 from pstrain.transport import rpc
-from pstrain.transport.ps_client import ParameterServerClient
+from pstrain.transport.ps_client import ShardedParameterClient
 from worker.metrics import WorkerMetrics
 
 log = logging.getLogger(__name__)
 
-RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
-
-
-@dataclass(frozen=True)
-class SliceRef:
-    variable: str
-    key: str
-    shard: int
-    start: int
-    stop: int
-
-
-class TaskCancelled(Exception):
-    pass
+# The loop's cancellation, under the name this module has always raised.
+TaskCancelled = TrainingCancelled
 
 
 class TrainingTask:
-    def __init__(self, task, master, device: str = "cpu", report_interval: float = 1.0, push_retries: int = 5,
+    """One task from the master, run to its end by ``run`` (see the module docstring)."""
+
+    def __init__(self, task: TaskSpec, master, device: str = "cpu", report_interval: float = 1.0, push_retries: int = 5,
                  metrics: WorkerMetrics | None = None):
         self.task = task
         self.master = master
@@ -66,108 +54,26 @@ class TrainingTask:
         self.workers = sorted(task.workers)
         self.position = self.workers.index(self.index)
         self.train = task.train
-        self.device = task.train.device if task.train.device not in ("", "auto") else device
+        # The job's device, unless it leaves the choice to the worker ("auto": this node's --device).
+        self.device = device if task.train.device is Device.AUTO else task.train.device.value
         self.report_interval = report_interval
-        self.push_retries = push_retries
-        graph = codec.graph_from_proto(task.graph)
-        self.plan = TrainPlan(graph, task.features, task.labels, task.loss, task.prediction, dict(task.grads),
+        self.plan = TrainPlan(task.graph, task.features, task.labels, task.loss, task.prediction, dict(task.grads),
                               tuple(task.state_variables))
-        self.slices = [SliceRef(s.variable, s.key, s.shard, s.start, s.stop) for s in task.slices]
-        self.by_shard = {s: [sl for sl in self.slices if sl.shard == s] for s in range(len(task.shard_addresses))}
-        self.shards = [ParameterServerClient(a, timeout=60.0) for a in task.shard_addresses]
-        self.params = {
-            v: np.empty(graph.nodes[v].shape, graph.nodes[v].dtype) for v in {sl.variable for sl in self.slices}
-        }
-        self.version = 0
         self.metrics = (metrics or WorkerMetrics()).task(self.job, self.index)
-        self._pending_report = None  # () -> cancelled?, of the report in flight
+        self.push_retries = push_retries
+        self.params: ShardedParameterClient | None = None  # connected by run()
+        self.loop: TrainingLoop | None = None  # made once the data is loaded
+        self._last_step = self._last_epoch = 0
 
-    # ---- parameter exchange ----------------------------------------------------------------
-    def _assemble(self, parts: dict[str, np.ndarray]) -> None:
-        for sl in self.slices:
-            part = parts.get(sl.key)
-            if part is None:
-                continue
-            target = self.params[sl.variable]
-            if target.ndim == 0:
-                target[...] = part
-            else:
-                target[sl.start : sl.stop] = part
-
-    def _slice_for_shard(self, values: dict, shard: int) -> dict:
-        out = {}
-        for sl in self.by_shard[shard]:
-            v = values.get(sl.variable)
-            if v is not None:
-                out[sl.key] = v if np.ndim(v) == 0 else v[sl.start : sl.stop]
-        return out
-
-    def _pull_all(self, step: int, min_version: int) -> None:
-        started = time.perf_counter()
-        for client in self.shards:
-            resp = self._retry(lambda c=client: c.pull_response(self.job, self.index, step, min_version, timeout=600.0))
-            self.metrics.transferred(received=resp.ByteSize())
-            self._assemble(codec.read_named(resp.params))
-            self.version = max(self.version, resp.version)
-        self.metrics.pull(time.perf_counter() - started)
-
-    def _exchange(self, step: int, grads: dict, updates: dict, weight: float, min_version: int) -> None:
-        """Push (with pull) to every shard at once and assemble the parameters that come
-        back: the other shards' calls are in flight while the last one runs here (a
-        future for every call would start a gRPC polling thread per step). The tensors
-        travel through shared memory where the shard shares this host, else as raw
-        frames (protos/tensorwire.py); gRPC carries the call either way."""
-        calls = []
-        for s, client in enumerate(self.shards):
-            calls.append(client.start_push_pull(
-                self.job, self.index, step, self._slice_for_shard(grads, s), self._slice_for_shard(updates, s),
-                weight=weight, min_version=min_version, timeout=600.0, rpc_timeout=660.0,
-                wait=s == len(self.shards) - 1,
-            ))
-        for call in calls:
-            try:
-                version, params = call.result()
-            except grpc.RpcError as exc:
-                if exc.code() not in RETRYABLE:
-                    raise
-                # Pushes are idempotent (job, worker, step): resending is safe.
-                version, params = self._retry(call.retry)
-            self.metrics.transferred(sent=call.sent, received=call.received)
-            self._assemble(params)
-            self.version = max(self.version, version)
-
-    def _share_memory(self) -> None:
-        """Offer every shard a shared-memory segment for the pushes (taken where the
-        shard is on this host), with room for this worker's slices both ways."""
-        for s, client in enumerate(self.shards):
-            nbytes = sum(v.nbytes for v in self._slice_for_shard(self.params, s).values())
-            room = 2 * nbytes + 65536  # gradients and state updates out (or parameters back), headers
-            try:
-                client.use_shared_memory(self.job, f"pstrain-{self.job}-w{self.index}-s{s}-{os.getpid()}", room, room)
-            except OSError as exc:  # e.g. /dev/shm is full: frames still work
-                log.warning("no shared memory for shard %d (%s); pushing over gRPC", s, exc)
-
-    def _retry(self, call):
-        delay = 0.2
-        for attempt in range(self.push_retries + 1):
-            try:
-                return call()
-            except grpc.RpcError as exc:
-                if exc.code() not in RETRYABLE or attempt == self.push_retries:
-                    raise
-                log.warning("retrying after %s", rpc.describe(exc))
-                time.sleep(delay)
-                delay = min(delay * 2, 5.0)
-
-    # ---- the loop ---------------------------------------------------------------------------------
     def run(self, cancelled: threading.Event, finished) -> None:
         """Train, report, and (if chosen) evaluate the final model. ``finished`` is a
         callable returning the evaluator index once the master says the job is done."""
         try:
+            self.params = self._connect()
             self._train(cancelled)
             evaluator = self._wait_finished(cancelled, finished)
             if evaluator == self.index:
-                self._pull_all(step=0, min_version=0)
+                self._pull()
                 loss, acc = self._evaluate()
                 self.metrics.validation(loss, acc)
                 self.master.report(self.job, self.index, self._last_step, self._last_epoch, loss,
@@ -183,100 +89,43 @@ class TrainingTask:
                 pass
         finally:
             self.metrics.end()
-            for c in self.shards:
-                c.close()
+            if self.params is not None:
+                self.params.close()
+
+    def _connect(self) -> ShardedParameterClient:
+        """The job's shards, behind one client, laid out as the master placed the variables."""
+        task, nodes = self.task, self.plan.graph.nodes
+        variables = {s.variable: (nodes[s.variable].shape, nodes[s.variable].dtype) for s in task.slices}
+        placement = layout(variables, [(s.variable, s.shard, s.start, s.stop) for s in task.slices],
+                           len(task.shard_addresses))
+        return ShardedParameterClient(self.job, self.index, list(task.shard_addresses), placement,
+                                      timeout=600.0, rpc_timeout=660.0, retries=self.push_retries,
+                                      on_transfer=self.metrics.transferred)
 
     def _train(self, cancelled: threading.Event) -> None:
         t = self.train
-        self.data = datasets.load(self.task.data.dataset)
-        x, y = self.data.x_train, self.data.y_train
+        self.data = datasets.load(self.task.dataset)
         dtype = self.plan.graph.nodes[self.plan.features].dtype
-        x = x.astype(dtype, copy=False)
-        runner = self.runner = StepRunner(self.plan, backend=self.device)
-        n, bs, k = len(x), int(t.batch_size), len(self.workers)
-        steps_per_epoch = max(math.ceil(n / bs), 1)
-        sync = t.mode == "sync"
-        self._pull_all(step=0, min_version=0)
-        self._share_memory()
-        loss_sum = correct = seen = 0.0
-        last_report, step_times = time.monotonic(), []
-        self._last_step, self._last_epoch = 0, 0
-        batches = _Batches(x, y, bs, self.position, k)
-        for epoch in range(int(t.epochs)):
-            batches.start_epoch(datasets.epoch_permutation(n, int(t.seed), epoch) if t.shuffle else np.arange(n))
-            for s in range(steps_per_epoch):
-                if cancelled.is_set():
-                    raise TaskCancelled()
-                step = epoch * steps_per_epoch + s
-                started = time.perf_counter()
-                xb, yb = batches.gather(s)
-                grads, updates = {}, {}
-                if len(xb):
-                    out = runner.train_step(xb, yb, self.params, RunContext(True, step, int(t.seed) + self.position))
-                    if not np.isfinite(out.loss):
-                        raise FloatingPointError(f"loss became {out.loss} at step {step}; lower the learning rate")
-                    grads, updates = out.grads, out.updates
-                    loss_sum += out.loss * len(xb)
-                    correct += metrics_mod.correct(t.loss_name, out.prediction, yb) if t.loss_name else 0.0
-                    seen += len(xb)
-                # The gradient's share of the global batch: the sync average's weight, and
-                # in async/SSP the factor the shard scales it by.
-                weight = len(xb) / max(batches.global_size(s), 1)
-                # Sync waits for the barrier (version step + 1); async/SSP take whatever
-                # the shards hold (SSP's bound is enforced by the shards).
-                pushed = time.perf_counter()
-                self._exchange(step, grads, updates, weight, step + 1 if sync else 0)
-                done = time.perf_counter()
-                self.metrics.push(done - pushed)
-                self.metrics.step(done - started, len(xb))
-                step_times.append(done - started)
-                self._last_step, self._last_epoch = step + 1, epoch
-                now = time.monotonic()
-                if now - last_report >= self.report_interval:
-                    self._report(step + 1, epoch, loss_sum, correct, seen, step_times)
-                    last_report, step_times = now, []
-            extra = {}
-            if self.position == 0:  # one worker tracks validation per epoch
-                vloss, vacc = self._evaluate()
-                extra = {"val_loss": vloss, "val_accuracy": vacc}
-                self.metrics.validation(vloss, vacc)
-            self._report((epoch + 1) * steps_per_epoch, epoch + 1, loss_sum, correct, seen, step_times, extra)
-            loss_sum = correct = seen = 0.0
-            step_times = []
-            self._last_epoch = epoch + 1
-        self._settle_report()
+        x, y = self.data.x_train.astype(dtype, copy=False), self.data.y_train
+        self.loop = TrainingLoop(StepRunner(self.plan, backend=self.device), self.params,
+                                 seed=int(t.seed) + self.position, accuracy_of=t.loss_name or None,
+                                 sync=t.mode is Mode.SYNC)
+        schedule = Schedule(len(x), int(t.batch_size), int(t.epochs), seed=int(t.seed), shuffle=t.shuffle,
+                            position=self.position, workers=len(self.workers), min_steps_per_epoch=1)
+        self._pull()
+        reporter = _Reporter(self, schedule.steps_per_epoch)
+        self.loop.run(x, y, schedule, [reporter], cancelled=cancelled)
+        reporter.settle()
         self.master.report(self.job, self.index, self._last_step, self._last_epoch, 0.0, {}, done=True)
 
-    def _report(self, step, epoch, loss_sum, correct, seen, step_times, extra=None) -> None:
-        metrics = dict(extra or {})
-        if seen and self.train.loss_name:
-            metrics["accuracy"] = correct / seen
-        if seen:
-            self.metrics.train(loss_sum / seen, metrics.get("accuracy"))
-        step_time = float(np.mean(step_times)) if step_times else 0.0
-        # Not waited for: the master records it (SQLite) while the next steps run; its
-        # answer (cancelled?) is read before the next report, which keeps them in order.
-        self._settle_report()
-        self._pending_report = self.master.report(self.job, self.index, step, epoch, loss_sum / max(seen, 1), metrics,
-                                                  step_time, wait=False)
-
-    def _settle_report(self) -> None:
-        """Wait for the report in flight; TaskCancelled if the master answered that the job was cancelled."""
-        pending, self._pending_report = self._pending_report, None
-        if pending is not None and pending():
-            raise TaskCancelled()
+    def _pull(self) -> None:
+        started = time.perf_counter()
+        self.loop.pull(0)
+        self.metrics.pull(time.perf_counter() - started)
 
     def _evaluate(self) -> tuple[float, float]:
-        x, y = self.data.x_test, self.data.y_test
         dtype = self.plan.graph.nodes[self.plan.features].dtype
-        loss_sum = correct = 0.0
-        for s in range(0, len(x), 1000):
-            xb, yb = x[s : s + 1000].astype(dtype, copy=False), y[s : s + 1000]
-            loss, pred = self.runner.eval_step(xb, yb, self.params)
-            loss_sum += loss * len(xb)
-            if self.train.loss_name:
-                correct += metrics_mod.correct(self.train.loss_name, pred, yb)
-        return loss_sum / max(len(x), 1), correct / max(len(x), 1)
+        return self.loop.evaluate(self.data.x_test.astype(dtype, copy=False), self.data.y_test, batch_size=1000)
 
     def _wait_finished(self, cancelled: threading.Event, finished) -> int:
         while True:
@@ -288,30 +137,53 @@ class TrainingTask:
             time.sleep(0.05)
 
 
-class _Batches:
-    """This worker's part of each global batch of an epoch, gathered into one reused
-    buffer (a fresh 1.6 MB batch per step costs more than the gather itself)."""
+class _Reporter(Callback):
+    """The worker's side of the loop: step metrics, a progress report to the master
+    every ``report_interval`` seconds and at every epoch's end (with validation on
+    the first worker)."""
 
-    def __init__(self, x: np.ndarray, y: np.ndarray, batch_size: int, position: int, workers: int):
-        self.x, self.y, self.bs = x, y, batch_size
-        self.position, self.workers = position, workers
-        self.order = np.arange(len(x))
-        size = len(datasets.shard_indices(batch_size, position, workers))
-        self._xb, self._yb = np.empty((size,) + x.shape[1:], x.dtype), np.empty((size,) + y.shape[1:], y.dtype)
+    def __init__(self, task: TrainingTask, steps_per_epoch: int):
+        self.task, self.steps_per_epoch = task, steps_per_epoch
+        self.metrics = task.metrics
+        self.step_times: list[float] = []
+        self.last_report = time.monotonic()
+        self._pending = None  # () -> cancelled?, of the report in flight
 
-    def start_epoch(self, order: np.ndarray) -> None:
-        self.order = order
+    def on_step_end(self, step: int, totals: EpochTotals, samples: int, seconds: float, exchange_seconds: float) -> None:
+        self.metrics.push(exchange_seconds)
+        self.metrics.step(seconds, samples)
+        self.step_times.append(seconds)
+        self.task._last_step, self.task._last_epoch = step + 1, totals.epoch
+        now = time.monotonic()
+        if now - self.last_report >= self.task.report_interval:
+            self._report(step + 1, totals.epoch, totals)
+            self.last_report = now
 
-    def global_size(self, s: int) -> int:
-        return len(self.order[s * self.bs : (s + 1) * self.bs])
+    def on_epoch_end(self, epoch: int, totals: EpochTotals) -> None:
+        extra = {}
+        if self.task.position == 0:  # one worker tracks validation per epoch
+            vloss, vacc = self.task._evaluate()
+            extra = {"val_loss": vloss, "val_accuracy": vacc}
+            self.metrics.validation(vloss, vacc)
+        self._report((epoch + 1) * self.steps_per_epoch, epoch + 1, totals, extra)
+        self.task._last_epoch = epoch + 1
 
-    def gather(self, s: int) -> tuple[np.ndarray, np.ndarray]:
-        """(x, y) of step ``s`` of the epoch; the next gather overwrites them."""
-        global_idx = self.order[s * self.bs : (s + 1) * self.bs]
-        local = global_idx[datasets.shard_indices(len(global_idx), self.position, self.workers)]
-        if len(local) != len(self._xb):  # a short last batch: its own arrays
-            return self.x[local], self.y[local]
-        # mode="clip": the indices are in range, and "raise" would gather into a temporary first.
-        np.take(self.x, local, axis=0, out=self._xb, mode="clip")
-        np.take(self.y, local, axis=0, out=self._yb, mode="clip")
-        return self._xb, self._yb
+    def _report(self, step: int, epoch: int, totals: EpochTotals, extra: dict | None = None) -> None:
+        metrics = dict(extra or {})
+        if totals.seen and self.task.train.loss_name:
+            metrics["accuracy"] = totals.correct / totals.seen
+        if totals.seen:
+            self.metrics.train(totals.loss_sum / totals.seen, metrics.get("accuracy"))
+        step_time = float(np.mean(self.step_times)) if self.step_times else 0.0
+        self.step_times = []
+        # Not waited for: the master records it (SQLite) while the next steps run; its
+        # answer (cancelled?) is read before the next report, which keeps them in order.
+        self.settle()
+        self._pending = self.task.master.report(self.task.job, self.task.index, step, epoch, totals.loss, metrics,
+                                                step_time, wait=False)
+
+    def settle(self) -> None:
+        """Wait for the report in flight; TaskCancelled if the master answered that the job was cancelled."""
+        pending, self._pending = self._pending, None
+        if pending is not None and pending():
+            raise TaskCancelled()

@@ -1,6 +1,7 @@
 """``Sequential`` models: Keras's API, lowered to the graph IR and trained by the
 same pieces the distributed runtime uses (``pstrain.runtime.plan`` for the backward pass,
-``pstrain.runtime.step`` for steps, ``pstrain.runtime.store`` for parameters and optimizer).
+``pstrain.runtime.loop`` for the training loop every worker also runs,
+``pstrain.runtime.store`` for parameters and optimizer, behind ``LocalParameterClient``).
 
 Usage::
 
@@ -24,11 +25,11 @@ from client.nn import layers as layers_mod
 from client.nn import losses, optimizers
 from client.progress import ProgressBar, write_epoch_header
 from graph.core import Graph
-from graph.registry import RunContext
 from pstrain.runtime import metrics as metrics_mod
-from pstrain.runtime.datasets import epoch_permutation
+from pstrain.runtime.loop import Callback, EpochTotals, Schedule, TrainingLoop
 from pstrain.runtime.modelfile import FORMAT, read_model, write_model
 from pstrain.runtime.optimizers import Optimizer
+from pstrain.runtime.parameters import LocalParameterClient
 from pstrain.runtime.plan import TrainPlan, build_train_plan
 from pstrain.runtime.step import StepRunner
 from pstrain.runtime.store import ParameterStore
@@ -66,6 +67,7 @@ class Sequential:
         self._plan: TrainPlan | None = None
         self._store: ParameterStore | None = None
         self._runner: StepRunner | None = None
+        self._loop: TrainingLoop | None = None
         self._compiled: dict | None = None
         self._step = 0
         for layer in layers:
@@ -91,7 +93,7 @@ class Sequential:
             "loss": losses.check(loss),
             "metrics": metrics_mod.check(metrics),
         }
-        self._plan = self._store = self._runner = None
+        self._plan = self._store = self._runner = self._loop = None
         if self.layers and self.layers[0].input_shape is not None:
             self.build(self.layers[0].input_shape)
 
@@ -131,6 +133,11 @@ class Sequential:
         self._store = ParameterStore(
             g.initial_values, trainable, Optimizer(self._compiled["optimizer"], backend_runner.backend)
         )
+        # Fancy indexing (no reused batch buffers) is the faster gather for fit's batches.
+        self._loop = TrainingLoop(backend_runner, LocalParameterClient(self._store), seed=self.seed,
+                                  accuracy_of=loss_name if self._compiled["metrics"] else None,
+                                  reuse_batch_buffers=False)
+        self._loop.pull()
         self._input_shape = input_shape
 
     def _ensure_built(self, x: np.ndarray) -> None:
@@ -176,16 +183,9 @@ class Sequential:
         return loss
 
     def _train_batch(self, x, y) -> tuple[float, float]:
-        out = self._runner.train_step(x, y, self._store.pull(), RunContext(training=True, step=self._step, seed=self.seed))
-        if not np.isfinite(out.loss):
-            raise FloatingPointError(
-                f"loss became {out.loss} at step {self._step}; nothing was applied. Lower the learning rate "
-                "or check the inputs for NaN/Inf"
-            )
-        self._store.push(out.grads, out.updates)
+        loss, correct = self._loop.train_batch(x, y, self._step)
         self._step += 1
-        correct = metrics_mod.correct(self._compiled["loss"], out.prediction, y) if self._compiled["metrics"] else 0.0
-        return out.loss, correct
+        return loss, correct
 
     def fit(self, x, y, batch_size: int = 32, epochs: int = 1, shuffle: bool = True, validation_data=None, verbose: int = 1, cluster: str | None = None) -> History:
         """Train with mini-batch gradient descent (batch_size = len(x): batch GD;
@@ -200,34 +200,12 @@ class Sequential:
             if validation_data is not None:
                 validation_data = self._prep(*validation_data[:2])
             return fit_on_cluster(self, x, y, batch_size, epochs, shuffle, validation_data, verbose, cluster)
-        n, bs = len(x), int(batch_size)
-        steps = (n + bs - 1) // bs
-        history = History()
-        for epoch in range(int(epochs)):
-            write_epoch_header(epoch + 1, epochs, verbose)
-            bar = ProgressBar(steps, verbose=verbose)
-            order = epoch_permutation(n, self.seed, epoch) if shuffle else np.arange(n)
-            seen, loss_sum, correct_sum = 0, 0.0, 0.0
-            for s in range(steps):
-                idx = order[s * bs : (s + 1) * bs]
-                m = len(idx)
-                # Fancy indexing copies rows with memcpy: faster than take(out=) here.
-                xb, yb = x[idx], y[idx]
-                loss, correct = self._train_batch(xb, yb)
-                seen += m
-                loss_sum += loss * m
-                correct_sum += correct
-                bar.update(s + 1, **self._logs(loss_sum, correct_sum, seen))
-            logs = self._logs(loss_sum, correct_sum, seen)
-            if validation_data is not None:
-                vx, vy = validation_data[0], validation_data[1]
-                val = self.evaluate(vx, vy, batch_size=max(bs, 256), verbose=0, return_dict=True)
-                logs.update({f"val_{k}": v for k, v in val.items()})
-                bar.finish(**{k: v for k, v in logs.items() if k.startswith("val_")})
-            else:
-                bar.finish()
-            history.add(epoch, logs)
-        return history
+        schedule = Schedule(len(x), int(batch_size), int(epochs), seed=self.seed, shuffle=shuffle)
+        progress = _FitProgress(self, schedule.steps_per_epoch, epochs, verbose, validation_data, int(batch_size))
+        # Batches go through _train_batch, as train_on_batch's do: one count of the model's steps.
+        self._loop.run(x, y, schedule, [progress], first_step=self._step,
+                       train_batch=lambda xb, yb, step, weight, min_version: self._train_batch(xb, yb))
+        return progress.history
 
     def _logs(self, loss_sum, correct_sum, seen) -> dict:
         logs = {"loss": loss_sum / max(seen, 1)}
@@ -239,15 +217,8 @@ class Sequential:
     def evaluate(self, x, y, batch_size: int = 256, verbose: int = 0, return_dict: bool = False):
         """Loss (and metrics) over a dataset, in inference mode."""
         x, y = self._prep(x, y)
-        params = self._store.pull()
-        loss_sum, correct_sum = 0.0, 0.0
-        for s in range(0, len(x), int(batch_size)):
-            xb, yb = x[s : s + batch_size], y[s : s + batch_size]
-            loss, pred = self._runner.eval_step(xb, yb, params)
-            loss_sum += loss * len(xb)
-            if self._compiled["metrics"]:
-                correct_sum += metrics_mod.correct(self._compiled["loss"], pred, yb)
-        logs = self._logs(loss_sum, correct_sum, len(x))
+        loss, accuracy = self._loop.evaluate(x, y, batch_size)
+        logs = {"loss": loss, "accuracy": accuracy} if self._compiled["metrics"] else {"loss": loss}
         if verbose:
             print(" - ".join(f"{k}: {v:.4f}" for k, v in logs.items()), file=sys.stdout)
         if return_dict:
@@ -331,6 +302,38 @@ class Sequential:
         """Write config and weights to one ``.npz`` file (atomically)."""
         self._require_built()
         write_model(path, self.get_config(), self.get_weights())
+
+
+class _FitProgress(Callback):
+    """``fit``'s view of the loop: the step count, Keras's progress bar and epoch
+    header, validation after every epoch, and the History."""
+
+    def __init__(self, model: Sequential, steps_per_epoch: int, epochs, verbose: int, validation_data, batch_size: int):
+        self.model, self.steps, self.epochs, self.verbose = model, steps_per_epoch, epochs, verbose
+        self.validation_data, self.batch_size = validation_data, batch_size
+        self.history = History()
+        self.bar: ProgressBar | None = None
+        self.done = 0  # steps of this epoch
+
+    def on_epoch_begin(self, epoch: int) -> None:
+        write_epoch_header(epoch + 1, self.epochs, self.verbose)
+        self.bar = ProgressBar(self.steps, verbose=self.verbose)
+        self.done = 0
+
+    def on_step_end(self, step: int, totals: EpochTotals, samples: int, seconds: float, exchange_seconds: float) -> None:
+        self.done += 1
+        self.bar.update(self.done, **self.model._logs(totals.loss_sum, totals.correct, totals.seen))
+
+    def on_epoch_end(self, epoch: int, totals: EpochTotals) -> None:
+        logs = self.model._logs(totals.loss_sum, totals.correct, totals.seen)
+        if self.validation_data is not None:
+            vx, vy = self.validation_data[0], self.validation_data[1]
+            val = self.model.evaluate(vx, vy, batch_size=max(self.batch_size, 256), verbose=0, return_dict=True)
+            logs.update({f"val_{k}": v for k, v in val.items()})
+            self.bar.finish(**{k: v for k, v in logs.items() if k.startswith("val_")})
+        else:
+            self.bar.finish()
+        self.history.add(epoch, logs)
 
 
 def load_model(path: str | os.PathLike, device: str = "cpu") -> Sequential:

@@ -5,9 +5,19 @@ grpc, protobuf or numba of its own (import-linter checks).
 - ``plan``: a model graph plus its backward pass (``TrainPlan``);
 - ``executor``: compiles a graph per input signature into a schedule of kernel calls;
 - ``step``: one training / evaluation step of a plan (``StepRunner``);
-- ``optimizers``: SGD, Adam, learning-rate schedules, the in-place update;
+- ``loop``: THE training loop (``TrainingLoop`` over a ``Schedule``), run by ``model.fit``
+  and by every worker;
+- ``parameters``: the parameter-server client interface ``ParameterClient``
+  (``pull``, ``push_pull``) and its in-process implementation ``LocalParameterClient``;
+- ``modes``: the consistency ``Mode`` enum (the policies are ``psserver.consistency``);
+- ``spec``: plain, validated job types (``TrainConfig``, ``ModelSpec``, ``JobSpec``,
+  ``TaskSpec``, ``Progress``, ``HeartbeatReply``; ``Device``) that protobuf only
+  meets at the service edge (``protos.jobcodec``);
+- ``optimizers``: one registered class per optimizer (``init_state`` / ``update``),
+  learning-rate schedules, and ``Optimizer``, which applies one to a parameter;
 - ``store``: a parameter store (variables + optimizer; every push checked whole);
-- ``placement``: variables split into byte-balanced row ranges across shards, slicing and assembly;
+- ``placement``: variables split into byte-balanced row ranges across shards; the one
+  slicing and assembly implementation;
 - ``datasets``: datasets by name, epoch permutations, worker shards (``from client import datasets``);
 - ``metrics``: accuracy as Keras computes it;
 - ``modelfile``: the one model-file format (``pstrain-model/1``);

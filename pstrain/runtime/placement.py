@@ -16,12 +16,17 @@ Usage::
     parts = split(kernel, p.slices_of("dense/kernel"))        # views, no copies
     assemble(p.slices_of("dense/kernel"), parts, np.empty_like(kernel))
     print(format_placement(p))
+
+A worker rebuilds the master's placement from the slices in its task (``layout``) and
+moves whole steps through it: ``p.slice_for_shard(grads, 0)`` gives shard 0's part of
+every variable as views keyed by slice key, and ``p.assemble_shard(reply, 0, params)``
+writes what shard 0 sent back into the full arrays.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from fractions import Fraction
-from typing import Mapping, Sequence
+from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -64,6 +69,7 @@ class Placement:
     warnings: tuple[str, ...] = ()
     _by_shard: dict[int, list[Slice]] = field(init=False, repr=False, compare=False)
     _by_variable: dict[str, list[Slice]] = field(init=False, repr=False, compare=False)
+    _cuts: dict[int, tuple[tuple[str, str, int, int, bool], ...]] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         # Indexes for the lookups the master and workers make per variable and shard.
@@ -74,6 +80,11 @@ class Placement:
             by_variable[s.variable].append(s)
         object.__setattr__(self, "_by_shard", by_shard)
         object.__setattr__(self, "_by_variable", by_variable)
+        # Per shard, plain tuples (variable, key, start, stop, 0-d?) for the per-step
+        # slicing and assembly: no property calls or shape lookups on the hot path.
+        cuts = {k: tuple((s.variable, s.key, s.start, s.stop, not self.variables[s.variable][0]) for s in sl)
+                for k, sl in by_shard.items()}
+        object.__setattr__(self, "_cuts", cuts)
 
     @property
     def total_bytes(self) -> int:
@@ -95,6 +106,75 @@ class Placement:
         if variable not in self.variables:
             raise KeyError(f"variable '{variable}' is not placed; placed: {', '.join(self.variables) or 'none'}")
         return list(self._by_variable[variable])
+
+    def slice_for_shard(self, values: Mapping[str, np.ndarray], shard: int) -> dict[str, np.ndarray]:
+        """Shard ``shard``'s part of ``values`` ({variable: full array}), keyed by slice
+        key: views, no copies. Variables missing from ``values`` are left out (a step
+        has no gradient for a state variable, nor an update for a weight).
+
+        Usage::
+
+            p.slice_for_shard({"dense/bias": bias}, 1)   # {"dense/bias[128:256]": bias[128:256]}
+        """
+        out = {}
+        for variable, key, start, stop, scalar in self._cuts[shard]:
+            v = values.get(variable)
+            if v is not None:
+                out[key] = v if scalar else v[start:stop]
+        return out
+
+    def assemble_shard(self, parts: Mapping[str, np.ndarray], shard: int, out: Mapping[str, np.ndarray]) -> None:
+        """Write shard ``shard``'s ``parts`` ({slice key: rows}, e.g. a pull reply) into
+        the full arrays ``out`` ({variable: array}). Every slice of the shard must be
+        there, with the shape of its rows.
+
+        Usage::
+
+            p.assemble_shard(reply_params, 0, params)   # params["dense/bias"][0:128] = reply_params["dense/bias[0:128]"]
+        """
+        for variable, key, start, stop, scalar in self._cuts[shard]:
+            part = parts.get(key)
+            if part is None:
+                raise KeyError(f"shard {shard} sent no values for slice {key}; it holds "
+                               f"{', '.join(k for _, k, *_ in self._cuts[shard])}. Is the shard running another placement?")
+            target = out[variable]
+            dest = target if scalar else target[start:stop]
+            if part.shape != dest.shape:
+                raise ValueError(f"shard {shard} sent slice {key} with shape {part.shape}; expected {dest.shape}")
+            dest[...] = part
+
+
+def layout(variables: Mapping[str, tuple[Sequence[int], object]], ranges: Iterable[tuple[str, int, int, int]],
+           num_shards: int) -> Placement:
+    """The ``Placement`` that slices already decided describe: ``ranges`` are
+    ``(variable, shard, start, stop)``, as the master sends them in a worker's task.
+    Checked: every variable's ranges cover its rows once, in order, on valid shards.
+
+    Usage::
+
+        p = layout({"w": ((4, 3), "float32")}, [("w", 0, 0, 2), ("w", 1, 2, 4)], num_shards=2)
+    """
+    specs = {name: _spec(name, shape, dtype) for name, (shape, dtype) in variables.items()}
+    slices = []
+    shard_bytes = [0] * num_shards
+    covered = {name: 0 for name in specs}
+    for variable, shard, start, stop in ranges:
+        if variable not in specs:
+            raise ValueError(f"slice {variable}[{start}:{stop}] names an unknown variable; known: {', '.join(specs) or 'none'}")
+        if not 0 <= shard < num_shards:
+            raise ValueError(f"slice {variable}[{start}:{stop}] is on shard {shard}; there are {num_shards} shards")
+        shape, dtype = specs[variable]
+        if start != covered[variable] or not start <= stop <= _rows(shape):
+            raise ValueError(f"slice {variable}[{start}:{stop}] does not continue rows [0:{covered[variable]}) of "
+                             f"'{variable}' (shape {shape}); slices must cover each variable's rows once, in order")
+        covered[variable] = stop
+        nbytes = (stop - start) * _row_bytes(shape, dtype)
+        slices.append(Slice(variable, int(shard), int(start), int(stop), nbytes))
+        shard_bytes[shard] += nbytes
+    short = [f"'{n}' ({covered[n]} of {_rows(specs[n][0])} rows)" for n in specs if covered[n] != _rows(specs[n][0])]
+    if short:
+        raise ValueError(f"the slices do not cover every row of {', '.join(short)}")
+    return Placement(int(num_shards), tuple(slices), tuple(shard_bytes), specs)
 
 
 def place(variables: Mapping[str, tuple[Sequence[int], object]], num_shards: int) -> Placement:

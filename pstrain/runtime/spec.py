@@ -7,7 +7,8 @@ the core's data types, converted to and from protobuf only at the service edge
 - ``ModelSpec``: the forward graph and its named roles (features, labels, loss,
   prediction), the Keras config for export, the weight order;
 - ``JobSpec``: a named model + train config + dataset, what a client submits;
-- ``TaskSpec``: one worker's part of a planned job, what the master hands it;
+- ``TaskSpec``: one worker's part of a planned job, what the master hands it (in a
+  ``HeartbeatReply``, with jobs cancelled and ``FinishedJob``s);
 - ``Progress``: one worker report (step, epoch, loss, metrics, done / final / error).
 
 Every type is a frozen dataclass validated on construction; an invalid field raises
@@ -196,6 +197,25 @@ class TaskSpec:
             if not 0 <= sl.shard < len(self.shard_addresses):
                 raise ValueError(f"slice {sl.key!r} is on shard {sl.shard}, but the job has "
                                  f"{len(self.shard_addresses)} shard addresses")
+
+
+@dataclass(frozen=True)
+class FinishedJob:
+    """Every worker of ``job`` is done: worker ``evaluator`` evaluates the final model."""
+
+    job: str
+    evaluator: int
+
+
+@dataclass(frozen=True)
+class HeartbeatReply:
+    """What a heartbeat answers: ``known`` False means register again; the rest is new
+    work, jobs to stop, and jobs whose final model is to be evaluated."""
+
+    known: bool
+    tasks: tuple[TaskSpec, ...] = ()
+    cancelled_jobs: tuple[str, ...] = ()
+    finished: tuple[FinishedJob, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,10 @@
 """Transport: the client side of pstrain's services, used by the services themselves,
 by workers and by the client layer.
 
-- ``ps_client``: ``ParameterServerClient`` (one shard: init, pull, the raw-frame
-  push+pull through shared memory or frames, membership, status, end);
+- ``ps_client``: ``ShardedParameterClient``, the gRPC implementation of
+  ``pstrain.runtime.parameters.ParameterClient`` across a job's shards (slicing,
+  shared memory or raw frames, deadlines, retries), over ``ParameterServerClient``
+  (one shard: init, pull, push+pull, membership, status, end);
 - ``master_client``: ``MasterClient`` (jobs, watch, export, nodes) and job-spec building;
 - ``membership``: ``NodeMembership`` (register with the master and heartbeat);
 - ``rpc``: the one place gRPC channels and servers are created (TLS and auth plug in

@@ -19,7 +19,7 @@ import numpy as np
 
 from graph.core import Graph
 from protos import codec, jobcodec, master_pb2, master_pb2_grpc
-from pstrain.runtime.spec import JobSpec
+from pstrain.runtime.spec import HeartbeatReply, JobSpec
 from pstrain.transport import rpc
 
 DEFAULT_MASTER = "127.0.0.1:50051"
@@ -116,9 +116,10 @@ class MasterClient:
         req = master_pb2.RegisterNodeRequest(role=role, address=address, name=name, metrics_address=metrics_address)
         return self._call(self.stub.RegisterNode, req)
 
-    def heartbeat(self, node_id: str) -> master_pb2.HeartbeatResponse:
-        req = master_pb2.HeartbeatRequest(node_id=node_id)
-        return self._call(self.stub.Heartbeat, req, timeout=10)
+    def heartbeat(self, node_id: str) -> HeartbeatReply:
+        """Beat for ``node_id``; the reply carries new tasks (decoded and validated), cancelled and finished jobs."""
+        resp = self._call(self.stub.Heartbeat, master_pb2.HeartbeatRequest(node_id=node_id), timeout=10)
+        return jobcodec.heartbeat_reply_from_proto(resp)
 
     def report(self, job: str, worker: int, step: int, epoch: int, loss: float, metrics: dict, step_time: float = 0.0,
                done: bool = False, final: bool = False, error: str = "", wait: bool = True):

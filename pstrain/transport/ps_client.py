@@ -1,9 +1,18 @@
-"""The client side of the parameter-server protocol for one shard address: the
-protobuf calls (init, pull, membership, status, end) and the hot-path raw-frame
-push (``pstrain.ParameterServerRaw``, declared in protos/ps.proto), through shared
-memory where the shard shares this host.
+"""The client side of the parameter-server protocol.
+
+- ``ShardedParameterClient``: what a worker trains against — the ``ParameterClient``
+  interface (``pull``, ``push_pull`` of full variables) over all of a job's shards;
+  slicing, shared memory, frames, deadlines and retries are its business.
+- ``ParameterServerClient``: one shard address: the protobuf calls (init, pull,
+  membership, status, end; the master uses these) and the hot-path raw-frame push
+  (``pstrain.ParameterServerRaw``, declared in protos/ps.proto), through shared
+  memory where the shard shares this host.
 
 Usage::
+
+    params = ShardedParameterClient("job-1", 0, ["127.0.0.1:50061", "127.0.0.1:50062"], placement)
+    values = params.pull()
+    values = params.push_pull(step, grads, updates, min_version=step + 1)
 
     client = ParameterServerClient("127.0.0.1:50061")
     version, params = client.start_push_pull("job-1", 0, step, grads, {}, min_version=step + 1).result()
@@ -12,15 +21,149 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import time
+from typing import Callable, Mapping, Sequence
 
 import grpc
+import numpy as np
 
 from protos import codec, ps_pb2, ps_pb2_grpc, shm, tensorwire
 from protos.shm import Segment
 from protos.tensorwire import RAW_SERVICE
+from pstrain.runtime.parameters import ParameterClient
+from pstrain.runtime.placement import Placement
 from pstrain.transport import rpc
 
 log = logging.getLogger(__name__)
+
+# What a retry may cure: the shard restarting or briefly unreachable, a deadline hit
+# under load. Anything else (a rejected push, an unknown job) would fail again.
+RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+
+
+class ShardedParameterClient(ParameterClient):
+    """One worker's parameters across all shards of a job, over gRPC.
+
+    ``placement`` says which rows of which variable each shard holds (a worker
+    rebuilds it from its task with ``placement.layout``). Each ``push_pull`` sends
+    every shard its slices of the gradients and updates at once and assembles the
+    slices that come back into full arrays: one round trip per step. Calls that fail
+    with UNAVAILABLE or DEADLINE_EXCEEDED are retried ``retries`` times with
+    exponential backoff from ``retry_delay`` seconds (a push is idempotent per
+    (job, worker, step), so resending one is safe). ``timeout`` is how long a shard
+    may hold a pull for its version; ``rpc_timeout`` the deadline of a push.
+    ``on_transfer(sent, received)`` hears the bytes of every call; ``connect`` makes
+    the client of one shard address (tests pass fakes).
+
+    Usage::
+
+        params = ShardedParameterClient(job, worker, addresses, placement, on_transfer=metrics.transferred)
+        values = params.pull()
+        values = params.push_pull(step, grads, updates, weight=0.5, min_version=step + 1)
+        params.close()
+    """
+
+    def __init__(self, job: str, worker: int, addresses: Sequence[str], placement: Placement, *,
+                 timeout: float = 600.0, rpc_timeout: float = 660.0, retries: int = 5, retry_delay: float = 0.2,
+                 on_transfer: Callable[[int, int], None] | None = None,
+                 connect: Callable[[str], ParameterServerClient] | None = None):
+        if len(addresses) != placement.num_shards:
+            raise ValueError(f"job '{job}': {len(addresses)} shard addresses for a placement on {placement.num_shards} "
+                             "shards; give one address per shard, in shard order")
+        self.job, self.worker, self.placement = job, int(worker), placement
+        self.timeout, self.rpc_timeout = float(timeout), float(rpc_timeout)
+        self.retries, self.retry_delay = int(retries), float(retry_delay)
+        self.on_transfer = on_transfer
+        self.bytes_sent = self.bytes_received = 0
+        connect = connect or (lambda address: ParameterServerClient(address, timeout=60.0))
+        self.shards = []
+        try:
+            for address in addresses:
+                self.shards.append(connect(address))
+        except BaseException:
+            self.close()
+            raise
+        self._params = {name: np.empty(shape, dtype) for name, (shape, dtype) in placement.variables.items()}
+        self._version = 0
+        self._offered = False  # shared memory is offered at the first push, once the shards answered a pull
+
+    @property
+    def version(self) -> int:
+        return self._version
+
+    def pull(self, step: int = 0) -> Mapping[str, np.ndarray]:
+        for s, client in enumerate(self.shards):
+            version, parts, size = self._retry(
+                lambda c=client: c.pull_with_size(self.job, self.worker, step, 0, timeout=self.timeout), s)
+            self._count(0, size)
+            self.placement.assemble_shard(parts, s, self._params)
+            self._version = max(self._version, version)
+        return self._params
+
+    def push_pull(self, step: int, grads: Mapping[str, np.ndarray], updates: Mapping[str, np.ndarray],
+                  weight: float = 1.0, min_version: int = 0) -> Mapping[str, np.ndarray]:
+        # The other shards' calls are in flight while the last one runs on this thread
+        # (a future for every call would start a gRPC polling thread per step).
+        if not self._offered:
+            self._offer_shared_memory()
+        p, last = self.placement, len(self.shards) - 1
+        calls = [
+            client.start_push_pull(
+                self.job, self.worker, step, p.slice_for_shard(grads, s), p.slice_for_shard(updates, s),
+                weight=weight, min_version=min_version, timeout=self.timeout, rpc_timeout=self.rpc_timeout,
+                wait=s == last,
+            )
+            for s, client in enumerate(self.shards)
+        ]
+        for s, call in enumerate(calls):
+            try:
+                version, parts = call.result()
+            except grpc.RpcError as exc:
+                if exc.code() not in RETRYABLE:
+                    raise
+                log.warning("job %s worker %d: push of step %d to shard %d failed (%s); retrying", self.job,
+                            self.worker, step, s, rpc.describe(exc))
+                version, parts = self._retry(call.retry, s)
+            self._count(call.sent, call.received)
+            p.assemble_shard(parts, s, self._params)
+            self._version = max(self._version, version)
+        return self._params
+
+    def close(self) -> None:
+        for client in self.shards:
+            client.close()
+        self.shards = []
+
+    def _offer_shared_memory(self) -> None:
+        """Offer every shard a segment for the pushes (taken where the shard is on this
+        host), with room for this worker's slices both ways."""
+        self._offered = True
+        for s, client in enumerate(self.shards):
+            room = 2 * self.placement.shard_bytes[s] + 65536  # gradients and updates out (or parameters back), headers
+            try:
+                client.use_shared_memory(self.job, f"pstrain-{self.job}-w{self.worker}-s{s}-{os.getpid()}", room, room)
+            except OSError as exc:  # e.g. /dev/shm is full: frames still work
+                log.warning("no shared memory for shard %d (%s); pushing over gRPC", s, exc)
+
+    def _retry(self, call: Callable, shard: int):
+        """``call()``, retried on RETRYABLE errors with exponential backoff."""
+        delay = self.retry_delay
+        for attempt in range(self.retries + 1):
+            try:
+                return call()
+            except grpc.RpcError as exc:
+                if exc.code() not in RETRYABLE or attempt == self.retries:
+                    raise
+                log.warning("job %s worker %d: shard %d: %s; retrying", self.job, self.worker, shard, rpc.describe(exc))
+                time.sleep(delay)
+                delay = min(delay * 2, 5.0)
+
+    def _count(self, sent: int, received: int) -> None:
+        self.bytes_sent += sent
+        self.bytes_received += received
+        if self.on_transfer is not None:
+            self.on_transfer(sent, received)
 
 
 class ParameterServerClient:
@@ -71,7 +214,12 @@ class ParameterServerClient:
                 frame, size = None, 0
         if frame is None:
             frame = self.push_frame(*args)
-        outcome = self.raw_push(frame, timeout=rpc_timeout) if wait else self.raw_push.future(frame, timeout=rpc_timeout)
+        if not wait:
+            return PushCall(self, args, len(frame) + size, self.raw_push.future(frame, timeout=rpc_timeout), rpc_timeout)
+        try:
+            outcome = self.raw_push(frame, timeout=rpc_timeout)
+        except grpc.RpcError as exc:  # raised by .result(), as for a call left in flight
+            return PushCall(self, args, len(frame) + size, None, rpc_timeout, error=exc)
         return PushCall(self, args, len(frame) + size, outcome, rpc_timeout)
 
     def close_segment(self) -> None:
@@ -128,6 +276,11 @@ class ParameterServerClient:
         resp = self.pull_response(job, worker, step, min_version, timeout)
         return resp.version, codec.read_named(resp.params)
 
+    def pull_with_size(self, job, worker, step, min_version=0, timeout=0.0) -> tuple[int, dict, int]:
+        """``pull`` plus the bytes of the reply: (version, params, size)."""
+        resp = self.pull_response(job, worker, step, min_version, timeout)
+        return resp.version, codec.read_named(resp.params), resp.ByteSize()
+
     def pull_response(self, job, worker, step, min_version=0, timeout=0.0) -> ps_pb2.PullResponse:
         """``pull`` undecoded (callers that count its bytes)."""
         return self.stub.Pull(
@@ -168,12 +321,16 @@ def push_tensors(grads, assigns) -> dict:
 class PushCall:
     """A push with pull from ``ParameterServerClient.start_push_pull``, maybe in flight."""
 
-    def __init__(self, client: ParameterServerClient, args: tuple, sent: int, outcome, rpc_timeout: float):
+    def __init__(self, client: ParameterServerClient, args: tuple, sent: int, outcome, rpc_timeout: float,
+                 error: grpc.RpcError | None = None):
         self.client, self.args, self.sent, self._outcome, self._rpc_timeout = client, args, sent, outcome, rpc_timeout
+        self._error = error  # of a call made with wait=True (a future is itself an RpcError: no isinstance test)
         self.received = 0
 
     def result(self) -> tuple[int, dict]:
         """(version, params); raises the call's grpc.RpcError."""
+        if self._error is not None:
+            raise self._error
         reply = self._outcome if isinstance(self._outcome, bytes) else self._outcome.result()
         version, _, params, shared = self.client._read_reply(reply)
         self.received = len(reply) + shared

@@ -366,7 +366,7 @@ def test_job_runs_on_registered_nodes_and_cancels(master, heartbeats, ps_server,
     assert list(task.shard_addresses) == [ps_address] and list(task.workers) == [0]
     assert {s.variable for s in task.slices} == set(spec.model.weight_order)
     assert set(task.grads) == set(spec.model.weight_order)
-    assert task.loss == spec.model.loss and task.train.batch_size == 16 and task.data.dataset == "digits"
+    assert task.loss == spec.model.loss and task.train.batch_size == 16 and task.dataset == "digits"
 
     # The shard holds the model's initial values.
     psc = ParameterServerClient(ps_address)

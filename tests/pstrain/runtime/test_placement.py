@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pstrain.runtime.placement import Placement, Slice, assemble, format_placement, place, split
+from pstrain.runtime.placement import Placement, Slice, assemble, format_placement, layout, place, split
 
 MNIST_MLP = {
     "dense/kernel": ((784, 256), np.float32),
@@ -217,6 +217,60 @@ def test_assemble_rejects_parts_of_the_wrong_shape():
         assemble(slices, [np.zeros((2, 3))], np.zeros((4, 3)))
     with pytest.raises(ValueError, match="out of range"):
         split(np.zeros((3, 3)), slices)
+
+
+# ---- a whole step's values per shard -------------------------------------------------------------
+@pytest.mark.parametrize("num_shards", [1, 2, 3, 7])
+def test_slice_for_shard_and_assemble_shard_round_trip_every_variable(num_shards):
+    variables = dict(random_variables(7, n=6), scalar=((), np.float32))
+    p = place(variables, num_shards)
+    rng = np.random.default_rng(0)
+    full = {n: np.asarray(rng.standard_normal(shape) * 50).astype(dtype) for n, (shape, dtype) in variables.items()}
+    out = {n: np.zeros(shape, dtype) for n, (shape, dtype) in variables.items()}
+    for k in range(num_shards):
+        parts = p.slice_for_shard(full, k)
+        assert list(parts) == [s.key for s in p.slices_for(k)]
+        for s in p.slices_for(k):
+            assert parts[s.key].nbytes == s.nbytes
+            assert np.shares_memory(parts[s.key], full[s.variable]) or s.nbytes == 0  # views, no copies
+        p.assemble_shard({key: part.copy() for key, part in parts.items()}, k, out)
+    for n in variables:
+        np.testing.assert_array_equal(out[n], full[n])
+
+
+def test_slice_for_shard_leaves_out_variables_without_values():
+    p = place(MNIST_MLP, 2)
+    parts = p.slice_for_shard({"dense/bias": np.zeros(256, np.float32)}, 0)
+    assert list(parts) == [s.key for s in p.slices_of("dense/bias") if s.shard == 0]
+
+
+def test_assemble_shard_names_a_missing_or_misshapen_slice():
+    p = place({"w": ((4, 3), np.float32)}, 2)
+    out = {"w": np.zeros((4, 3), np.float32)}
+    with pytest.raises(KeyError, match=r"shard 1 sent no values for slice w\[2:4\]"):
+        p.assemble_shard({}, 1, out)
+    with pytest.raises(ValueError, match=r"shard 0 sent slice w\[0:2\] with shape \(3,\); expected \(2, 3\)"):
+        p.assemble_shard({"w[0:2]": np.zeros(3, np.float32)}, 0, out)
+
+
+@pytest.mark.parametrize("num_shards", [1, 2, 3])
+def test_layout_rebuilds_a_placement_from_its_slices(num_shards):
+    p = place(MNIST_MLP, num_shards)
+    rebuilt = layout(MNIST_MLP, [(s.variable, s.shard, s.start, s.stop) for s in p.slices], num_shards)
+    assert rebuilt.slices == p.slices and rebuilt.shard_bytes == p.shard_bytes
+    assert rebuilt.variables == p.variables
+
+
+def test_layout_rejects_slices_that_do_not_cover_the_variables():
+    v = {"w": ((6, 4), np.float32), "b": ((4,), np.float32)}
+    with pytest.raises(ValueError, match=r"do not cover every row of 'w' \(3 of 6 rows\)"):
+        layout(v, [("w", 0, 0, 3), ("b", 0, 0, 4)], 1)
+    with pytest.raises(ValueError, match="does not continue rows"):
+        layout(v, [("w", 0, 2, 6)], 1)
+    with pytest.raises(ValueError, match="on shard 4; there are 3 shards"):
+        layout(v, [("w", 4, 0, 6)], 3)
+    with pytest.raises(ValueError, match="unknown variable"):
+        layout(v, [("x", 0, 0, 1)], 1)
 
 
 # ---- display -----------------------------------------------------------------------------------
