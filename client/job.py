@@ -33,9 +33,8 @@ from client.nn import optimizers
 from client.nn.model import History, Sequential
 from pstrain.runtime import datasets
 from pstrain.runtime.modelfile import FORMAT, write_model
+from pstrain.runtime.modes import MODES
 from pstrain.runtime.spec import JobSpec, ModelSpec, TrainConfig
-
-MODES = ("sync", "async", "ssp")
 
 
 @dataclass

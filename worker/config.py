@@ -4,6 +4,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from protos.settings import check_positive
+from pstrain.runtime.spec import Device
+
+DEVICES = tuple(d.value for d in Device)
 
 
 @dataclass(frozen=True)
@@ -17,7 +20,7 @@ class WorkerConfig:
     metrics_port: int = 0  # /metrics (0 picks a free port, reported to the master; -1: none)
 
     def __post_init__(self):
-        if self.device not in ("auto", "cpu", "cuda", "reference"):
+        if self.device not in DEVICES:
             raise ValueError(f"WorkerConfig.device={self.device!r}; allowed: auto, cpu, cuda")
         check_positive("WorkerConfig", "report_interval", self.report_interval)
         if not -1 <= int(self.metrics_port) <= 65535:

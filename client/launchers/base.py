@@ -28,11 +28,12 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar, Iterator
 
 from pstrain.runtime.files import atomic_write
+from pstrain.runtime.spec import Device
 
 STATE_FILE = "cluster.json"
 ROLES = ("master", "ps", "worker")
 STOP_ORDER = ("worker", "ps", "master")  # workers first, so no one pushes to a stopped shard
-DEVICES = ("cpu", "cuda", "auto")
+DEVICES = (Device.CPU.value, Device.CUDA.value, Device.AUTO.value)  # what a cluster's workers may run on
 MAX_PROCESSES = 256
 DEFAULT_LAUNCHER = "local"
 
