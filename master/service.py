@@ -468,7 +468,7 @@ def _status(rec: JobRecord) -> master_pb2.JobStatus:
         s.has_loss, s.loss = True, rec.loss
     s.metrics.update({k: float(v) for k, v in rec.metrics.items() if isinstance(v, (int, float))})
     s.events.extend(e["text"] if isinstance(e, dict) else str(e) for e in rec.events)
-    s.workers_json = json.dumps(rec.workers)
+    jobcodec.workers_to_proto(rec.workers, s.workers)
     return s
 
 
@@ -503,7 +503,8 @@ class MasterServicer(master_pb2_grpc.MasterServicer):
             rec = self.c.store.get(request.id)
             history = self.c.store.history(request.id, since_seq=seq)
             seq += len(history)
-            yield master_pb2.JobEvent(job=_status(rec), history_json=[json.dumps(h) for h in history], seq=seq)
+            yield master_pb2.JobEvent(job=_status(rec), history=[jobcodec.history_entry_to_proto(h) for h in history],
+                                      seq=seq)
             if rec.state.terminal:
                 return
             with self.c.changed:

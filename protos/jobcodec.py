@@ -15,6 +15,7 @@ Usage::
 from __future__ import annotations
 
 import json
+from typing import Any, Mapping
 
 from protos import codec, master_pb2
 from pstrain.runtime.spec import (
@@ -157,3 +158,48 @@ def progress_from_proto(r: master_pb2.ProgressReport) -> Progress:
         step_time=r.step_time, done=r.done, final=r.final, error=r.error,
     )
 
+
+# ---- job status: workers and history -----------------------------------------------------------
+_HISTORY_FIELDS = ("time", "worker", "step", "epoch", "loss", "final")
+
+
+def workers_to_proto(workers: Mapping[int, Mapping[str, Any]], field) -> None:
+    """Fill ``JobStatus.workers`` from the store's worker table (index -> node, state, step, step_time)."""
+    for index, w in workers.items():
+        field[int(index)].CopyFrom(master_pb2.WorkerStatus(
+            node=str(w.get("node", "")), state=str(w.get("state", "")), step=int(w.get("step", 0)),
+            step_time=float(w.get("step_time", 0.0)),
+        ))
+
+
+def workers_from_proto(field) -> dict[str, dict[str, Any]]:
+    """``status --json``'s ``workers``: ``{"0": {"node", "state", "step", "step_time"}, ...}``."""
+    return {str(i): {"node": w.node, "state": w.state, "step": w.step, "step_time": w.step_time}
+            for i, w in sorted(field.items())}
+
+
+def history_entry_to_proto(entry: Mapping[str, Any]) -> master_pb2.HistoryEntry:
+    """A stored history entry (``time``, ``worker``, ``step``, ``epoch``, ``loss``, ``final``
+    and the metrics beside them) as a typed message."""
+    msg = master_pb2.HistoryEntry(time=float(entry.get("time", 0.0)), step=int(entry.get("step", 0)),
+                                  epoch=int(entry.get("epoch", 0)), final=bool(entry.get("final", False)))
+    if entry.get("worker") is not None:
+        msg.worker = int(entry["worker"])
+    if entry.get("loss") is not None:
+        msg.loss = float(entry["loss"])
+    for k, v in entry.items():
+        if k not in _HISTORY_FIELDS and isinstance(v, (int, float)) and not isinstance(v, bool):
+            msg.metrics[k] = float(v)
+    return msg
+
+
+def history_entry_from_proto(msg: master_pb2.HistoryEntry) -> dict[str, Any]:
+    """The entry as clients read it: ``{"time", "step", "epoch", "loss", ["worker"], ["final"], **metrics}``."""
+    entry: dict[str, Any] = {"time": msg.time, "step": msg.step, "epoch": msg.epoch,
+                             "loss": msg.loss if msg.HasField("loss") else None}
+    if msg.HasField("worker"):
+        entry["worker"] = msg.worker
+    entry.update(msg.metrics)
+    if msg.final:
+        entry["final"] = True
+    return entry

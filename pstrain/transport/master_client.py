@@ -48,7 +48,7 @@ def status_to_dict(s: master_pb2.JobStatus) -> dict:
         "created": s.created,
         "updated": s.updated,
         "events": list(s.events),
-        "workers": json.loads(s.workers_json) if s.workers_json else {},
+        "workers": jobcodec.workers_from_proto(s.workers),
     }
 
 
@@ -96,7 +96,7 @@ class MasterClient:
         """Yields (status, new history records) until the job ends."""
         self._call(lambda r, timeout: None, None)  # connect (clear error when down)
         for event in self.stub.WatchJob(master_pb2.WatchJobRequest(id=job_id, since=since)):
-            yield status_to_dict(event.job), [json.loads(h) for h in event.history_json]
+            yield status_to_dict(event.job), [jobcodec.history_entry_from_proto(h) for h in event.history]
 
     def plan(self, spec: JobSpec) -> tuple[str, dict, Graph]:
         """The master's plan of ``spec``: (text, plan dict, optimised training graph)."""

@@ -76,3 +76,24 @@ def test_task_round_trip():
 def test_progress_round_trip():
     p = Progress("job-1", 1, step=10, epoch=2, loss=0.25, metrics={"accuracy": 0.5}, step_time=0.01, done=True)
     assert jobcodec.progress_from_proto(jobcodec.progress_to_proto(p)) == p
+
+
+@pytest.mark.parametrize("entry", [
+    {"time": 1.5, "step": 10, "epoch": 0, "loss": 0.7, "worker": 1, "accuracy": 0.5},
+    {"time": 2.0, "step": 20, "epoch": 1, "loss": 0.6, "worker": 0, "accuracy": 0.6, "val_loss": 0.65,
+     "val_accuracy": 0.55},
+    {"time": 3.0, "step": 20, "epoch": 1, "loss": None, "worker": 0, "val_accuracy": 0.9, "final": True},
+    {"time": 4.0, "step": 0, "epoch": 0, "loss": 1.0},  # no worker: the store's own fill-ins only
+])
+def test_history_entries_round_trip(entry):
+    msg = master_pb2.HistoryEntry.FromString(jobcodec.history_entry_to_proto(entry).SerializeToString())
+    assert jobcodec.history_entry_from_proto(msg) == entry
+
+
+def test_worker_table_round_trips():
+    workers = {0: {"node": "worker-1", "state": "running", "step": 5, "step_time": 0.01},
+               1: {"node": "worker-2", "state": "lost", "step": 3, "step_time": 0.0}}
+    status = master_pb2.JobStatus()
+    jobcodec.workers_to_proto(workers, status.workers)
+    back = jobcodec.workers_from_proto(master_pb2.JobStatus.FromString(status.SerializeToString()).workers)
+    assert back == {str(i): w for i, w in workers.items()}
