@@ -1,4 +1,4 @@
-"""Tests for client/datasets.py: the named datasets, .npz files, shuffling and sharding."""
+"""Tests for pstrain.runtime.datasets (``from client import datasets``): the named datasets, .npz files, shuffling and sharding."""
 import sys
 import time
 
