@@ -15,7 +15,7 @@ class PSConfig:
     checkpoint_dir: str = ""  # "" = no checkpoints
     backend: str = "cpu"
     max_workers: int = 32
-    pull_timeout: float = 120.0
+    pull_timeout: float = 120.0  # the longest a pull (or push+pull) waits here, whatever the client asks
     heartbeat_interval: float = 0.5
     metrics_port: int = 0  # /metrics on host (0 picks a free port, reported to the master; -1: none)
 

@@ -43,6 +43,7 @@ ROLE = "ps"
 REJECT_REASONS = (
     "unknown_variable", "shape", "dtype", "non_finite",  # the push's contents (pstrain.runtime.store)
     "unknown_worker", "stale_step", "out_of_order", "bad_step", "bad_weight",  # who sent it, when (psserver.shard)
+    "bad_min_version",  # a pull for a version far beyond the shard's (psserver.shard)
     "oversize",  # a response over the gRPC message limit (psserver.service)
 )
 DURATION_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,

@@ -10,6 +10,7 @@ Usage (normally through ``python -m psserver``)::
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -17,13 +18,14 @@ import re
 import threading
 
 import grpc
+import numpy as np
 
 from protos import codec, ps_pb2, ps_pb2_grpc, tensorwire
 from protos.shm import Segment, SegmentUnavailable
 from protos.tensorwire import RAW_SERVICE
 from psserver.config import PSConfig
 from psserver.metrics import PSMetrics
-from psserver.shard import CheckpointConfig, Shard, ShardClosed
+from psserver.shard import CheckpointConfig, PullRefused, Shard, ShardClosed
 from pstrain.runtime.optimizers import optimizer_from_config
 from pstrain.runtime.store import PushRejected
 from pstrain.transport import rpc
@@ -40,6 +42,10 @@ class UnknownJob(KeyError):
     pass
 
 
+class ShardSpecMismatch(ValueError):
+    """InitShard for a job this server already holds, with another spec."""
+
+
 class ResponseTooLarge(ValueError):
     """A response would exceed the gRPC message limit (gRPC would drop it with a bare error)."""
 
@@ -48,6 +54,8 @@ _JOB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
 
 rpc.register_error(UnknownJob, grpc.StatusCode.NOT_FOUND)
+rpc.register_error(ShardSpecMismatch, grpc.StatusCode.ALREADY_EXISTS)
+rpc.register_error(PullRefused, grpc.StatusCode.OUT_OF_RANGE)
 rpc.register_error(ResponseTooLarge, grpc.StatusCode.RESOURCE_EXHAUSTED)
 rpc.register_error(SegmentUnavailable, grpc.StatusCode.FAILED_PRECONDITION)
 
@@ -68,6 +76,7 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
         self.config = config
         self.metrics = metrics or PSMetrics()
         self.shards: dict[str, Shard] = {}
+        self.specs: dict[str, dict[str, str]] = {}  # job -> fingerprint of the InitShard that created its shard
         self.segments: dict[str, dict[str, Segment]] = {}  # job -> segment name -> workers' shared memory
         self._lock = threading.Lock()
         self.metrics.track(self)  # RPCs in progress: pstrain_request_queue_depth
@@ -94,14 +103,28 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
         path = os.path.join(self.config.checkpoint_dir, job, f"shard-{shard}.ckpt")
         return CheckpointConfig(path=path, every_versions=0)
 
+    def _wait(self, asked: float) -> float:
+        """How long a pull may wait: what the client asked (0: the most), never more than
+        the server's ``pull_timeout``, so no client can hold a server thread longer."""
+        cap = self.config.pull_timeout
+        return cap if not asked or asked <= 0 else min(float(asked), cap)
+
     @rpc.guarded
     def InitShard(self, request, context):
+        spec = _init_fingerprint(request)
         with self._lock:
             shard = self.shards.get(request.job)
             if shard is not None and shard.shard_id != request.shard:
                 raise ValueError(
                     f"this parameter server already holds shard {shard.shard_id} of job '{request.job}'; "
                     f"it cannot also hold shard {request.shard} (one shard of a job per server)"
+                )
+            if shard is not None and self.specs.get(request.job) != spec:
+                held = self.specs.get(request.job, {})
+                differ = [k for k in spec if held.get(k) != spec[k]]
+                raise ShardSpecMismatch(
+                    f"this parameter server already holds shard {shard.shard_id} of job '{request.job}' with a "
+                    f"different {', '.join(differ)}; end that job first (EndJob), or use a new job id"
                 )
             if shard is None:
                 ckpt = self._checkpoint(request.job, request.shard)
@@ -121,6 +144,7 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
                     observer=self.metrics.shard(request.job, request.shard),
                 )
                 self.shards[request.job] = shard
+                self.specs[request.job] = spec
                 log.info("job %s: shard %d holds %d tensors", request.job, request.shard, len(request.variables))
             stats = shard.stats()
         return self._sent(request, ps_pb2.InitShardResponse(
@@ -139,9 +163,7 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
         )
         response = ps_pb2.PushResponse(version=ack.version, duplicate=ack.duplicate)
         if request.pull:
-            version, params = shard.pull(
-                request.worker, request.step + 1, request.min_version, request.timeout or self.config.pull_timeout
-            )
+            version, params = shard.pull(request.worker, request.step + 1, request.min_version, self._wait(request.timeout))
             response.version = version
             codec.write_named(response.params, params)
         return self._sent(request, response, shard)
@@ -189,8 +211,7 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
                 return tensorwire.pack(reply, params)
 
             _, out = shard.pull_encoded(
-                worker, step + 1, int(meta.get("min_version", 0)),
-                float(meta.get("timeout") or self.config.pull_timeout), encode,
+                worker, step + 1, int(meta.get("min_version", 0)), self._wait(float(meta.get("timeout") or 0)), encode,
             )
         _check_response_size(shard, len(out))
         self.metrics.transferred(shard.job, received, len(out) + reply.get("shm_reply", 0))
@@ -229,9 +250,7 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
     @rpc.guarded
     def Pull(self, request, context):
         shard = self._shard(request.job)
-        version, params = shard.pull(
-            request.worker, request.step, request.min_version, request.timeout or self.config.pull_timeout
-        )
+        version, params = shard.pull(request.worker, request.step, request.min_version, self._wait(request.timeout))
         response = ps_pb2.PullResponse(version=version)
         codec.write_named(response.params, params)
         return self._sent(request, response, shard)
@@ -249,6 +268,7 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
     def EndJob(self, request, context):
         with self._lock:
             shard = self.shards.pop(request.job, None)
+            self.specs.pop(request.job, None)
             segments = self.segments.pop(request.job, {})
         for segment in segments.values():
             segment.close(unlink=True)  # the job is over; its worker may have been killed
@@ -268,6 +288,28 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
             segment.close()
         for shard in shards:
             shard.close()
+
+
+def _init_fingerprint(request) -> dict[str, str]:
+    """What makes two InitShard requests the same job: a retry (equal) is idempotent,
+    anything else for a held job is refused. Values are digests, so the map stays small."""
+    variables = hashlib.sha256()
+    for name, value in sorted(codec.read_named(request.variables).items()):
+        variables.update(f"{name}:{value.dtype.str}:{value.shape}".encode())
+        variables.update(memoryview(np.ascontiguousarray(value)).cast("B"))
+    try:
+        optimizer = json.dumps(json.loads(request.optimizer_json), sort_keys=True)
+    except ValueError:
+        optimizer = request.optimizer_json
+    return {
+        "variables": variables.hexdigest(),
+        "trainable": ",".join(sorted(request.trainable)),
+        "optimizer": optimizer,
+        "mode": request.mode,
+        "staleness": str(request.staleness),
+        "workers": ",".join(str(w) for w in sorted(request.workers)),
+        "checkpoint_every": str(request.checkpoint_every),
+    }
 
 
 def serve(config: PSConfig) -> tuple[grpc.Server, int, ParameterServerServicer]:

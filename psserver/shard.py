@@ -38,7 +38,6 @@ an optional ``observer`` (``psserver.metrics.ShardMetrics``); the default record
 from __future__ import annotations
 
 import logging
-import math
 import threading
 import time
 from collections import Counter
@@ -82,6 +81,18 @@ class PushRefused(PushRejected):
         ValueError.__init__(self, message)
         self.reason = reason
         self.variable = None
+
+
+class PullRefused(ValueError):
+    """A pull that asks for a version the shard cannot reach soon (``min_version`` far
+    beyond its version): refused at once instead of holding a server thread."""
+
+
+# How far ahead of the shard's version a push's step or a pull's min_version may be.
+# Workers are at most a few steps ahead (sync waits at every barrier; an async worker's
+# own pushes advance the version), so a step far beyond it is a bug or an attack: taken,
+# it would make every later real push of that worker look like a retry.
+DEFAULT_STEP_WINDOW = 1024
 
 
 class ShardObserver:
@@ -131,8 +142,12 @@ class Shard:
         backend: str = "cpu",
         checkpoint: CheckpointConfig | None = None,
         observer: ShardObserver | None = None,
+        step_window: int = DEFAULT_STEP_WINDOW,
     ):
         mode = Mode.parse(mode, field="Shard.mode")
+        if isinstance(step_window, bool) or not isinstance(step_window, int) or step_window < 1:
+            raise ValueError(f"Shard.step_window={step_window!r} is out of range; allowed integers [1, inf)")
+        self.step_window = step_window
         if isinstance(staleness, bool) or not isinstance(staleness, int) or staleness < 0:
             raise ValueError(f"Shard.staleness={staleness!r} is out of range; allowed integers [0, inf)")
         self.job = job
@@ -282,6 +297,14 @@ class Shard:
         frames the live arrays directly instead of copying them first. ``encode`` must
         not keep the arrays; on the CPU backend they are the shard's own."""
         with self._cond:
+            if min_version > self._store.version + self.step_window:
+                self._rejected["bad_min_version"] += 1
+                self._observer.rejected("bad_min_version")
+                raise PullRefused(
+                    f"job '{self.job}' shard {self.shard_id}: pull by worker {worker} asks for min_version "
+                    f"{min_version}, more than {self.step_window} versions ahead of the shard's version "
+                    f"{self._store.version}; pull at most the version after the step you pushed"
+                )
             ready = self._ready(step, min_version)
             if not self._cond.wait_for(lambda: self._closed or ready(), timeout):
                 raise TimeoutError(self._wait_message(worker, step, min_version, timeout))
@@ -365,8 +388,11 @@ class Shard:
         where = f"job '{self.job}' shard {self.shard_id}: push from worker {worker} step {step}"
         if step < 0:
             raise PushRefused("bad_step", f"{where}: steps count from 0")
-        if not math.isfinite(weight) or weight < 0:
-            raise PushRefused("bad_weight", f"{where}: weight {weight!r} must be finite and >= 0 (e.g. the batch size)")
+        if not 0.0 <= weight <= 1.0:  # NaN fails too
+            raise PushRefused(
+                "bad_weight", f"{where}: weight {weight!r} is out of range; allowed [0, 1] (the push's share of the "
+                "global batch: its examples / the global batch size)"
+            )
         for name, g in grads.items():
             self._store._check(name, g, trainable=True)
         for name, a in assigns.items():
@@ -384,6 +410,12 @@ class Shard:
         last_step = self._last_step.get(worker)
         if last_step is not None and step <= last_step:
             return True
+        if step > self._store.version + self.step_window:
+            raise self._refuse(
+                "bad_step",
+                f"{where}: step {step} is more than {self.step_window} steps ahead of the shard's version "
+                f"{self._store.version}; a worker pushes the step it computed from a pull",
+            )
         refusal = self._policy.check_step(step, self._store.version, last_step)
         if refusal is not None:
             raise self._refuse(refusal.reason, f"{where}: {refusal.message}")

@@ -192,7 +192,7 @@ def drive(shard, pushes, steps, workers=(0, 1)):
     for t in steps:
         for k in workers:
             g = pushes[k, t]
-            shard.push(k, t, g, {"bn/mean": g["b"] * 0.5}, weight=k + 1.0)
+            shard.push(k, t, g, {"bn/mean": g["b"] * 0.5}, weight=(k + 1) / 3)  # shares of the global batch
 
 
 @pytest.mark.parametrize("optimizer", [SGD(0.1, momentum=0.9), Adam(0.05)], ids=["momentum", "adam"])
@@ -206,7 +206,7 @@ def test_restored_shard_continues_bit_identically(tmp_path, mode, optimizer):
     first = make_shard(mode, path, optimizer=optimizer)
     drive(first, pushes, range(3))
     if mode == "sync":
-        first.push(0, 3, pushes[0, 3], {"bn/mean": pushes[0, 3]["b"] * 0.5}, weight=1.0)  # buffered at the barrier
+        first.push(0, 3, pushes[0, 3], {"bn/mean": pushes[0, 3]["b"] * 0.5}, weight=1 / 3)  # buffered at the barrier
     before = final_state(first), first.version
     first.close()
 
@@ -215,8 +215,8 @@ def test_restored_shard_continues_bit_identically(tmp_path, mode, optimizer):
     assert_states_identical(final_state(restored), before[0])
     assert restored.version == before[1]
     if mode == "sync":  # the buffered push survived: its retry is a duplicate, worker 1 completes step 3
-        assert restored.push(0, 3, pushes[0, 3], {"bn/mean": pushes[0, 3]["b"] * 0.5}, weight=1.0).duplicate
-        assert restored.push(1, 3, pushes[1, 3], {"bn/mean": pushes[1, 3]["b"] * 0.5}, weight=2.0).version == 4
+        assert restored.push(0, 3, pushes[0, 3], {"bn/mean": pushes[0, 3]["b"] * 0.5}, weight=1 / 3).duplicate
+        assert restored.push(1, 3, pushes[1, 3], {"bn/mean": pushes[1, 3]["b"] * 0.5}, weight=2 / 3).version == 4
         drive(restored, pushes, range(4, 6))
     else:
         drive(restored, pushes, range(3, 6))

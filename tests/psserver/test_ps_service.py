@@ -375,8 +375,8 @@ def test_init_shard_twice_keeps_the_first_shard(cluster):
     address = cluster.start()
     c = init_one(cluster, address, "async", [0])
     c.push(c.push_request(JOB, 0, 0, {"b": grad(0, "b")}))
-    resp = c.init_shard(JOB, 0, initial(), {"b"}, SGD_LR1, "async", 0, [0])
-    assert resp.version == 1  # the existing shard (e.g. a master retrying InitShard)
+    resp = c.init_shard(JOB, 0, initial(), set(initial()), SGD_LR1, "async", 0, [0])
+    assert resp.version == 1  # the existing shard (a master retrying InitShard; another spec is refused: test_bounds.py)
 
 
 @pytest.mark.parametrize(
