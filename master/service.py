@@ -74,6 +74,7 @@ class JobRuntime:
     done: set[int] = field(default_factory=set)
     steps: dict[int, int] = field(default_factory=dict)
     evaluator: int | None = None
+    fenced: set[int] = field(default_factory=set)  # dropped workers that reported again
 
 
 class Coordinator:
@@ -249,12 +250,15 @@ class Coordinator:
         )
 
     def progress(self, r: Progress) -> bool:
-        """Record a worker's report; returns True if the job was cancelled."""
+        """Record a worker's report; returns True if the worker is to stop: the job was
+        cancelled, or this worker was dropped from it (lost, then came back: fenced off)."""
         rec = self.store.get(r.job)
         if rec.state == JobState.CANCELLED:
             return True
         if rec.state.terminal:
             return False
+        if self._fenced(r):
+            return True
         metrics = dict(r.metrics)
         if r.error:
             self._fail(r.job, f"worker {r.worker} failed: {r.error}")
@@ -292,6 +296,23 @@ class Coordinator:
         with self.lock:
             self.changed.notify_all()
         return False
+
+    def _fenced(self, r: Progress) -> bool:
+        """A report from a worker the job dropped (e.g. paused past the heartbeat timeout,
+        then resumed): the job went on without it, so its reports, and the error its
+        refused pushes cause, must change nothing. Recorded once per worker."""
+        with self.lock:
+            rt = self.runtimes.get(r.job)
+            if rt is None or r.worker not in rt.workers or r.worker in rt.live:
+                return False
+            first = r.worker not in rt.fenced
+            rt.fenced.add(r.worker)
+        if first:
+            what = f"its error ({r.error})" if r.error else f"its report (step {r.step})"
+            log.warning("job %s: worker %d was dropped; %s was ignored and it was told to stop", r.job, r.worker, what)
+            self.store.add_event(r.job, f"worker {r.worker} came back after it was dropped; {what} was ignored "
+                                        "and it was told to stop")
+        return True
 
     def _maybe_finished(self, rt: JobRuntime) -> None:
         # Caller holds the lock. Every live worker is done: one of them evaluates the final model.

@@ -120,6 +120,39 @@ def test_sync_job_survives_a_killed_worker(tmp_path):
             client.close()
 
 
+@pytest.mark.slow
+def test_sync_job_survives_a_paused_worker_that_comes_back(tmp_path):
+    """SIGSTOP worker 1 past the heartbeat timeout, then SIGCONT (bug: its refused push
+    failed the whole job). The job goes on with worker 0; the resumed worker is fenced
+    off (its reports ignored, told to stop) and the job SUCCEEDS with it still "lost"."""
+    from pstrain.transport.master_client import MasterClient
+
+    with running_cluster(tmp_path / "cluster", workers=2, ps=1, heartbeat_timeout=2.0) as (handle, launcher):
+        client = MasterClient(handle.master_address, connect_timeout=10)
+        try:
+            job = client.submit(job_to_spec(make_job(epochs=100), "pause-a-worker"))
+            running = wait_job(client, job["id"], timeout=60,
+                               until=lambda s: s["state"] in ("SUCCEEDED", "FAILED", "CANCELLED") or s["step"] >= 20)
+            assert running["state"] == "RUNNING", running
+            victim_node = running["workers"]["1"]["node"]
+            victim = handle.pids["worker"][worker_node_ids(handle).index(victim_node)]
+            os.kill(victim, signal.SIGSTOP)
+            try:
+                dropped = wait_job(client, job["id"], timeout=30,
+                                   until=lambda s: s["state"] != "RUNNING" or s["workers"]["1"]["state"] == "lost")
+                assert dropped["state"] == "RUNNING", dropped
+            finally:
+                os.kill(victim, signal.SIGCONT)
+            final = wait_job(client, job["id"], timeout=120)
+            assert final["state"] == "SUCCEEDED", final
+            assert final["error"] is None and final["epoch"] == 100
+            assert final["workers"]["1"]["state"] == "lost" and final["workers"]["0"]["state"] == "done"
+            assert final["metrics"]["val_accuracy"] > 0.9
+            assert all(s.alive for s in launcher.status(handle)), launcher.status(handle)  # the resumed one too
+        finally:
+            client.close()
+
+
 # ---- (c) no master ----------------------------------------------------------------------------------
 def _free_port() -> int:
     with socket.socket() as s:

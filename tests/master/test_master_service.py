@@ -414,6 +414,37 @@ def test_losing_the_only_worker_fails_the_job(master, heartbeats, ps_server, spe
     assert any("worker 0 lost" in e for e in status["events"])
 
 
+def test_a_lost_worker_that_comes_back_is_fenced_off(master, heartbeats, ps_server, spec):
+    """Bug: a SIGSTOPped worker, dropped after the heartbeat timeout, came back (SIGCONT),
+    had its push refused ("not live"), and the error it reported failed the whole job;
+    its status also flipped back from lost to running. A dropped worker's reports are
+    now ignored and answered "stop"."""
+    ps_address, _ = ps_server
+    c = master.client()
+    spec.train.num_workers = 2
+    job = c.submit_message(spec)
+    ps = c.register("ps", address=ps_address)
+    w0, w1 = c.register("worker", name="w0"), c.register("worker", name="w1")
+    for node in (ps, w0, w1):
+        heartbeats.add(node.node_id)
+    wait_for(lambda: c.get(job["id"])["state"] == "RUNNING")
+    heartbeats.silence(w1.node_id)  # the pause
+    wait_for(lambda: c.get(job["id"])["workers"]["1"]["state"] == "lost", timeout=HEARTBEAT_TIMEOUT + 3)
+    # The zombie resumes: a progress report, then the error its refused push caused.
+    assert c.report(job["id"], 1, step=5, epoch=0, loss=0.5, metrics={}) is True  # told to stop
+    assert c.report(job["id"], 1, step=5, epoch=0, loss=0.0, metrics={},
+                    error="INVALID_ARGUMENT: worker 1 is not live here") is True
+    status = c.get(job["id"])
+    assert status["state"] == "RUNNING" and status["error"] is None
+    assert status["workers"]["1"]["state"] == "lost" and status["workers"]["0"]["state"] == "running"
+    assert any("worker 1" in e and "ignored" in e for e in status["events"])
+    # The live worker finishes the job as before.
+    assert c.report(job["id"], 0, step=3, epoch=1, loss=0.4, metrics={}) is False
+    c.report(job["id"], 0, step=3, epoch=1, loss=0.0, metrics={}, done=True)
+    finished = wait_for(lambda: heartbeats.received(w0.node_id, "finished"))
+    assert (finished[0].job, finished[0].evaluator) == (job["id"], 0)
+
+
 # ---- restart -----------------------------------------------------------------------------------------
 def test_jobs_survive_a_master_restart(master, heartbeats, ps_server, spec):
     c = master.client()
