@@ -22,6 +22,8 @@ def main(argv=None) -> int:
     p.add_argument("--export-dir", dest="export_dir")
     p.add_argument("--heartbeat-timeout", dest="heartbeat_timeout", type=float)
     p.add_argument("--heartbeat-interval", dest="heartbeat_interval", type=float)
+    p.add_argument("--max-watchers", dest="max_watchers", type=int,
+                   help="most WatchJob streams open at once (default: half of the RPC threads)")
     p.add_argument("--metrics-port", dest="metrics_port", type=int,
                    help="port of /metrics (0 picks a free one, -1 serves none; default 9464)")
     try:

@@ -8,6 +8,11 @@ from protos.settings import check_port, check_positive
 
 @dataclass(frozen=True)
 class MasterConfig:
+    @property
+    def watcher_limit(self) -> int:
+        """How many WatchJob streams may be open at once."""
+        return self.max_watchers or max(1, self.max_workers // 2)
+
     host: str = "127.0.0.1"
     port: int = 50051
     db: str = "pstrain-master.db"  # SQLite file (":memory:" for tests)
@@ -15,7 +20,10 @@ class MasterConfig:
     heartbeat_interval: float = 0.5  # what nodes are told to use
     heartbeat_timeout: float = 5.0  # a node silent this long is lost
     monitor_interval: float = 0.25
-    max_workers: int = 64
+    max_workers: int = 64  # threads serving RPCs
+    # Open WatchJob streams each hold one of those threads for as long as they last; at
+    # most this many at once (0: half of max_workers), so heartbeats are always served.
+    max_watchers: int = 0
     metrics_port: int = 9464  # /metrics on host (0 picks a free port; -1: none)
 
     def __post_init__(self):
@@ -25,6 +33,9 @@ class MasterConfig:
                              "(0 picks a free port, -1 serves no /metrics)")
         for name in ("heartbeat_interval", "heartbeat_timeout", "monitor_interval", "max_workers"):
             check_positive("MasterConfig", name, getattr(self, name))
+        if not 0 <= int(self.max_watchers) < self.max_workers:
+            raise ValueError(f"MasterConfig.max_watchers={self.max_watchers!r} is out of range; allowed "
+                             f"[0, max_workers={self.max_workers}) (0: half of max_workers)")
         if self.heartbeat_timeout <= self.heartbeat_interval:
             raise ValueError(
                 f"MasterConfig.heartbeat_timeout={self.heartbeat_timeout} must exceed "

@@ -493,9 +493,17 @@ def _status(rec: JobRecord) -> master_pb2.JobStatus:
     return s
 
 
+class TooManyWatchers(RuntimeError):
+    """Every WatchJob slot is taken."""
+
+
+rpc.register_error(TooManyWatchers, grpc.StatusCode.RESOURCE_EXHAUSTED)
+
+
 class MasterServicer(master_pb2_grpc.MasterServicer):
     def __init__(self, coordinator: Coordinator):
         self.c = coordinator
+        self._watch_slots = threading.BoundedSemaphore(coordinator.config.watcher_limit)
         coordinator.metrics.track(self)  # RPCs in progress: pstrain_request_queue_depth
 
     @rpc.guarded
@@ -519,6 +527,17 @@ class MasterServicer(master_pb2_grpc.MasterServicer):
             self.c.store.get(request.id)
         except KeyError as exc:
             rpc.abort(context, exc)
+        if not self._watch_slots.acquire(blocking=False):
+            limit = self.c.config.watcher_limit
+            rpc.abort(context, TooManyWatchers(
+                f"the master already serves {limit} WatchJob streams (max_watchers); close one, poll GetJob "
+                "instead, or raise --max-watchers / PSTRAIN_MAX_WATCHERS"))
+        try:
+            yield from self._watch(request, context)
+        finally:
+            self._watch_slots.release()
+
+    def _watch(self, request, context):
         seq = request.since
         while context.is_active():
             rec = self.c.store.get(request.id)

@@ -445,6 +445,50 @@ def test_a_lost_worker_that_comes_back_is_fenced_off(master, heartbeats, ps_serv
     assert (finished[0].job, finished[0].evaluator) == (job["id"], 0)
 
 
+def test_watch_streams_are_bounded_and_heartbeats_stay_served(tmp_path, spec):
+    """Bug: 70 open WatchJob streams exhausted the master's thread pool: heartbeats
+    stopped being served and a healthy shard was declared lost. Streams beyond
+    ``max_watchers`` are refused at once (RESOURCE_EXHAUSTED); unary calls keep a
+    share of the pool."""
+    config = MasterConfig(port=0, db=str(tmp_path / "w.db"), max_workers=8, max_watchers=2,
+                          heartbeat_timeout=HEARTBEAT_TIMEOUT, heartbeat_interval=HEARTBEAT_INTERVAL)
+    server, port, coordinator = serve(config)
+    c = MasterClient(f"127.0.0.1:{port}", timeout=5.0)
+    streams = []
+    try:
+        job = c.submit_message(spec)  # no nodes: it stays PENDING, so its watch streams stay open
+        for _ in range(2):
+            stream = c.stub.WatchJob(master_pb2.WatchJobRequest(id=job["id"]))
+            next(stream)  # open and serving
+            streams.append(stream)
+        for _ in range(10):  # more than the pool has threads
+            refused = c.stub.WatchJob(master_pb2.WatchJobRequest(id=job["id"]))
+            with pytest.raises(grpc.RpcError) as info:
+                next(refused)
+            assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "max_watchers" in info.value.details() or "PSTRAIN_MAX_WATCHERS" in info.value.details()
+        node = c.register("ps", address="127.0.0.1:1")  # unary calls are still served
+        assert c.heartbeat(node.node_id).known
+        streams.pop().cancel()
+        again = wait_for(lambda: _open_watch(c, job["id"]), timeout=5)  # a freed slot is reused
+        streams.append(again)
+    finally:
+        for stream in streams:
+            stream.cancel()
+        c.close()
+        server.stop(grace=None).wait(5)
+        coordinator.close()
+
+
+def _open_watch(c: MasterClient, job_id: str):
+    stream = c.stub.WatchJob(master_pb2.WatchJobRequest(id=job_id))
+    try:
+        next(stream)
+    except grpc.RpcError:
+        return None
+    return stream
+
+
 # ---- restart -----------------------------------------------------------------------------------------
 def test_jobs_survive_a_master_restart(master, heartbeats, ps_server, spec):
     c = master.client()
