@@ -24,6 +24,9 @@ class MasterConfig:
     # Open WatchJob streams each hold one of those threads for as long as they last; at
     # most this many at once (0: half of max_workers), so heartbeats are always served.
     max_watchers: int = 0
+    # After a restart, how long a RUNNING job waits for its shards and workers to register
+    # again before it resumes with the workers that came back (or fails without its shards).
+    recovery_timeout: float = 30.0
     metrics_port: int = 9464  # /metrics on host (0 picks a free port; -1: none)
 
     def __post_init__(self):
@@ -31,7 +34,7 @@ class MasterConfig:
         if not -1 <= int(self.metrics_port) <= 65535:
             raise ValueError(f"MasterConfig.metrics_port={self.metrics_port!r} is out of range; allowed [-1, 65535] "
                              "(0 picks a free port, -1 serves no /metrics)")
-        for name in ("heartbeat_interval", "heartbeat_timeout", "monitor_interval", "max_workers"):
+        for name in ("heartbeat_interval", "heartbeat_timeout", "monitor_interval", "max_workers", "recovery_timeout"):
             check_positive("MasterConfig", name, getattr(self, name))
         if not 0 <= int(self.max_watchers) < self.max_workers:
             raise ValueError(f"MasterConfig.max_watchers={self.max_watchers!r} is out of range; allowed "

@@ -476,6 +476,14 @@ class JobStore:
             self._state_of(self._conn, job_id)
             return self._history(self._conn, job_id, since_seq)
 
+    def set_plan(self, job_id: str, plan: dict[str, Any]) -> None:
+        """Replace the job's plan record (e.g. where its shards and workers run, so a
+        restarted master can find them again)."""
+        plan_json = _dumps(plan, "the job plan")
+        with self._tx() as db:
+            self._state_of(db, job_id)
+            db.execute("UPDATE jobs SET plan = ?, updated = ? WHERE id = ?", (plan_json, self._clock(), job_id))
+
     def add_event(self, job_id: str, text: str) -> None:
         """Append a human-readable event, e.g. ``"worker 1 lost at step 120"`` (any state)."""
         now = self._clock()

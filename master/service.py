@@ -64,6 +64,19 @@ class NodeInfo:
 
 
 @dataclass
+class Recovery:
+    """A job that was RUNNING when the master stopped, waiting for its nodes to register
+    again: its shards by address (they keep the job's parameters) and its workers, which
+    re-register saying which (job, worker index) they are still running."""
+
+    spec: JobSpec
+    shards: list[str]  # by shard index
+    workers: dict[int, dict]  # the stored worker table: index -> node, state, step, ...
+    deadline: float  # time.monotonic() after which it resumes with what came back, or fails
+    back: dict[int, str] = field(default_factory=dict)  # worker index -> its new node id
+
+
+@dataclass
 class JobRuntime:
     id: str
     spec: JobSpec
@@ -92,9 +105,8 @@ class Coordinator:
         self._starting: set[str] = set()
         self._stop = threading.Event()
         os.makedirs(self.export_dir, exist_ok=True)
-        for rec in self.store.recover_after_restart():
-            log.warning("job %s was %s when the master stopped; marking it FAILED", rec.id, rec.state.value)
-        self.store.fail_interrupted("the workers' task state was lost; resubmit the job")
+        self.recovering: dict[str, Recovery] = {}
+        self._recover_after_restart()
         # Every job's state, kept beside the store so a scrape never reads the whole table.
         self._job_states: dict[str, JobState] = {rec.id: rec.state for rec in self.store.list()}
         self.metrics.watch(self._count_jobs, self._count_live_nodes)
@@ -116,7 +128,10 @@ class Coordinator:
         self.store.close()
 
     # ---- nodes ------------------------------------------------------------------------
-    def register(self, role: str, address: str, name: str, metrics_address: str) -> NodeInfo:
+    def register(self, role: str, address: str, name: str, metrics_address: str,
+                 running: tuple[tuple[str, int], ...] = ()) -> NodeInfo:
+        """Add a node. ``running``: the (job, worker index) tasks a worker re-registering
+        after a master restart still runs; it is re-attached to those jobs."""
         if role not in ("worker", "ps"):
             raise ValueError(f"role must be 'worker' or 'ps', got {role!r}")
         if role == "ps" and not address:
@@ -133,6 +148,12 @@ class Coordinator:
             node = NodeInfo(f"{role}-{uuid.uuid4().hex[:8]}", role, address, name, index, metrics_address)
             self.nodes[node.node_id] = node
             log.info("registered %s %s (%s) as index %d", role, node.node_id, address or name, index)
+            for job, worker_index in running if role == "worker" else ():
+                rec = self.recovering.get(job)
+                if rec is not None and worker_index in rec.workers:
+                    rec.back[worker_index] = node.node_id
+                    node.job = job
+                    log.info("job %s: worker %d is back as %s", job, worker_index, node.node_id)
             self.changed.notify_all()
             return node
 
@@ -230,6 +251,8 @@ class Coordinator:
             for i, w in zip(indices, workers):
                 w.tasks.append(self._task(rt, i))
                 self.store.update_worker(job_id, i, node=w.node_id, state="running", step=0, step_time=0.0)
+            # Where it runs, so that a restarted master finds the job's shards again.
+            self.store.set_plan(job_id, {"shards": rt.shards, "workers": indices})
             self._transition(job_id, JobState.RUNNING)
             self.metrics.live(job_id, len(workers))
             self.store.add_event(
@@ -265,7 +288,10 @@ class Coordinator:
             return False
         with self.lock:
             rt = self.runtimes.get(r.job)
+            recovering = r.job in self.recovering
             if rt is None:
+                if recovering and r.done:  # kept for when the job resumes: this worker is done
+                    self.store.update_worker(r.job, r.worker, step=r.step, state="done")
                 return False
             rt.steps[r.worker] = max(rt.steps.get(r.worker, 0), r.step)
             step = max(rt.steps.values())
@@ -430,6 +456,7 @@ class Coordinator:
         while not self._stop.wait(self.config.monitor_interval):
             try:
                 self._check_nodes()
+                self._resume_recovering()
                 self._schedule_pending()
             except Exception:  # noqa: BLE001 - keep the monitor alive
                 log.exception("master monitor iteration failed")
@@ -474,6 +501,84 @@ class Coordinator:
                 rt.evaluator = None
             self._maybe_finished(rt)
             self.changed.notify_all()
+
+    # ---- master restart ---------------------------------------------------------------------
+    def _recover_after_restart(self) -> None:
+        """Jobs a previous master left behind: PENDING ones stay (the scheduler starts
+        them); RUNNING ones wait for their nodes to register again (``_resume_recovering``).
+        A RUNNING job without a record of where it ran (an older database) fails."""
+        unrecoverable = []
+        for rec in self.store.recover_after_restart():
+            if rec.state != JobState.RUNNING:
+                continue
+            shards = rec.plan.get("shards") if isinstance(rec.plan, dict) else None
+            if not shards:
+                unrecoverable.append(rec.id)
+                continue
+            self.recovering[rec.id] = Recovery(
+                jobcodec.job_spec_from_bytes(rec.spec), list(shards), {int(i): dict(w) for i, w in rec.workers.items()},
+                time.monotonic() + self.config.recovery_timeout,
+            )
+            log.warning("job %s was RUNNING when the master stopped; waiting for its nodes to register again", rec.id)
+            self.store.add_event(rec.id, "master restarted; waiting for the job's shards and workers to register again")
+        if unrecoverable:
+            self.store.fail_interrupted("the job's shard placement was not recorded; resubmit the job", unrecoverable)
+
+    def _resume_recovering(self) -> None:
+        """Resume each recovering job once its shards and workers are back, or at its deadline
+        with the workers that came back; fail it if a shard is missing then."""
+        now = time.monotonic()
+        for job_id, rec in list(self.recovering.items()):
+            with self.lock:
+                live_ps = {n.address for n in self.nodes.values() if n.role == "ps" and n.alive}
+                missing_shards = [i for i, a in enumerate(rec.shards) if a not in live_ps]
+                expected = {i for i, w in rec.workers.items() if w.get("state") != "lost"}
+                back = {i: nid for i, nid in rec.back.items() if nid in self.nodes and self.nodes[nid].alive}
+                if (missing_shards or not expected <= set(back)) and now < rec.deadline:
+                    continue
+            try:
+                if missing_shards:
+                    raise RuntimeError("shard(s) " + ", ".join(f"{i} ({rec.shards[i]})" for i in missing_shards)
+                                       + " did not register again")
+                if not back:
+                    raise RuntimeError("no worker of the job registered again")
+                self._resume(job_id, rec, back, expected)
+            except Exception as exc:  # noqa: BLE001 - recorded on the job
+                with self.lock:
+                    self.recovering.pop(job_id, None)
+                    for nid in back.values():
+                        if self.nodes[nid].job == job_id:
+                            self.nodes[nid].job = None
+                self._fail(job_id, f"could not resume the job after a master restart: {rpc.one_line(exc)}")
+                self._end_on_shards_addresses(job_id, rec.shards)
+
+    def _resume(self, job_id: str, rec: Recovery, back: dict[int, str], expected: set[int]) -> None:
+        plan = plan_job(rec.spec, len(rec.shards))  # deterministic: the placement the shards hold
+        for address in rec.shards:
+            self._ps(address).status(job_id)  # NOT_FOUND if that shard lost the job (it restarted too)
+        rt = JobRuntime(job_id, rec.spec, plan, dict(back), list(rec.shards), set(back))
+        for i, nid in back.items():
+            self.store.update_worker(job_id, i, node=nid)
+        lost = sorted(expected - set(back))
+        for i in lost:
+            self.store.update_worker(job_id, i, state="lost")
+        if lost:
+            for address in rt.shards:
+                self._ps(address).set_membership(job_id, sorted(rt.live))
+        with self.lock:
+            # Under the lock a report either came before (its "done" is in the table) or
+            # finds the runtime (and adds itself): none falls between the two.
+            table = self.store.get(job_id).workers
+            rt.done = {i for i in back if table.get(i, {}).get("state") == "done"}
+            rt.steps = {i: int(table.get(i, {}).get("step", 0)) for i in back}
+            self.runtimes[job_id] = rt
+            self.recovering.pop(job_id, None)
+            self.metrics.live(job_id, len(rt.live))
+            self._maybe_finished(rt)
+            self.changed.notify_all()
+        self.store.add_event(job_id, f"resumed after the master restart with workers {sorted(back)}"
+                                     + (f"; workers {lost} did not come back" if lost else ""))
+        log.info("job %s resumed after the master restart (workers %s)", job_id, sorted(back))
 
     def _schedule_pending(self) -> None:
         for rec in self.store.list(states=[JobState.PENDING]):
@@ -567,7 +672,8 @@ class MasterServicer(master_pb2_grpc.MasterServicer):
 
     @rpc.guarded
     def RegisterNode(self, request, context):
-        node = self.c.register(request.role, request.address, request.name, request.metrics_address)
+        node = self.c.register(request.role, request.address, request.name, request.metrics_address,
+                               tuple((t.job, t.worker_index) for t in request.running))
         return master_pb2.RegisterNodeResponse(
             node_id=node.node_id, index=node.index, heartbeat_interval=self.c.config.heartbeat_interval
         )

@@ -71,10 +71,14 @@ class WorkerNode:
                     continue
                 job = task.job
                 log.info("job %s: starting as worker %d of %d", job, task.worker_index, len(task.workers))
-                TrainingTask(task, self.membership.client, self.device, self.config.report_interval,
-                             metrics=self.metrics).run(
-                    self._cancel_event(job), lambda j=job: self.finished.get(j)
-                )
+                self.membership.running = [(job, task.worker_index)]  # a restarted master re-attaches us
+                try:
+                    TrainingTask(task, self.membership.client, self.device, self.config.report_interval,
+                                 metrics=self.metrics).run(
+                        self._cancel_event(job), lambda j=job: self.finished.get(j)
+                    )
+                finally:
+                    self.membership.running = []
                 with self.lock:
                     self.finished.pop(job, None)
         finally:

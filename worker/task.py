@@ -40,13 +40,15 @@ log = logging.getLogger(__name__)
 
 # The loop's cancellation, under the name this module has always raised.
 TaskCancelled = TrainingCancelled
+# The master is restarting or unreachable: reports wait for it rather than fail the task.
+MASTER_AWAY = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 
 
 class TrainingTask:
     """One task from the master, run to its end by ``run`` (see the module docstring)."""
 
     def __init__(self, task: TaskSpec, master, device: str = "cpu", report_interval: float = 1.0, push_retries: int = 5,
-                 metrics: WorkerMetrics | None = None):
+                 metrics: WorkerMetrics | None = None, master_wait: float = 300.0):
         self.task = task
         self.master = master
         self.job = task.job
@@ -61,6 +63,7 @@ class TrainingTask:
                               tuple(task.state_variables))
         self.metrics = (metrics or WorkerMetrics()).task(self.job, self.index)
         self.push_retries = push_retries
+        self.master_wait = master_wait
         self.params: ShardedParameterClient | None = None  # connected by run()
         self.loop: TrainingLoop | None = None  # made once the data is loaded
         self._last_step = self._last_epoch = 0
@@ -76,8 +79,8 @@ class TrainingTask:
                 self._pull()
                 loss, acc = self._evaluate()
                 self.metrics.validation(loss, acc)
-                self.master.report(self.job, self.index, self._last_step, self._last_epoch, loss,
-                                   {"val_loss": loss, "val_accuracy": acc}, final=True)
+                self._deliver(lambda: self.master.report(self.job, self.index, self._last_step, self._last_epoch, loss,
+                                                         {"val_loss": loss, "val_accuracy": acc}, final=True))
         except TaskCancelled:
             log.info("job %s cancelled", self.job)
         except Exception as exc:  # noqa: BLE001 - reported to the master
@@ -116,7 +119,24 @@ class TrainingTask:
         reporter = _Reporter(self, schedule.steps_per_epoch)
         self.loop.run(x, y, schedule, [reporter], cancelled=cancelled)
         reporter.settle()
-        self.master.report(self.job, self.index, self._last_step, self._last_epoch, 0.0, {}, done=True)
+        if self._deliver(lambda: self.master.report(self.job, self.index, self._last_step, self._last_epoch, 0.0, {},
+                                                    done=True)):
+            raise TaskCancelled()
+
+    def _deliver(self, report):
+        """Send a report the master must get (done, final): while the master is away (a
+        restart), retry until it answers, for up to ``master_wait`` seconds."""
+        deadline, delay = time.monotonic() + self.master_wait, 0.2
+        while True:
+            try:
+                return report()
+            except grpc.RpcError as exc:
+                if exc.code() not in MASTER_AWAY or time.monotonic() > deadline:
+                    raise
+                log.warning("job %s: the master is not answering (%s); retrying the report", self.job,
+                            rpc.describe(exc))
+                time.sleep(delay)
+                delay = min(delay * 2, 2.0)
 
     def _pull(self) -> None:
         started = time.perf_counter()
@@ -183,7 +203,20 @@ class _Reporter(Callback):
                                                 step_time, wait=False)
 
     def settle(self) -> None:
-        """Wait for the report in flight; TaskCancelled if the master answered that the job was cancelled."""
+        """Wait for the report in flight; TaskCancelled if the master answered that the job
+        was cancelled (or that this worker was dropped from it). A master that does not
+        answer (restarting) loses only this report: training goes on, and the next one
+        carries the progress since."""
         pending, self._pending = self._pending, None
-        if pending is not None and pending():
+        if pending is None:
+            return
+        try:
+            stop = pending()
+        except grpc.RpcError as exc:
+            if exc.code() not in MASTER_AWAY:
+                raise
+            log.warning("job %s: a progress report was not delivered (%s); training goes on", self.task.job,
+                        rpc.describe(exc))
+            return
+        if stop:
             raise TaskCancelled()

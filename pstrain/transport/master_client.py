@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import grpc
 import numpy as np
@@ -112,8 +112,13 @@ class MasterClient:
         return json.loads(r.model_config_json), list(r.names), [codec.tensor_from_proto(w) for w in r.weights]
 
     # ---- nodes ----------------------------------------------------------------------------------
-    def register(self, role: str, address: str = "", name: str = "", metrics_address: str = "") -> master_pb2.RegisterNodeResponse:
+    def register(self, role: str, address: str = "", name: str = "", metrics_address: str = "",
+                 running: Sequence[tuple[str, int]] = ()) -> master_pb2.RegisterNodeResponse:
+        """Register a node. ``running``: the (job, worker index) tasks a worker is running,
+        so a restarted master re-attaches it to those jobs."""
         req = master_pb2.RegisterNodeRequest(role=role, address=address, name=name, metrics_address=metrics_address)
+        for job, index in running:
+            req.running.add(job=job, worker_index=index)
         return self._call(self.stub.RegisterNode, req)
 
     def heartbeat(self, node_id: str) -> HeartbeatReply:

@@ -36,9 +36,10 @@ class NodeMembership:
         self.index: int | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name=f"{role}-heartbeat", daemon=True)
+        self.running: list[tuple[str, int]] = []  # (job, worker index) a worker runs: told again on re-registering
 
     def register(self) -> None:
-        r = self.client.register(self.role, self.address, self.name, self.metrics_address)
+        r = self.client.register(self.role, self.address, self.name, self.metrics_address, list(self.running))
         self.node_id, self.index = r.node_id, r.index
         self.interval = r.heartbeat_interval or self.interval
         log.info("registered with the master as %s (index %d)", self.node_id, self.index)

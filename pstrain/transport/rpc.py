@@ -128,3 +128,12 @@ def describe(err: grpc.RpcError) -> str:
         return text
     except Exception:  # noqa: BLE001
         return str(err)
+
+
+def one_line(exc: BaseException) -> str:
+    """Any error as one readable line: a failed call as its status and message, anything
+    else as its type and message (for job errors and events)."""
+    if isinstance(exc, grpc.RpcError):
+        return describe(exc)
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

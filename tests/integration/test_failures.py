@@ -153,6 +153,65 @@ def test_sync_job_survives_a_paused_worker_that_comes_back(tmp_path):
             client.close()
 
 
+@pytest.mark.slow
+def test_sync_job_survives_a_killed_and_restarted_master(tmp_path):
+    """SIGKILL the master mid-job and start it again on the same port and database: the
+    workers keep training (their reports wait), the nodes register again, the master
+    resumes the job, and it ends SUCCEEDED with weights bit-identical to an
+    uninterrupted run of the same job (bug: the restarted master marked it FAILED)."""
+    import subprocess
+    import sys
+
+    from pstrain.transport.master_client import MasterClient
+
+    with running_cluster(tmp_path / "cluster", workers=2, ps=1, heartbeat_timeout=2.0) as (handle, launcher):
+        client = MasterClient(handle.master_address, connect_timeout=10)
+        restarted = None
+        try:
+            baseline = wait_job(client, client.submit(job_to_spec(make_job(epochs=40), "uninterrupted"))["id"])
+            assert baseline["state"] == "SUCCEEDED", baseline
+            job = client.submit(job_to_spec(make_job(epochs=40), "master-killed"))
+            running = wait_job(client, job["id"], timeout=60,
+                               until=lambda s: s["state"] in ("SUCCEEDED", "FAILED", "CANCELLED") or s["step"] >= 20)
+            assert running["state"] == "RUNNING", running
+            os.kill(handle.pids["master"][0], signal.SIGKILL)
+            assert all_gone(handle.pids["master"], timeout=5)
+            port = handle.master_address.rsplit(":", 1)[1]
+            with open(tmp_path / "master-restarted.log", "wb") as log:
+                restarted = subprocess.Popen(
+                    [sys.executable, "-m", "master", "--host", "127.0.0.1", "--port", port,
+                     "--db", os.path.join(handle.state_dir, "master.db"), "--heartbeat-timeout", "2.0",
+                     "--metrics-port", "-1"],
+                    stdout=log, stderr=subprocess.STDOUT, env=service_env(tmp_path), start_new_session=True,
+                )
+            final = _wait_through_restart(client, job["id"], timeout=120)
+            assert final["state"] == "SUCCEEDED", (final, (tmp_path / "master-restarted.log").read_text()[-3000:])
+            assert final["error"] is None and final["epoch"] == 40
+            assert any("resumed after the master restart with workers [0, 1]" in e for e in final["events"])
+            _, names, want = client.export(baseline["id"])
+            _, names2, got = client.export(job["id"])
+            assert names == names2
+            for name, a, b in zip(names, want, got):
+                np.testing.assert_array_equal(a, b, err_msg=name)
+        finally:
+            client.close()
+            if restarted is not None:
+                restarted.terminate()
+                restarted.wait(10)
+
+
+def _wait_through_restart(client, job_id: str, timeout: float) -> dict:
+    """``wait_job`` that keeps polling while the master is away (UNAVAILABLE)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return wait_job(client, job_id, timeout=max(deadline - time.monotonic(), 1.0))
+        except grpc.RpcError as exc:
+            if exc.code() != grpc.StatusCode.UNAVAILABLE or time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+
+
 # ---- (c) no master ----------------------------------------------------------------------------------
 def _free_port() -> int:
     with socket.socket() as s:

@@ -48,14 +48,15 @@ def spec(spec_bytes) -> master_pb2.JobSpec:
 class Master:
     """A master on port 0 over a db file; ``restart()`` stops it and starts a new one."""
 
-    def __init__(self, db: str):
+    def __init__(self, db: str, **config):
         self.db = db
+        self.config = config
         self.clients: list[MasterClient] = []
         self._start()
 
     def _start(self):
         config = MasterConfig(port=0, db=self.db, heartbeat_timeout=HEARTBEAT_TIMEOUT,
-                              heartbeat_interval=HEARTBEAT_INTERVAL)
+                              heartbeat_interval=HEARTBEAT_INTERVAL, **self.config)
         self.server, self.port, self.coordinator = serve(config)
         self.address = f"127.0.0.1:{self.port}"
 
@@ -490,14 +491,18 @@ def _open_watch(c: MasterClient, job_id: str):
 
 
 # ---- restart -----------------------------------------------------------------------------------------
-def test_jobs_survive_a_master_restart(master, heartbeats, ps_server, spec):
+def test_jobs_survive_a_master_restart(master, ps_server, spec):
+    """A master restarted on its database resumes a RUNNING job once the job's shard and
+    worker register again (the worker saying which task it still runs); PENDING jobs stay
+    PENDING and the scheduler starts them; the job then finishes as if nothing happened."""
     c = master.client()
-    ps_address, _ = ps_server
+    ps_address, ps_servicer = ps_server
+    heartbeats = Heartbeats(c)
     running = c.get(start_job(c, heartbeats, spec, ps_address)[0])
     pending = c.submit_message(spec)  # the only worker is busy
     cancelled = c.submit_message(spec)
     c.cancel(cancelled["id"])
-    assert c.get(pending["id"])["state"] == "PENDING"
+    assert c.report(running["id"], 0, step=2, epoch=0, loss=1.5, metrics={"accuracy": 0.25}) is False
     heartbeats.close()  # the old master's nodes stop beating
 
     master.restart()
@@ -505,15 +510,55 @@ def test_jobs_survive_a_master_restart(master, heartbeats, ps_server, spec):
     jobs = {j["id"]: j for j in c.list()}
     assert list(jobs) == [running["id"], pending["id"], cancelled["id"]]  # oldest first
     assert jobs[cancelled["id"]]["state"] == "CANCELLED" and jobs[cancelled["id"]]["error"] is None
-    for job in (running, pending):
-        status = jobs[job["id"]]
-        assert status["state"] == "FAILED", status
-        assert "master restarted" in status["error"] and "resubmit" in status["error"]
-        assert status["name"] == "tiny" and status["created"] == pytest.approx(job["created"])
-        assert any("master restarted" in e for e in status["events"])
+    assert jobs[pending["id"]]["state"] == "PENDING"
+    assert jobs[running["id"]]["state"] == "RUNNING" and jobs[running["id"]]["step"] == 2
+    assert any("master restarted" in e for e in jobs[running["id"]]["events"])
     assert c.nodes() == []  # nodes are not durable: they register again
-    new = c.submit_message(spec)["id"]
-    assert new not in jobs and c.get(new)["state"] == "PENDING"
+    assert running["id"] in ps_servicer.shards  # the shard kept the job all along
+
+    beats = Heartbeats(c)
+    try:
+        ps = c.register("ps", address=ps_address)
+        worker = c.register("worker", name="w0", running=[(running["id"], 0)])
+        beats.add(ps.node_id)
+        beats.add(worker.node_id)
+        status = wait_for(lambda: (s := c.get(running["id"])) and any("resumed" in e for e in s["events"]) and s)
+        assert status["state"] == "RUNNING" and status["workers"]["0"]["node"] == worker.node_id
+        assert beats.received(worker.node_id, "tasks") == []  # it already runs the task: nothing new to do
+        # The job goes on: the worker finishes, evaluates, and the master exports the weights.
+        c.report(running["id"], 0, step=4, epoch=1, loss=0.0, metrics={}, done=True)
+        finished = wait_for(lambda: beats.received(worker.node_id, "finished"))
+        assert (finished[0].job, finished[0].evaluator) == (running["id"], 0)
+        c.report(running["id"], 0, step=4, epoch=1, loss=1.2, metrics={"accuracy": 0.5}, final=True)
+        assert c.get(running["id"])["state"] == "SUCCEEDED"
+        names = c.export(running["id"])[1]
+        assert names == list(spec.model.weight_order)
+    finally:
+        beats.close()
+
+
+def test_a_running_job_whose_shard_does_not_come_back_fails_clearly(tmp_path, ps_server, spec):
+    ps_address, _ = ps_server
+    m = Master(str(tmp_path / "r.db"), recovery_timeout=1.0)
+    try:
+        c = m.client()
+        heartbeats = Heartbeats(c)
+        job_id = start_job(c, heartbeats, spec, ps_address)[0]
+        heartbeats.close()
+        m.restart()
+        c = m.client()
+        worker = c.register("worker", name="w0", running=[(job_id, 0)])  # the worker is back, the shard is not
+        beats = Heartbeats(c)
+        beats.add(worker.node_id)
+        try:
+            status = wait_for(lambda: (s := c.get(job_id))["state"] == "FAILED" and s, timeout=10)
+        finally:
+            beats.close()
+        assert "could not resume the job after a master restart" in status["error"]
+        assert f"shard(s) 0 ({ps_address}) did not register again" in status["error"]
+        assert "\n" not in status["error"]
+    finally:
+        m.stop()
 
 
 # ---- GetPlan ---------------------------------------------------------------------------------------------
