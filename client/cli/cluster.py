@@ -12,21 +12,22 @@ from __future__ import annotations
 
 import argparse
 import os
+import subprocess
 import sys
 import time
 
 from client.cli.common import EXIT_OK, sigterm_interrupts
 from client.launchers import (
-    ClusterError,
     ClusterHandle,
     ClusterSpec,
     Launcher,
     default_state_dir,
-    describe_exit,
     get_launcher,
     launcher_class,
     load_handle,
+    write_handle,
 )
+from client.launchers.supervisor import RestartPolicy, Supervisor
 
 
 def launcher_from_args(args: argparse.Namespace) -> Launcher:
@@ -44,6 +45,8 @@ def up_command(args) -> int:
         print(f"pstrain cluster up: master at {handle.master_address} ({spec.ps} ps shards, "
               f"{spec.workers} workers, device {spec.device}); state and logs in {spec.state_dir}", flush=True)
         if args.detach:
+            if launcher.restartable:
+                start_supervisor(handle)
             down = "psctl down" + ("" if args.state_dir is None else f" --state-dir {spec.state_dir}")
             print(f"export PSTRAIN_MASTER={handle.master_address}   # for psctl submit/status/...; "
                   f"stop the cluster with: {down}", flush=True)
@@ -59,19 +62,32 @@ def up_command(args) -> int:
     return EXIT_OK
 
 
-def supervise(launcher: Launcher, handle: ClusterHandle, interval: float = 1.0) -> None:
-    """Stay in the foreground; warn when a service dies, give up when the master does."""
-    reported: set[int] = set()
+def supervise(launcher: Launcher, handle: ClusterHandle, interval: float = 0.5) -> None:
+    """Stay in the foreground, restarting services that die (``Supervisor``'s policy; a
+    launcher that cannot restart only has them reported); raises ClusterError when the
+    master is down for good."""
+    supervisor = Supervisor(launcher, handle, RestartPolicy() if launcher.restartable else RestartPolicy(max_restarts=0))
     while True:
         time.sleep(interval)
-        for p in launcher.status(handle):
-            if p.alive or p.pid in reported:
-                continue
-            reported.add(p.pid)
-            message = describe_exit(p.role, p.index, p.pid, launcher.exit_code(p.pid), p.log, lines=10)
-            if p.role == "master":
-                raise ClusterError(f"the master died, stopping the cluster: {message}")
-            print(f"psctl: warning: {message}", file=sys.stderr, flush=True)
+        for line in supervisor.poll():
+            print(f"psctl: warning: {line}", file=sys.stderr, flush=True)
+
+
+def start_supervisor(handle: ClusterHandle) -> int:
+    """Start ``python -m client.launchers.supervisor`` for a detached cluster; its pid goes
+    into the state file so that ``psctl down`` stops it first."""
+    os.makedirs(os.path.join(handle.state_dir, "logs"), exist_ok=True)
+    log_path = os.path.join(handle.state_dir, "logs", "supervisor.log")
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)
+    with open(log_path, "ab") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "client.launchers.supervisor", "--state-dir", handle.state_dir],
+                                stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+                                start_new_session=True)
+    handle.supervisor_pid = proc.pid
+    write_handle(handle)
+    return proc.pid
 
 
 def down_command(args) -> int:

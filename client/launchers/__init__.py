@@ -24,6 +24,8 @@ Usage::
 from __future__ import annotations
 
 import contextlib
+import logging
+import threading
 from typing import Any, Iterator, TypeVar
 
 from client.launchers.base import (
@@ -54,6 +56,8 @@ from client.launchers.local import (
     pid_alive,
     thread_env,
 )
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "DEFAULT_LAUNCHER", "DEVICES", "LAUNCHERS", "MAX_PROCESSES", "READY_PREFIX", "ROLES", "STATE_FILE", "STOP_ORDER",
@@ -108,15 +112,35 @@ def get_launcher(name: str = DEFAULT_LAUNCHER, **options: Any) -> Launcher:
 
 
 @contextlib.contextmanager
-def local_cluster(spec: ClusterSpec, launcher: Launcher | None = None, stop_timeout: float = 10.0) -> Iterator[ClusterHandle]:
+def local_cluster(spec: ClusterSpec, launcher: Launcher | None = None, stop_timeout: float = 10.0,
+                  supervise: bool = True) -> Iterator[ClusterHandle]:
     """Start a cluster for the ``with`` block and always stop it afterwards (with
-    ``launcher``, else the default, local one)."""
+    ``launcher``, else the default, local one). ``supervise``: restart services that die
+    meanwhile (``Supervisor``, in a thread)."""
+    from client.launchers.supervisor import Supervisor
+
     launcher = launcher or get_launcher(DEFAULT_LAUNCHER)
     handle = launcher.start(spec)
+    stop = threading.Event()
+    watcher = None
+    if supervise and launcher.restartable:
+        watcher = threading.Thread(target=_supervise_quietly, args=(Supervisor(launcher, handle), stop),
+                                   name="pstrain-supervisor", daemon=True)
+        watcher.start()
     try:
         yield handle
     finally:
+        stop.set()
+        if watcher is not None:
+            watcher.join(5)
         launcher.stop(handle, timeout=stop_timeout)
+
+
+def _supervise_quietly(supervisor, stop: threading.Event) -> None:
+    try:
+        supervisor.run(stop)
+    except ClusterError as exc:  # the master is down for good: the job's client will say so
+        log.error("%s", exc)
 
 
 register_launcher(LocalProcessLauncher)

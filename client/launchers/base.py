@@ -108,6 +108,11 @@ class ClusterHandle:
     spec: ClusterSpec | None = None
     metrics_address: str = ""
     launcher: str = DEFAULT_LAUNCHER
+    # How to start each process again (the launcher's own argument lists, by role and
+    # index), how often each was restarted, and the pid of a detached supervisor (0: none).
+    args: dict[str, list[list[str]]] = field(default_factory=lambda: {r: [] for r in ROLES})
+    restarts: dict[str, list[int]] = field(default_factory=lambda: {r: [] for r in ROLES})
+    supervisor_pid: int = 0
 
     def processes(self) -> Iterator[tuple[str, int, int, str]]:
         """(role, index, pid, log path) for every process, master first."""
@@ -121,6 +126,7 @@ class ClusterHandle:
             "master_address": self.master_address, "state_dir": self.state_dir,
             "pids": self.pids, "logs": self.logs, "spec": asdict(self.spec) if self.spec else None,
             "metrics_address": self.metrics_address, "launcher": self.launcher,
+            "args": self.args, "restarts": self.restarts, "supervisor_pid": self.supervisor_pid,
         }
 
     @classmethod
@@ -132,6 +138,9 @@ class ClusterHandle:
             logs={r: [str(p) for p in d.get("logs", {}).get(r, [])] for r in ROLES},
             spec=spec, metrics_address=str(d.get("metrics_address", "")),
             launcher=str(d.get("launcher") or DEFAULT_LAUNCHER),
+            args={r: [[str(a) for a in argv] for argv in d.get("args", {}).get(r, [])] for r in ROLES},
+            restarts={r: [int(n) for n in d.get("restarts", {}).get(r, [])] for r in ROLES},
+            supervisor_pid=int(d.get("supervisor_pid", 0) or 0),
         )
 
 
@@ -235,6 +244,16 @@ class Launcher(abc.ABC):
     @abc.abstractmethod
     def status(self, handle: ClusterHandle) -> list[ProcessStatus]:
         """Whether each process of the cluster still runs."""
+
+    # True when ``restart`` works, so pstrain's ``Supervisor`` should watch the cluster
+    # (a backend with restarts of its own, like Ray's actors, leaves it False).
+    restartable: ClassVar[bool] = False
+
+    def restart(self, handle: ClusterHandle, role: str, index: int) -> int:
+        """Start process ``role``-``index`` of ``handle`` again (it died), as it was started
+        and at the same address; returns the new pid. Supervision (``Supervisor``) calls
+        this; a launcher that cannot restart raises ClusterError."""
+        raise ClusterError(f"the {self.name} launcher cannot restart processes")
 
     def exit_code(self, pid: int) -> int | None:
         """The exit status of a service that stopped (None: running, or not known here)."""

@@ -106,7 +106,7 @@ def _is_pstrain_process(pid: int, role: str) -> bool:
             argv = f.read().split(b"\0")
     except OSError:
         return pid_alive(pid)
-    module = {"master": b"master", "ps": b"psserver", "worker": b"worker"}[role]
+    module = {"master": b"master", "ps": b"psserver", "worker": b"worker", "supervisor": b"client.launchers.supervisor"}[role]
     return any(a == b"-m" and b == module for a, b in zip(argv, argv[1:]))
 
 
@@ -189,6 +189,8 @@ class LocalProcessLauncher(Launcher):
                                                   "--device", spec.device, "--host", spec.host, "--metrics-port", "0"])
             write_handle(handle)
             self._wait_registered(handle, spec, deadline)
+            self._pin_ports(handle)
+            write_handle(handle)
         except BaseException:
             # Whatever went wrong (a dead service, a timeout, Ctrl-C), leave nothing running.
             self.stop(handle, timeout=5.0)
@@ -208,9 +210,45 @@ class LocalProcessLauncher(Launcher):
                 env=env, start_new_session=True,
             )
         self._children[proc.pid] = proc
-        handle.pids.setdefault(role, []).append(proc.pid)
-        handle.logs.setdefault(role, []).append(log_path)
+        pids, logs, argvs = (handle.pids.setdefault(role, []), handle.logs.setdefault(role, []),
+                             handle.args.setdefault(role, []))
+        if index < len(pids):  # a restart: the same slot
+            pids[index], logs[index], argvs[index] = proc.pid, log_path, list(args)
+        else:
+            pids.append(proc.pid)
+            logs.append(log_path)
+            argvs.append(list(args))
         log.debug("started %s-%d (pid %d): %s", role, index, proc.pid, " ".join(args))
+
+    def _pin_ports(self, handle: ClusterHandle) -> None:
+        """Record the ports processes started on port 0 got, so a restart binds the same
+        one: the master's address is in every node's config, a shard's in its jobs' plans."""
+        for role, i, _, log_path in handle.processes():
+            args = handle.args[role][i]
+            if role == "worker" or "--port" not in args or args[args.index("--port") + 1] != "0":
+                continue
+            address = parse_ready_line(tail(log_path, 200), role)
+            if address:
+                args[args.index("--port") + 1] = address.rsplit(":", 1)[1]
+
+    restartable = True
+
+    def restart(self, handle: ClusterHandle, role: str, index: int) -> int:
+        """Start ``role``-``index`` again with the arguments it was started with (on the
+        same port, see ``_pin_ports``); returns its new pid."""
+        argvs = handle.args.get(role, [])
+        if index >= len(argvs):
+            raise ClusterError(f"no record of how {role}-{index} was started (a state file from an older psctl)")
+        args = list(argvs[index])
+        if self._alive(handle.pids[role][index]):
+            raise ClusterError(f"{role}-{index} (pid {handle.pids[role][index]}) is still running")
+        self._spawn(handle, role, index, args)
+        counts = handle.restarts.setdefault(role, [])
+        counts.extend([0] * (index + 1 - len(counts)))
+        counts[index] += 1
+        write_handle(handle)
+        log.warning("restarted %s-%d as pid %d (restart %d)", role, index, handle.pids[role][index], counts[index])
+        return handle.pids[role][index]
 
     def _check_alive(self, handle: ClusterHandle) -> None:
         for role, i, pid, log_path in handle.processes():
@@ -271,8 +309,14 @@ class LocalProcessLauncher(Launcher):
     # -- stop / status ------------------------------------------------------------------------------------------
     def stop(self, handle: ClusterHandle, timeout: float = 10.0) -> None:
         """SIGTERM each role in turn (workers, shards, master), waiting up to ``timeout``
-        seconds per role before SIGKILL; then delete the state file."""
+        seconds per role before SIGKILL; then delete the state file. A detached cluster's
+        supervisor goes first, so that it restarts nothing being stopped."""
         stuck = []
+        sup = handle.supervisor_pid
+        if sup and self._alive(sup) and _is_pstrain_process(sup, "supervisor"):
+            _signal_group(sup, signal.SIGTERM)
+            for pid in self._wait_gone([sup], timeout):
+                _signal_group(pid, signal.SIGKILL)
         for role in STOP_ORDER:
             pids = [p for p in handle.pids.get(role, []) if self._alive(p) and _is_pstrain_process(p, role)]
             for pid in pids:
