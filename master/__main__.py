@@ -22,6 +22,10 @@ def main(argv=None) -> int:
     p.add_argument("--export-dir", dest="export_dir")
     p.add_argument("--heartbeat-timeout", dest="heartbeat_timeout", type=float)
     p.add_argument("--heartbeat-interval", dest="heartbeat_interval", type=float)
+    p.add_argument("--checkpoint-every", dest="checkpoint_every", type=int,
+                   help="versions between the shards' checkpoints (default 100; 0: only at the end)")
+    p.add_argument("--recovery-timeout", dest="recovery_timeout", type=float,
+                   help="seconds a job waits for a restarted shard, or after a master restart for its nodes (default 30)")
     p.add_argument("--max-watchers", dest="max_watchers", type=int,
                    help="most WatchJob streams open at once (default: half of the RPC threads)")
     p.add_argument("--metrics-port", dest="metrics_port", type=int,

@@ -27,6 +27,9 @@ class MasterConfig:
     # After a restart, how long a RUNNING job waits for its shards and workers to register
     # again before it resumes with the workers that came back (or fails without its shards).
     recovery_timeout: float = 30.0
+    # Shards checkpoint every this many versions (sync: all at the same versions, so a
+    # shard that restarts from its checkpoint and the others roll back to one they share).
+    checkpoint_every: int = 100
     metrics_port: int = 9464  # /metrics on host (0 picks a free port; -1: none)
 
     def __post_init__(self):
@@ -36,6 +39,8 @@ class MasterConfig:
                              "(0 picks a free port, -1 serves no /metrics)")
         for name in ("heartbeat_interval", "heartbeat_timeout", "monitor_interval", "max_workers", "recovery_timeout"):
             check_positive("MasterConfig", name, getattr(self, name))
+        if not int(self.checkpoint_every) >= 0:
+            raise ValueError(f"MasterConfig.checkpoint_every={self.checkpoint_every!r} must be >= 0 (0: only at the end)")
         if not 0 <= int(self.max_watchers) < self.max_workers:
             raise ValueError(f"MasterConfig.max_watchers={self.max_watchers!r} is out of range; allowed "
                              f"[0, max_workers={self.max_workers}) (0: half of max_workers)")

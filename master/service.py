@@ -30,6 +30,7 @@ from master.metrics import MasterMetrics
 from master.planner import JobPlan, plan_job
 from protos import codec, jobcodec, master_pb2, master_pb2_grpc
 from pstrain.runtime.modelfile import read_model, write_model
+from pstrain.runtime.modes import Mode
 from pstrain.runtime.placement import assemble
 from pstrain.runtime.spec import FinishedJob, HeartbeatReply, JobSpec, Progress, SliceSpec, TaskSpec
 from pstrain.transport import rpc
@@ -74,6 +75,7 @@ class Recovery:
     workers: dict[int, dict]  # the stored worker table: index -> node, state, step, ...
     deadline: float  # time.monotonic() after which it resumes with what came back, or fails
     back: dict[int, str] = field(default_factory=dict)  # worker index -> its new node id
+    incarnation: str = ""
 
 
 @dataclass
@@ -88,6 +90,8 @@ class JobRuntime:
     steps: dict[int, int] = field(default_factory=dict)
     evaluator: int | None = None
     fenced: set[int] = field(default_factory=set)  # dropped workers that reported again
+    incarnation: str = ""  # this run of the job: the shards' checkpoints carry it
+    lost_shards: dict[int, float] = field(default_factory=dict)  # shard -> deadline to be back by
 
 
 class Coordinator:
@@ -144,6 +148,7 @@ class Coordinator:
                     if old.role == "ps" and old.address == address and old.alive:
                         old.alive = False
                         log.warning("ps %s registered again from %s; retiring the old record", old.node_id, address)
+                        self._shard_lost(address, "restarted")
             index = sum(1 for n in self.nodes.values() if n.role == role)
             node = NodeInfo(f"{role}-{uuid.uuid4().hex[:8]}", role, address, name, index, metrics_address)
             self.nodes[node.node_id] = node
@@ -229,13 +234,9 @@ class Coordinator:
         try:
             plan = plan or plan_job(spec, want_shards)
             indices = list(range(want_workers))
-            trainable = plan.trainable_keys()
+            incarnation = uuid.uuid4().hex
             for s, node in enumerate(shards):
-                tensors = plan.shard_tensors(s)
-                self._ps(node.address).init_shard(
-                    job_id, s, tensors, trainable & set(tensors),
-                    json.dumps(plan.optimizer), spec.train.mode.value, spec.train.staleness, indices,
-                )
+                self._init_shard(job_id, spec, plan, s, node.address, indices, incarnation)
         except Exception as exc:  # noqa: BLE001 - recorded on the job
             with self.lock:
                 for w in workers:
@@ -245,14 +246,14 @@ class Coordinator:
             self._end_on_shards_addresses(job_id, [n.address for n in shards])
             return True
         rt = JobRuntime(job_id, spec, plan, {i: w.node_id for i, w in zip(indices, workers)},
-                        [n.address for n in shards], set(indices))
+                        [n.address for n in shards], set(indices), incarnation=incarnation)
         with self.lock:
             self.runtimes[job_id] = rt
             for i, w in zip(indices, workers):
                 w.tasks.append(self._task(rt, i))
                 self.store.update_worker(job_id, i, node=w.node_id, state="running", step=0, step_time=0.0)
             # Where it runs, so that a restarted master finds the job's shards again.
-            self.store.set_plan(job_id, {"shards": rt.shards, "workers": indices})
+            self.store.set_plan(job_id, {"shards": rt.shards, "workers": indices, "incarnation": incarnation})
             self._transition(job_id, JobState.RUNNING)
             self.metrics.live(job_id, len(workers))
             self.store.add_event(
@@ -456,6 +457,7 @@ class Coordinator:
         while not self._stop.wait(self.config.monitor_interval):
             try:
                 self._check_nodes()
+                self._recover_shards()
                 self._resume_recovering()
                 self._schedule_pending()
             except Exception:  # noqa: BLE001 - keep the monitor alive
@@ -473,8 +475,8 @@ class Coordinator:
             log.warning("%s %s lost: no heartbeat for %.1fs", node.role, node.node_id, now - node.last_seen)
             for rt in list(self.runtimes.values()):
                 if node.role == "ps" and node.address in rt.shards:
-                    self._fail(rt.id, f"parameter-server shard {rt.shards.index(node.address)} ({node.address}) "
-                                      f"lost: no heartbeat for {self.config.heartbeat_timeout:.1f}s")
+                    with self.lock:
+                        self._shard_lost(node.address, f"lost (no heartbeat for {self.config.heartbeat_timeout:.1f}s)")
                 elif node.role == "worker" and node.node_id in rt.workers.values():
                     self._lose_worker(rt, node)
 
@@ -502,6 +504,76 @@ class Coordinator:
             self._maybe_finished(rt)
             self.changed.notify_all()
 
+    # ---- shard restart -----------------------------------------------------------------------
+    def _init_shard(self, job_id: str, spec: JobSpec, plan: JobPlan, s: int, address: str, workers: list[int],
+                    incarnation: str):
+        """InitShard shard ``s`` of a job (the same request at the start and after the
+        shard restarted: it then continues from its latest checkpoint)."""
+        tensors = plan.shard_tensors(s)
+        return self._ps(address).init_shard(
+            job_id, s, tensors, plan.trainable_keys() & set(tensors), json.dumps(plan.optimizer),
+            spec.train.mode.value, spec.train.staleness, workers, checkpoint_every=self.config.checkpoint_every,
+            incarnation=incarnation,
+        )
+
+    def _shard_lost(self, address: str, how: str) -> None:
+        """A running job's shard at ``address`` died or restarted: its job waits (up to
+        ``recovery_timeout``) for it to register again, then ``_recover_shards``. Caller holds the lock."""
+        deadline = time.monotonic() + self.config.recovery_timeout
+        for rt in self.runtimes.values():
+            if address in rt.shards:
+                s = rt.shards.index(address)
+                if s not in rt.lost_shards:
+                    rt.lost_shards[s] = deadline
+                    log.warning("job %s: shard %d (%s) %s; waiting for it to come back", rt.id, s, address, how)
+                    self.store.add_event(rt.id, f"shard {s} ({address}) {how}; waiting for it to restart")
+
+    def _recover_shards(self) -> None:
+        """Bring back each lost shard that registered again: initialise it (it restores its
+        latest checkpoint), then, in sync mode, roll every shard of the job back to the
+        newest checkpoint version they all hold, so the workers compute the steps since
+        again and the job ends as if nothing happened. A shard not back in time fails the job."""
+        now = time.monotonic()
+        with self.lock:
+            live_ps = {n.address for n in self.nodes.values() if n.role == "ps" and n.alive}
+            todo = [(rt, s, deadline) for rt in self.runtimes.values() for s, deadline in list(rt.lost_shards.items())]
+        for rt, s, deadline in todo:
+            address = rt.shards[s]
+            try:
+                if address not in live_ps:
+                    raise TimeoutError(f"shard {s} ({address}) did not come back within "
+                                       f"{self.config.recovery_timeout:.0f}s")
+                resp = self._init_shard(rt.id, rt.spec, rt.plan, s, address, sorted(rt.workers), rt.incarnation)
+                live = sorted(rt.live)
+                if live != sorted(rt.workers):
+                    self._ps(address).set_membership(rt.id, live)
+                text = (f"shard {s} restarted from its checkpoint at version {resp.version}" if resp.restored
+                        else f"shard {s} restarted with no checkpoint: from the initial values")
+                if rt.spec.train.mode is Mode.SYNC:
+                    version = self._roll_back(rt)
+                    text += f"; every shard rolled back to version {version}, the workers compute again from step {version}"
+                with self.lock:
+                    rt.lost_shards.pop(s, None)
+                self.store.add_event(rt.id, text)
+                log.warning("job %s: %s", rt.id, text)
+            except Exception as exc:  # noqa: BLE001 - retried until the deadline, then recorded on the job
+                if now < deadline:
+                    log.info("job %s: shard %d not recovered yet: %s", rt.id, s, rpc.one_line(exc))
+                    continue
+                with self.lock:
+                    rt.lost_shards.pop(s, None)
+                self._fail(rt.id, f"parameter-server shard {s} ({address}) lost and not recovered: {rpc.one_line(exc)}")
+
+    def _roll_back(self, rt: JobRuntime) -> int:
+        held = [set(self._ps(a).status(rt.id).get("checkpoint_versions", [])) for a in rt.shards]
+        common = set.intersection(*held) if held else set()
+        if not common:
+            raise RuntimeError(f"the shards hold no checkpoint version in common ({[sorted(h) for h in held]})")
+        version = max(common)
+        for address in rt.shards:
+            self._ps(address).restore(rt.id, version)
+        return version
+
     # ---- master restart ---------------------------------------------------------------------
     def _recover_after_restart(self) -> None:
         """Jobs a previous master left behind: PENDING ones stay (the scheduler starts
@@ -517,7 +589,7 @@ class Coordinator:
                 continue
             self.recovering[rec.id] = Recovery(
                 jobcodec.job_spec_from_bytes(rec.spec), list(shards), {int(i): dict(w) for i, w in rec.workers.items()},
-                time.monotonic() + self.config.recovery_timeout,
+                time.monotonic() + self.config.recovery_timeout, incarnation=str(rec.plan.get("incarnation", "")),
             )
             log.warning("job %s was RUNNING when the master stopped; waiting for its nodes to register again", rec.id)
             self.store.add_event(rec.id, "master restarted; waiting for the job's shards and workers to register again")
@@ -556,7 +628,7 @@ class Coordinator:
         plan = plan_job(rec.spec, len(rec.shards))  # deterministic: the placement the shards hold
         for address in rec.shards:
             self._ps(address).status(job_id)  # NOT_FOUND if that shard lost the job (it restarted too)
-        rt = JobRuntime(job_id, rec.spec, plan, dict(back), list(rec.shards), set(back))
+        rt = JobRuntime(job_id, rec.spec, plan, dict(back), list(rec.shards), set(back), incarnation=rec.incarnation)
         for i, nid in back.items():
             self.store.update_worker(job_id, i, node=nid)
         lost = sorted(expected - set(back))

@@ -69,6 +69,11 @@ class ParameterServerStub:
                 request_serializer=protos_dot_ps__pb2.EchoMessage.SerializeToString,
                 response_deserializer=protos_dot_ps__pb2.EchoMessage.FromString,
                 _registered_method=True)
+        self.Restore = channel.unary_unary(
+                '/pstrain.ParameterServer/Restore',
+                request_serializer=protos_dot_ps__pb2.RestoreRequest.SerializeToString,
+                response_deserializer=protos_dot_ps__pb2.RestoreResponse.FromString,
+                _registered_method=True)
 
 
 class ParameterServerServicer:
@@ -116,6 +121,14 @@ class ParameterServerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Restore(self, request, context):
+        """Roll the job's shard back to one of its checkpoints (another shard restarted from
+        its own): workers then get ABORTED "rolled back to version V" and compute again.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ParameterServerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -153,6 +166,11 @@ def add_ParameterServerServicer_to_server(servicer, server):
                     servicer.Echo,
                     request_deserializer=protos_dot_ps__pb2.EchoMessage.FromString,
                     response_serializer=protos_dot_ps__pb2.EchoMessage.SerializeToString,
+            ),
+            'Restore': grpc.unary_unary_rpc_method_handler(
+                    servicer.Restore,
+                    request_deserializer=protos_dot_ps__pb2.RestoreRequest.FromString,
+                    response_serializer=protos_dot_ps__pb2.RestoreResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -344,6 +362,33 @@ class ParameterServer:
             '/pstrain.ParameterServer/Echo',
             protos_dot_ps__pb2.EchoMessage.SerializeToString,
             protos_dot_ps__pb2.EchoMessage.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Restore(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pstrain.ParameterServer/Restore',
+            protos_dot_ps__pb2.RestoreRequest.SerializeToString,
+            protos_dot_ps__pb2.RestoreResponse.FromString,
             options,
             channel_credentials,
             insecure,

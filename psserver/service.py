@@ -25,7 +25,7 @@ from protos.shm import Segment, SegmentUnavailable
 from protos.tensorwire import RAW_SERVICE
 from psserver.config import PSConfig
 from psserver.metrics import PSMetrics
-from psserver.shard import CheckpointConfig, PullRefused, Shard, ShardClosed
+from psserver.shard import CheckpointConfig, PullRefused, RolledBack, Shard, ShardClosed
 from pstrain.runtime.optimizers import optimizer_from_config
 from pstrain.runtime.store import PushRejected
 from pstrain.transport import rpc
@@ -56,6 +56,7 @@ _JOB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 rpc.register_error(UnknownJob, grpc.StatusCode.NOT_FOUND)
 rpc.register_error(ShardSpecMismatch, grpc.StatusCode.ALREADY_EXISTS)
 rpc.register_error(PullRefused, grpc.StatusCode.OUT_OF_RANGE)
+rpc.register_error(RolledBack, grpc.StatusCode.ABORTED)
 rpc.register_error(ResponseTooLarge, grpc.StatusCode.RESOURCE_EXHAUSTED)
 rpc.register_error(SegmentUnavailable, grpc.StatusCode.FAILED_PRECONDITION)
 
@@ -142,6 +143,7 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
                     backend=self.config.backend,
                     checkpoint=ckpt,
                     observer=self.metrics.shard(request.job, request.shard),
+                    incarnation=request.incarnation,
                 )
                 self.shards[request.job] = shard
                 self.specs[request.job] = spec
@@ -256,6 +258,10 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
         return self._sent(request, response, shard)
 
     @rpc.guarded
+    def Restore(self, request, context):
+        return ps_pb2.RestoreResponse(version=self._shard(request.job).rollback(int(request.version)))
+
+    @rpc.guarded
     def SetMembership(self, request, context):
         self._shard(request.job).set_live_workers(list(request.live_workers))
         return ps_pb2.MembershipResponse()
@@ -309,6 +315,7 @@ def _init_fingerprint(request) -> dict[str, str]:
         "staleness": str(request.staleness),
         "workers": ",".join(str(w) for w in sorted(request.workers)),
         "checkpoint_every": str(request.checkpoint_every),
+        "incarnation": request.incarnation,
     }
 
 

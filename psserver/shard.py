@@ -37,7 +37,9 @@ an optional ``observer`` (``psserver.metrics.ShardMetrics``); the default record
 """
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import threading
 import time
 from collections import Counter
@@ -81,6 +83,17 @@ class PushRefused(PushRejected):
         ValueError.__init__(self, message)
         self.reason = reason
         self.variable = None
+
+
+class RolledBack(RuntimeError):
+    """The shard went back to an earlier version (another shard of the job restarted
+    from its checkpoint, and every shard rolled back to a version they all hold): the
+    worker must pull and compute again from step ``version``."""
+
+    def __init__(self, job: str, shard: int, version: int):
+        self.version = version
+        super().__init__(f"job '{job}' shard {shard} rolled back to version {version}; "
+                         f"pull and compute again from step {version}")
 
 
 class PullRefused(ValueError):
@@ -143,6 +156,7 @@ class Shard:
         checkpoint: CheckpointConfig | None = None,
         observer: ShardObserver | None = None,
         step_window: int = DEFAULT_STEP_WINDOW,
+        incarnation: str = "",
     ):
         mode = Mode.parse(mode, field="Shard.mode")
         if isinstance(step_window, bool) or not isinstance(step_window, int) or step_window < 1:
@@ -184,10 +198,21 @@ class Shard:
         self._checkpoints_written = 0
         self._checkpoint_errors = 0
         self._restored = False
+        self._incarnation = incarnation
+        self._generation = 0  # rollbacks so far: a pull waiting across one is told to start over
+        self._rewind: dict[int, int] = {}  # worker -> version it must compute from (until it pulls)
+        self._due: list[tuple[int, CheckpointState]] = []  # aligned sync snapshots to write
+        self._checkpoint_versions: list[int] = []  # on disk: the previous and the latest
         if checkpoint is not None:
-            state = load_checkpoint(checkpoint.path)
-            if state is not None:
-                self._restore(state)
+            for path in (_previous(checkpoint.path), checkpoint.path):
+                state = self._load_own(path)
+                if state is not None:
+                    self._checkpoint_versions.append(int(state.meta["version"]))
+                    if path == checkpoint.path:
+                        self._restore(state)
+            if not self._restored:  # version 0 on disk too: a rollback can always go back to the start
+                self._write(*self._snapshot(), raise_errors=False)
+
         self._observer.held(sum(int(p.nbytes) for p in self._store.params.values()), self._store.version)
 
     # ---- public API ------------------------------------------------------------------------
@@ -243,6 +268,8 @@ class Shard:
             raise
         with self._cond:
             self._check_open()
+            if worker in self._rewind:
+                raise RolledBack(self.job, self.shard_id, self._rewind[worker])
             if self._is_duplicate(worker, step):
                 self._duplicates += 1
                 log.debug("job %s shard %d: duplicate push worker %d step %d", self.job, self.shard_id, worker, step)
@@ -274,8 +301,8 @@ class Shard:
             self._cond.notify_all()
             version = self._store.version
             due = self._due_snapshot()
-        if due is not None:
-            self._write(*due, raise_errors=False)
+        for snapshot in due:
+            self._write(*snapshot, raise_errors=False)
         return PushAck(version)
 
     def pull(
@@ -305,10 +332,13 @@ class Shard:
                     f"{min_version}, more than {self.step_window} versions ahead of the shard's version "
                     f"{self._store.version}; pull at most the version after the step you pushed"
                 )
-            ready = self._ready(step, min_version)
-            if not self._cond.wait_for(lambda: self._closed or ready(), timeout):
+            self._rewind.pop(worker, None)  # it pulls: from here on it computes from what it gets
+            ready, generation = self._ready(step, min_version), self._generation
+            if not self._cond.wait_for(lambda: self._closed or self._generation != generation or ready(), timeout):
                 raise TimeoutError(self._wait_message(worker, step, min_version, timeout))
             self._check_open()
+            if self._generation != generation:
+                raise RolledBack(self.job, self.shard_id, self._store.version)
             version = self._store.version
             params = {name: self._backend.to_host(p) for name, p in self._store.params.items()}
             self._pulled_bytes += sum(a.nbytes for a in params.values())
@@ -328,8 +358,44 @@ class Shard:
             self._complete_barriers()  # the barrier may have waited only for removed workers
             self._cond.notify_all()
             due = self._due_snapshot()
-        if due is not None:
-            self._write(*due, raise_errors=False)
+        for snapshot in due:
+            self._write(*snapshot, raise_errors=False)
+
+    def rollback(self, version: int) -> int:
+        """Go back to the checkpoint of ``version`` (the latest or the previous one on
+        disk): parameters, optimizer state, clocks and the idempotency table as they were
+        then. Waiting pulls and every worker's next push raise ``RolledBack`` until that
+        worker pulls again; returns the version now held."""
+        if self.checkpoint_config is None:
+            raise ValueError(f"job '{self.job}' shard {self.shard_id} keeps no checkpoints; it cannot roll back")
+        with self._cond:
+            self._check_open()
+            for path in (self.checkpoint_config.path, _previous(self.checkpoint_config.path)):
+                state = self._load_own(path)
+                if state is not None and int(state.meta["version"]) == version:
+                    break
+            else:
+                raise ValueError(f"job '{self.job}' shard {self.shard_id} holds no checkpoint of version {version} "
+                                 f"(it holds {self._checkpoint_versions})")
+            self._restore(state)
+            self._barrier_start.clear()
+            self._generation += 1
+            self._rewind = {w: version for w in self._live}
+            self._cond.notify_all()
+            log.warning("job %s shard %d: rolled back to version %d", self.job, self.shard_id, version)
+            return self._store.version
+
+    def _load_own(self, path) -> CheckpointState | None:
+        """The checkpoint at ``path`` if it is this job incarnation's (a master restarted on a
+        fresh database reuses job ids: another job's checkpoint is never restored)."""
+        state = load_checkpoint(path)
+        if state is None:
+            return None
+        if state.meta.get("incarnation", "") != self._incarnation:
+            log.warning("job %s shard %d: ignoring checkpoint %s of another run of this job id", self.job,
+                        self.shard_id, path)
+            return None
+        return state
 
     def reject(self, reason: str) -> None:
         """Count a request refused outside the shard (the service's ``oversize``)."""
@@ -356,6 +422,7 @@ class Shard:
                 "duplicates": self._duplicates,
                 "rejected": dict(self._rejected),
                 "checkpoint_version": self._checkpoint_version,
+                "checkpoint_versions": list(self._checkpoint_versions),
                 "checkpoints_written": self._checkpoints_written,
                 "checkpoint_errors": self._checkpoint_errors,
             }
@@ -417,6 +484,10 @@ class Shard:
                 f"{self._store.version}; a worker pushes the step it computed from a pull",
             )
         refusal = self._policy.check_step(step, self._store.version, last_step)
+        if refusal is not None and refusal.reason == "out_of_order" and self._restored:
+            # This shard restarted from a checkpoint and is behind the worker: it must go
+            # back to what the shards hold (the master rolls them back), not fail.
+            raise RolledBack(self.job, self.shard_id, self._store.version)
         if refusal is not None:
             raise self._refuse(refusal.reason, f"{where}: {refusal.message}")
         return False
@@ -442,6 +513,9 @@ class Shard:
             self._apply(self._average(pushes, "grads"), self._average(pushes, "assigns"), step)
             self._applied += len(pushes)
             self._store.version = step + 1
+            every = self.checkpoint_config.every_versions if self.checkpoint_config else 0
+            if every and self._store.version % every == 0:
+                self._due.append(self._snapshot())
             done = time.perf_counter()
             self._observer.applied(done - started, self._store.version)
             first = self._barrier_start.pop(step, None)
@@ -547,11 +621,16 @@ class Shard:
         return host.copy() if host is variable else host
 
     # ---- checkpoints ---------------------------------------------------------------------------
-    def _due_snapshot(self) -> tuple[int, CheckpointState] | None:
+    def _due_snapshot(self) -> list[tuple[int, CheckpointState]]:
+        """Snapshots to write now (caller holds the lock). A sync shard snapshots at every
+        multiple of ``every_versions`` as its barriers complete (``_complete_barriers``),
+        so all shards of a job hold checkpoints of the same versions to roll back to;
+        async and ssp shards when ``every_versions`` have passed since the last one."""
+        due, self._due = self._due, []
         every = self.checkpoint_config.every_versions if self.checkpoint_config else 0
-        if not every or self._store.version - self._snapshot_version < every:
-            return None
-        return self._snapshot()
+        if every and not self._policy.buffers_pushes and self._store.version - self._snapshot_version >= every:
+            due.append(self._snapshot())
+        return due
 
     def _snapshot(self) -> tuple[int, CheckpointState]:
         """A consistent copy of everything a restarted shard needs; caller holds the lock."""
@@ -585,6 +664,7 @@ class Shard:
             "clocks": {str(k): c for k, c in self._clocks.items()},
             "last_step": {str(k): s for k, s in self._last_step.items()},
             "pending": pending_meta,
+            "incarnation": self._incarnation,
         }
         return self._snapshot_seq, CheckpointState(arrays, meta)
 
@@ -594,6 +674,7 @@ class Shard:
             if seq <= self._written_seq:
                 return  # a newer snapshot is already on disk
             try:
+                _keep_previous(path)
                 save_checkpoint(path, state)
             except OSError:
                 with self._cond:
@@ -607,6 +688,7 @@ class Shard:
             with self._cond:
                 self._checkpoints_written += 1
                 self._checkpoint_version = state.meta["version"]
+                self._checkpoint_versions = (self._checkpoint_versions + [int(state.meta["version"])])[-2:]
         log.debug("job %s shard %d: checkpoint at version %d -> %s", self.job, self.shard_id, state.meta["version"], path)
 
     def _restore(self, state: CheckpointState) -> None:
@@ -663,6 +745,23 @@ class Shard:
         self._complete_barriers()
         self._restored = True
         log.info("job %s shard %d: restored version %d from %s", self.job, self.shard_id, self._store.version, path)
+
+
+def _previous(path) -> str:
+    return f"{os.fspath(path)}.prev"
+
+
+def _keep_previous(path) -> None:
+    """Before a new checkpoint replaces ``path``, keep it as ``path.prev`` (a hard link
+    renamed into place: at every moment both files are whole)."""
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        return
+    tmp = f"{path}.prev.tmp"
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(tmp)
+    os.link(path, tmp)
+    os.replace(tmp, _previous(path))
 
 
 def _worker_set(workers: Iterable[int]) -> set[int]:

@@ -28,6 +28,7 @@ import numpy as np
 from pstrain.runtime import datasets
 from pstrain.runtime.loop import Callback, EpochTotals, Schedule, TrainingCancelled, TrainingLoop
 from pstrain.runtime.modes import Mode
+from pstrain.runtime.parameters import RolledBack
 from pstrain.runtime.placement import layout
 from pstrain.runtime.plan import TrainPlan
 from pstrain.runtime.spec import Device, TaskSpec
@@ -72,7 +73,7 @@ class TrainingTask:
         """Train, report, and (if chosen) evaluate the final model. ``finished`` is a
         callable returning the evaluator index once the master says the job is done."""
         try:
-            self.params = self._connect()
+            self.params = self._connect(cancelled)
             self._train(cancelled)
             evaluator = self._wait_finished(cancelled, finished)
             if evaluator == self.index:
@@ -95,7 +96,7 @@ class TrainingTask:
             if self.params is not None:
                 self.params.close()
 
-    def _connect(self) -> ShardedParameterClient:
+    def _connect(self, cancelled: threading.Event) -> ShardedParameterClient:
         """The job's shards, behind one client, laid out as the master placed the variables."""
         task, nodes = self.task, self.plan.graph.nodes
         variables = {s.variable: (nodes[s.variable].shape, nodes[s.variable].dtype) for s in task.slices}
@@ -103,7 +104,8 @@ class TrainingTask:
                            len(task.shard_addresses))
         return ShardedParameterClient(self.job, self.index, list(task.shard_addresses), placement,
                                       timeout=600.0, rpc_timeout=660.0, retries=self.push_retries,
-                                      on_transfer=self.metrics.transferred)
+                                      on_transfer=self.metrics.transferred, retry_for=self.master_wait,
+                                      stop=cancelled.is_set)
 
     def _train(self, cancelled: threading.Event) -> None:
         t = self.train
@@ -117,7 +119,18 @@ class TrainingTask:
                             position=self.position, workers=len(self.workers), min_steps_per_epoch=1)
         self._pull()
         reporter = _Reporter(self, schedule.steps_per_epoch)
-        self.loop.run(x, y, schedule, [reporter], cancelled=cancelled)
+        start_at = 0
+        while True:
+            try:
+                self.loop.run(x, y, schedule, [reporter], cancelled=cancelled, start_at=start_at)
+                break
+            except RolledBack as back:
+                # A shard restarted from its checkpoint and the job's shards went back to a
+                # version they all hold: compute again from there (the same batches and random
+                # ops as the first time, so the result is what an uninterrupted run gives).
+                log.warning("job %s worker %d: %s; computing again from step %d", self.job, self.index, back,
+                            back.version)
+                start_at = self._resync(back)
         reporter.settle()
         if self._deliver(lambda: self.master.report(self.job, self.index, self._last_step, self._last_epoch, 0.0, {},
                                                     done=True)):
@@ -137,6 +150,23 @@ class TrainingTask:
                             rpc.describe(exc))
                 time.sleep(delay)
                 delay = min(delay * 2, 2.0)
+
+    def _resync(self, back: RolledBack) -> int:
+        """After a rollback, pull until every shard holds the same version (the master rolls
+        them back one by one) and return it: the step to compute again from."""
+        deadline = time.monotonic() + self.master_wait
+        while True:
+            try:
+                self._pull()
+                versions = set(self.params.versions)
+                if len(versions) == 1:
+                    return versions.pop()
+            except RolledBack:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the job's shards did not come back to one version after {back} "
+                                   f"(they hold {self.params.versions})")
+            time.sleep(0.1)
 
     def _pull(self) -> None:
         started = time.perf_counter()

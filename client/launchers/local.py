@@ -240,7 +240,7 @@ class LocalProcessLauncher(Launcher):
         if index >= len(argvs):
             raise ClusterError(f"no record of how {role}-{index} was started (a state file from an older psctl)")
         args = list(argvs[index])
-        if self._alive(handle.pids[role][index]):
+        if self._wait_gone([handle.pids[role][index]], 5.0):  # a killed process can take a moment to go
             raise ClusterError(f"{role}-{index} (pid {handle.pids[role][index]}) is still running")
         self._spawn(handle, role, index, args)
         counts = handle.restarts.setdefault(role, [])

@@ -166,11 +166,15 @@ class TrainingLoop:
 
     def run(self, x: np.ndarray, y: np.ndarray, schedule: Schedule, callbacks: Sequence[Callback] = (), *,
             first_step: int = 0, cancelled: threading.Event | None = None,
-            train_batch: Callable[[np.ndarray, np.ndarray, int, float, int], tuple[float, float]] | None = None) -> None:
+            train_batch: Callable[[np.ndarray, np.ndarray, int, float, int], tuple[float, float]] | None = None,
+            start_at: int = 0) -> None:
         """Train on ``schedule``: its step ``s`` of epoch ``e`` is step
         ``first_step + e * steps_per_epoch + s`` (the random ops' and the servers' step).
         Every batch goes to ``train_batch(x, y, step, weight, min_version)``, by default
-        this loop's (``model.fit`` passes its own, which counts the model's steps)."""
+        this loop's (``model.fit`` passes its own, which counts the model's steps).
+        ``start_at``: skip the schedule's first steps (a worker computing again from the
+        version its shards rolled back to); the batches and random ops of the steps it
+        runs are those of an uninterrupted run."""
         if self.params is None:
             self.pull(first_step)
         train_batch = train_batch or self.train_batch
@@ -178,11 +182,13 @@ class TrainingLoop:
         steps, sync = schedule.steps_per_epoch, self.sync
         totals = EpochTotals()
         for epoch in range(schedule.epochs):
+            if (epoch + 1) * steps <= start_at:
+                continue
             totals.epoch, totals.loss_sum, totals.correct, totals.seen = epoch, 0.0, 0.0, 0
             for cb in callbacks:
                 cb.on_epoch_begin(epoch)
             batches.start_epoch(schedule.order(epoch))
-            for s in range(steps):
+            for s in range(max(start_at - epoch * steps, 0), steps):
                 if cancelled is not None and cancelled.is_set():
                     raise TrainingCancelled(f"cancelled before step {first_step + epoch * steps + s}")
                 step = first_step + epoch * steps + s

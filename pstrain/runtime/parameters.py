@@ -24,6 +24,16 @@ import numpy as np
 from pstrain.runtime.store import ParameterStore
 
 
+class RolledBack(Exception):
+    """The parameters went back to version ``version`` (a shard restarted from its
+    checkpoint and the job's shards rolled back to a version they all hold): pull, and
+    compute again from step ``version``. Raised by ``pull`` / ``push_pull``."""
+
+    def __init__(self, version: int, detail: str = ""):
+        self.version = int(version)
+        super().__init__(detail or f"the parameters rolled back to version {self.version}")
+
+
 class ParameterClient(abc.ABC):
     """Where a trainer's parameters live. The mappings returned are the client's own
     arrays, updated in place by later calls: read them, don't write or keep them."""

@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import time
 from typing import Callable, Mapping, Sequence
 
@@ -31,7 +32,7 @@ import numpy as np
 from protos import codec, ps_pb2, ps_pb2_grpc, shm, tensorwire
 from protos.shm import Segment
 from protos.tensorwire import RAW_SERVICE
-from pstrain.runtime.parameters import ParameterClient
+from pstrain.runtime.parameters import ParameterClient, RolledBack
 from pstrain.runtime.placement import Placement
 from pstrain.transport import rpc
 
@@ -40,6 +41,18 @@ log = logging.getLogger(__name__)
 # What a retry may cure: the shard restarting or briefly unreachable, a deadline hit
 # under load. Anything else (a rejected push, an unknown job) would fail again.
 RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+# A shard process restarted by its supervisor answers NOT_FOUND for the job until the
+# master has initialised it again (from its checkpoint): retried too, within retry_for.
+RESTARTING = grpc.StatusCode.NOT_FOUND
+_ROLLED_BACK = re.compile(r"rolled back to version (\d+)")
+
+
+def rolled_back(exc: grpc.RpcError) -> RolledBack | None:
+    """The ``RolledBack`` an ABORTED call from a shard that rolled back means, else None."""
+    if exc.code() != grpc.StatusCode.ABORTED:
+        return None
+    m = _ROLLED_BACK.search(exc.details() or "")
+    return RolledBack(int(m.group(1)), exc.details()) if m else None
 
 
 class ShardedParameterClient(ParameterClient):
@@ -67,14 +80,16 @@ class ShardedParameterClient(ParameterClient):
     def __init__(self, job: str, worker: int, addresses: Sequence[str], placement: Placement, *,
                  timeout: float = 600.0, rpc_timeout: float = 660.0, retries: int = 5, retry_delay: float = 0.2,
                  on_transfer: Callable[[int, int], None] | None = None,
-                 connect: Callable[[str], ParameterServerClient] | None = None):
+                 connect: Callable[[str], ParameterServerClient] | None = None, retry_for: float = 0.0,
+                 stop: Callable[[], bool] | None = None):
         if len(addresses) != placement.num_shards:
             raise ValueError(f"job '{job}': {len(addresses)} shard addresses for a placement on {placement.num_shards} "
                              "shards; give one address per shard, in shard order")
         self.job, self.worker, self.placement = job, int(worker), placement
         self.timeout, self.rpc_timeout = float(timeout), float(rpc_timeout)
-        self.retries, self.retry_delay = int(retries), float(retry_delay)
+        self.retries, self.retry_delay, self.retry_for = int(retries), float(retry_delay), float(retry_for)
         self.on_transfer = on_transfer
+        self.stop = stop  # () -> True once retrying is pointless (the task was cancelled)
         self.bytes_sent = self.bytes_received = 0
         connect = connect or (lambda address: ParameterServerClient(address, timeout=60.0))
         self.shards = []
@@ -86,6 +101,7 @@ class ShardedParameterClient(ParameterClient):
             raise
         self._params = {name: np.empty(shape, dtype) for name, (shape, dtype) in placement.variables.items()}
         self._version = 0
+        self.versions = [0] * placement.num_shards  # each shard's version at the last pull or push
         self._offered = False  # shared memory is offered at the first push, once the shards answered a pull
 
     @property
@@ -99,6 +115,7 @@ class ShardedParameterClient(ParameterClient):
             self._count(0, size)
             self.placement.assemble_shard(parts, s, self._params)
             self._version = max(self._version, version)
+            self.versions[s] = version
         return self._params
 
     def push_pull(self, step: int, grads: Mapping[str, np.ndarray], updates: Mapping[str, np.ndarray],
@@ -120,7 +137,12 @@ class ShardedParameterClient(ParameterClient):
             try:
                 version, parts = call.result()
             except grpc.RpcError as exc:
-                if exc.code() not in RETRYABLE:
+                back = rolled_back(exc)
+                if back is not None:
+                    self._settle(calls[s + 1:])
+                    raise back from None
+                moved = exc.code() == grpc.StatusCode.FAILED_PRECONDITION and getattr(call.client, "segment", None) is not None
+                if exc.code() not in RETRYABLE and not (self.retry_for and exc.code() == RESTARTING) and not moved:
                     raise
                 log.warning("job %s worker %d: push of step %d to shard %d failed (%s); retrying", self.job,
                             self.worker, step, s, rpc.describe(exc))
@@ -128,6 +150,7 @@ class ShardedParameterClient(ParameterClient):
             self._count(call.sent, call.received)
             p.assemble_shard(parts, s, self._params)
             self._version = max(self._version, version)
+            self.versions[s] = version
         return self._params
 
     def close(self) -> None:
@@ -147,17 +170,35 @@ class ShardedParameterClient(ParameterClient):
                 log.warning("no shared memory for shard %d (%s); pushing over gRPC", s, exc)
 
     def _retry(self, call: Callable, shard: int):
-        """``call()``, retried on RETRYABLE errors with exponential backoff."""
-        delay = self.retry_delay
-        for attempt in range(self.retries + 1):
+        """``call()``, retried on RETRYABLE errors with exponential backoff: at least
+        ``retries`` times, and for ``retry_for`` seconds (then NOT_FOUND too: a restarted
+        shard before the master initialised it again). A rollback raises ``RolledBack``."""
+        delay, deadline, attempt = self.retry_delay, time.monotonic() + self.retry_for, 0
+        while True:
             try:
                 return call()
             except grpc.RpcError as exc:
-                if exc.code() not in RETRYABLE or attempt == self.retries:
+                back = rolled_back(exc)
+                if back is not None:
+                    raise back from None
+                retryable = exc.code() in RETRYABLE or (self.retry_for and exc.code() == RESTARTING)
+                if not retryable or (attempt >= self.retries and time.monotonic() >= deadline):
                     raise
+                if self.stop is not None and self.stop():
+                    raise
+                attempt += 1
                 log.warning("job %s worker %d: shard %d: %s; retrying", self.job, self.worker, shard, rpc.describe(exc))
                 time.sleep(delay)
-                delay = min(delay * 2, 5.0)
+                delay = min(delay * 2, 2.0 if self.retry_for else 5.0)
+
+    @staticmethod
+    def _settle(calls) -> None:
+        """Wait for calls still in flight (their replies may use shared memory), ignoring their outcome."""
+        for call in calls:
+            try:
+                call.result()
+            except grpc.RpcError:
+                pass
 
     def _count(self, sent: int, received: int) -> None:
         self.bytes_sent += sent
@@ -248,10 +289,11 @@ class ParameterServerClient:
             meta, params = tensorwire.unpack(self.segment.reply[:shared])
         return int(meta["version"]), bool(meta["duplicate"]), params, shared
 
-    def init_shard(self, job, shard, variables, trainable, optimizer_json, mode, staleness, workers, checkpoint_every=0):
+    def init_shard(self, job, shard, variables, trainable, optimizer_json, mode, staleness, workers, checkpoint_every=0,
+                   incarnation=""):
         req = ps_pb2.InitShardRequest(
             job=job, shard=shard, trainable=sorted(trainable), optimizer_json=optimizer_json, mode=mode,
-            staleness=staleness, workers=list(workers), checkpoint_every=checkpoint_every,
+            staleness=staleness, workers=list(workers), checkpoint_every=checkpoint_every, incarnation=incarnation,
         )
         codec.write_named(req.variables, variables)
         return self.stub.InitShard(req, timeout=self.timeout)
@@ -287,6 +329,10 @@ class ParameterServerClient:
             ps_pb2.PullRequest(job=job, worker=worker, step=step, min_version=min_version, timeout=timeout),
             timeout=(timeout or self.timeout) + 5,
         )
+
+    def restore(self, job: str, version: int) -> int:
+        """Roll the job's shard back to its checkpoint of ``version``; returns the version held."""
+        return self.stub.Restore(ps_pb2.RestoreRequest(job=job, version=version), timeout=self.timeout).version
 
     def set_membership(self, job, live_workers):
         self.stub.SetMembership(ps_pb2.MembershipRequest(job=job, live_workers=list(live_workers)), timeout=self.timeout)

@@ -200,6 +200,40 @@ def test_sync_job_survives_a_killed_and_restarted_master(tmp_path):
                 restarted.wait(10)
 
 
+@pytest.mark.slow
+def test_sync_job_survives_a_killed_and_restarted_shard_bit_identically(tmp_path):
+    """SIGKILL shard 1 of a 2 x 2 sync job and start it again (what the supervisor does):
+    it restores its latest checkpoint, the master rolls every shard back to a version
+    they all hold, the workers compute the steps since again, and the job ends
+    SUCCEEDED with weights bit-identical to an uninterrupted run (bug: the job FAILED)."""
+    from pstrain.transport.master_client import MasterClient
+
+    with running_cluster(tmp_path / "cluster", workers=2, ps=2, heartbeat_timeout=2.0) as (handle, launcher):
+        client = MasterClient(handle.master_address, connect_timeout=10)
+        try:
+            baseline = wait_job(client, client.submit(job_to_spec(make_job(epochs=40, num_shards=2), "whole"))["id"])
+            assert baseline["state"] == "SUCCEEDED", baseline
+            job = client.submit(job_to_spec(make_job(epochs=40, num_shards=2), "shard-killed"))
+            running = wait_job(client, job["id"], timeout=60,
+                               until=lambda s: s["state"] in ("SUCCEEDED", "FAILED", "CANCELLED") or s["step"] >= 250)
+            assert running["state"] == "RUNNING", running
+            victim = handle.pids["ps"][1]
+            os.kill(victim, signal.SIGKILL)
+            assert all_gone([victim], timeout=5)
+            launcher.restart(handle, "ps", 1)
+            final = wait_job(client, job["id"], timeout=180)
+            assert final["state"] == "SUCCEEDED", final
+            assert final["error"] is None and final["epoch"] == 40
+            recovered = [e for e in final["events"] if "every shard rolled back to version" in e]
+            assert recovered, final["events"]
+            _, names, want = client.export(baseline["id"])
+            _, _, got = client.export(job["id"])
+            for name, a, b in zip(names, want, got):
+                np.testing.assert_array_equal(a, b, err_msg=name)
+        finally:
+            client.close()
+
+
 def _wait_through_restart(client, job_id: str, timeout: float) -> dict:
     """``wait_job`` that keeps polling while the master is away (UNAVAILABLE)."""
     deadline = time.monotonic() + timeout

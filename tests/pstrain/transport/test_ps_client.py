@@ -255,3 +255,41 @@ def test_the_raw_service_the_client_calls_is_the_one_ps_proto_declares():
     service = ps_pb2.DESCRIPTOR.services_by_name["ParameterServerRaw"]
     assert service.full_name == RAW_SERVICE
     assert {m.name for m in service.methods} == {"Push", "Attach", "Echo"}
+
+
+# ---- shard restarts and rollbacks (fault-tolerance issue) ------------------------------------------
+class RolledBackError(FakeError):
+    def __init__(self, version):
+        super().__init__(grpc.StatusCode.ABORTED)
+        self.version = version
+
+    def details(self):
+        return f"job 'job-1' shard 0 rolled back to version {self.version}; pull and compute again from step {self.version}"
+
+
+def test_a_restarting_shard_not_found_is_retried_within_retry_for():
+    client, shards, _, _ = make(2, fail={1: 3}, code=grpc.StatusCode.NOT_FOUND, retry_for=5.0, retries=0)
+    client.pull()
+    assert len([c for c in shards["shard-1"].calls if c[0] == "pull"]) == 4
+
+
+def test_retrying_stops_once_the_task_is_cancelled():
+    stop = {"now": False}
+    client, shards, _, _ = make(1, fail={0: 100}, retry_for=60.0, retries=0, stop=lambda: stop["now"])
+    stop["now"] = True
+    with pytest.raises(grpc.RpcError):
+        client.pull()
+    assert len(shards["shard-0"].calls) == 1
+
+
+@pytest.mark.parametrize("num_shards", [1, 2])
+def test_a_rollback_is_raised_as_rolled_back_with_its_version(num_shards):
+    from pstrain.runtime.parameters import RolledBack
+
+    client, shards, _, _ = make(num_shards)
+    client.pull()
+    shards["shard-0"].fail, shards["shard-0"].code = 1, None
+    shards["shard-0"]._maybe_fail = lambda: (_ for _ in ()).throw(RolledBackError(40))
+    with pytest.raises(RolledBack) as info:
+        client.push_pull(41, {n: np.zeros(s, d) for n, (s, d) in VARIABLES.items() if n != "bn/mean"}, {})
+    assert info.value.version == 40 and "rolled back to version 40" in str(info.value)
