@@ -16,6 +16,7 @@ only psctl, which then stops the cluster in order: workers, shards, master.
 from __future__ import annotations
 
 import contextlib
+import glob
 import logging
 import os
 import re
@@ -328,6 +329,7 @@ class LocalProcessLauncher(Launcher):
             stuck += [(role, p) for p in self._wait_gone(left, 5.0)]
         for pid in [p for ps in handle.pids.values() for p in ps]:
             self._children.pop(pid, None)
+        remove_shared_memory(handle.pids.get("worker", []))
         remove_handle(handle)
         if stuck:
             raise ClusterError("could not stop " + ", ".join(f"{r} (pid {p})" for r, p in stuck))
@@ -356,6 +358,19 @@ class LocalProcessLauncher(Launcher):
                 break
             time.sleep(0.05)
         return left
+
+
+def remove_shared_memory(worker_pids, directory: str = "/dev/shm") -> list[str]:
+    """Remove the shared-memory segments the cluster's workers made (``pstrain-...-<pid>``):
+    a worker removes its own when it ends, but not when it was killed, and a shard only
+    those of the jobs it ended. Returns the names removed."""
+    removed = []
+    for pid in worker_pids:
+        for path in glob.glob(os.path.join(directory, f"pstrain-*-{int(pid)}")):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+                removed.append(os.path.basename(path))
+    return removed
 
 
 def _signal_group(pid: int, sig: int) -> None:

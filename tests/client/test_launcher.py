@@ -265,3 +265,17 @@ def test_psctl_up_detach_submit_export_down(tmp_path):
     while time.monotonic() < deadline and not all(_gone(p) for p in pids):
         time.sleep(0.1)  # the services were reparented when `up --detach` exited; init reaps them
     assert all(_gone(p) for p in pids)
+
+
+def test_stopping_a_cluster_removes_its_killed_workers_shared_memory(tmp_path):
+    """A killed worker never removes its /dev/shm segments (bug: they stayed after the job
+    and after psctl down); stopping the cluster removes every segment its workers made."""
+    from client.launchers.local import remove_shared_memory
+
+    for name in ("pstrain-job-000002-w1-s0-4242", "pstrain-job-000002-w1-s1-4242", "pstrain-job-000002-w0-s0-4243",
+                 "pstrain-job-000002-w0-s0-42421", "other-4242"):
+        (tmp_path / name).write_bytes(b"x")
+    removed = remove_shared_memory([4242], directory=str(tmp_path))
+    assert sorted(removed) == ["pstrain-job-000002-w1-s0-4242", "pstrain-job-000002-w1-s1-4242"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["other-4242", "pstrain-job-000002-w0-s0-4243",
+                                                                 "pstrain-job-000002-w0-s0-42421"])
