@@ -234,6 +234,33 @@ def test_sync_job_survives_a_killed_and_restarted_shard_bit_identically(tmp_path
             client.close()
 
 
+@pytest.mark.slow
+def test_async_job_survives_a_killed_and_restarted_shard(tmp_path):
+    """Async: the restarted shard continues from its checkpoint (at most one interval of
+    its updates lost, none applied twice) while the other goes on; the job SUCCEEDS."""
+    import dataclasses
+
+    from pstrain.transport.master_client import MasterClient
+
+    with running_cluster(tmp_path / "cluster", workers=2, ps=2, heartbeat_timeout=2.0) as (handle, launcher):
+        client = MasterClient(handle.master_address, connect_timeout=10)
+        try:
+            job = client.submit(job_to_spec(dataclasses.replace(make_job(epochs=40, num_shards=2), mode="async"),
+                                            "async-shard-killed"))
+            running = wait_job(client, job["id"], timeout=60,
+                               until=lambda s: s["state"] in ("SUCCEEDED", "FAILED", "CANCELLED") or s["step"] >= 250)
+            assert running["state"] == "RUNNING", running
+            os.kill(handle.pids["ps"][1], signal.SIGKILL)
+            launcher.restart(handle, "ps", 1)
+            final = wait_job(client, job["id"], timeout=180)
+            assert final["state"] == "SUCCEEDED", final
+            assert any("shard 1 restarted from its checkpoint at version" in e for e in final["events"]), final["events"]
+            assert not any("rolled back" in e for e in final["events"])
+            assert final["metrics"]["val_accuracy"] > 0.9
+        finally:
+            client.close()
+
+
 def _wait_through_restart(client, job_id: str, timeout: float) -> dict:
     """``wait_job`` that keeps polling while the master is away (UNAVAILABLE)."""
     deadline = time.monotonic() + timeout
