@@ -1,0 +1,166 @@
+"""Chaos: real processes, real signals, at random steps. Each run kills or pauses one
+role of a 2 worker x 2 shard local cluster mid-job and checks the job still ends
+SUCCEEDED; sync runs end with weights bit-identical to an uninterrupted run of the same
+job (computed once per module).
+
+The kill points come from one seed, printed at the start of every test, so a failure
+can be replayed: ``PSTRAIN_CHAOS_SEED=<seed> pytest tests/chaos``. Every wait is bounded.
+Not covered yet (the fault-tolerance issue goes on): SIGKILL of a worker in sync mode
+ending bit-identical (its data slices are not taken over yet).
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import grpc
+import numpy as np
+import pytest
+
+from client.job import job_to_spec
+from tests.integration.helpers import all_gone, make_job, running_cluster, service_env, wait_job
+
+pytestmark = pytest.mark.slow
+
+EPOCHS = 40  # digits, batch 64: 23 steps an epoch, 920 steps
+SEED = int(os.environ.get("PSTRAIN_CHAOS_SEED", random.randrange(2**31)))
+
+
+def spec(mode: str, name: str):
+    return job_to_spec(dataclasses.replace(make_job(epochs=EPOCHS, num_shards=2), mode=mode), name)
+
+
+def kill_step(case: str) -> int:
+    step = random.Random(f"{SEED}-{case}").randrange(30, 600)
+    print(f"chaos: PSTRAIN_CHAOS_SEED={SEED} -> {case} at step {step}")
+    return step
+
+
+def wait_through(client, job_id: str, timeout: float = 180.0, until=("SUCCEEDED", "FAILED", "CANCELLED")) -> dict:
+    """``wait_job`` that keeps polling while the master is away."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return wait_job(client, job_id, timeout=max(deadline - time.monotonic(), 1.0), until=until)
+        except grpc.RpcError as exc:
+            if exc.code() != grpc.StatusCode.UNAVAILABLE or time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    with running_cluster(tmp_path_factory.mktemp("chaos"), workers=2, ps=2, heartbeat_timeout=2.0) as (h, launcher):
+        from pstrain.transport.master_client import MasterClient
+
+        client = MasterClient(h.master_address, connect_timeout=10)
+        try:
+            yield h, launcher, client
+        finally:
+            client.close()
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(cluster):
+    _, _, client = cluster
+    status = wait_job(client, client.submit(spec("sync", "uninterrupted"))["id"], timeout=180)
+    assert status["state"] == "SUCCEEDED", status
+    return client.export(status["id"])
+
+
+def run_until(client, mode: str, name: str, step: int) -> str:
+    job_id = client.submit(spec(mode, name))["id"]
+    running = wait_job(client, job_id, timeout=60,
+                       until=lambda s: s["state"] in ("SUCCEEDED", "FAILED", "CANCELLED") or s["step"] >= step)
+    assert running["state"] == "RUNNING", running
+    return job_id
+
+
+def shard_address(handle, index: int) -> str:
+    from client.launchers.base import tail
+    from client.launchers.local import parse_ready_line
+
+    return parse_ready_line(tail(handle.logs["ps"][index], 2000), "ps")
+
+
+def worker_pid(handle, client, node_id: str) -> int:
+    """The pid of the worker process the master knows as ``node_id`` (node ids change when
+    a worker registers again, its /metrics address does not)."""
+    from client.launchers.base import tail
+    from client.launchers.local import connectable, parse_metrics_line
+
+    address = next(n["metrics_address"] for n in client.nodes() if n["node_id"] == node_id)
+    for pid, log in zip(handle.pids["worker"], handle.logs["worker"]):
+        metrics = parse_metrics_line(tail(log, 2000), "worker")
+        if metrics and connectable(metrics) == connectable(address):
+            return pid
+    raise AssertionError(f"no worker process serves /metrics at {address}")
+
+
+def assert_bit_identical(client, job_id: str, uninterrupted) -> None:
+    _, names, want = uninterrupted
+    _, names2, got = client.export(job_id)
+    assert names == names2
+    for name, a, b in zip(names, want, got):
+        np.testing.assert_array_equal(a, b, err_msg=name)
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_sigkill_a_shard(cluster, uninterrupted, mode):
+    handle, launcher, client = cluster
+    shard = random.Random(f"{SEED}-shard-{mode}").randrange(2)
+    job_id = run_until(client, mode, f"kill-shard-{mode}", kill_step(f"kill shard {shard} ({mode})"))
+    victim = handle.pids["ps"][shard]  # launch order; the job numbers its shards its own way
+    address = shard_address(handle, shard)
+    os.kill(victim, signal.SIGKILL)
+    assert all_gone([victim], timeout=5)
+    launcher.restart(handle, "ps", shard)  # what the supervisor does
+    final = wait_through(client, job_id)
+    assert final["state"] == "SUCCEEDED", final
+    assert any(f"({address}) restarted" in e for e in final["events"]), final["events"]
+    if mode == "sync":
+        assert_bit_identical(client, job_id, uninterrupted)
+    else:
+        assert final["metrics"]["val_accuracy"] > 0.9
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_sigkill_the_master(cluster, uninterrupted, tmp_path, mode):
+    handle, _, client = cluster
+    job_id = run_until(client, mode, f"kill-master-{mode}", kill_step(f"kill the master ({mode})"))
+    master = handle.pids["master"][0]
+    os.kill(master, signal.SIGKILL)
+    assert all_gone([master], timeout=5)
+    argv = handle.args["master"][0]  # the launcher's own command line, port pinned
+    with open(tmp_path / "master.log", "wb") as log:
+        proc = subprocess.Popen([sys.executable, *argv], stdout=log, stderr=subprocess.STDOUT,
+                                env=service_env(tmp_path), start_new_session=True)
+    handle.pids["master"][0] = proc.pid  # the module's cluster stops it at the end
+    final = wait_through(client, job_id)
+    assert final["state"] == "SUCCEEDED", (final, (tmp_path / "master.log").read_text()[-2000:])
+    assert any("resumed after the master restart" in e for e in final["events"])
+    if mode == "sync":
+        assert_bit_identical(client, job_id, uninterrupted)
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_sigstop_a_worker_past_the_heartbeat_timeout(cluster, mode):
+    handle, launcher, client = cluster
+    job_id = run_until(client, mode, f"pause-worker-{mode}", kill_step(f"pause worker 1 ({mode})"))
+    victim = worker_pid(handle, client, client.get(job_id)["workers"]["1"]["node"])
+    os.kill(victim, signal.SIGSTOP)
+    try:
+        wait_through(client, job_id, timeout=30,
+                     until=lambda s: s["state"] != "RUNNING" or s["workers"]["1"]["state"] == "lost")
+    finally:
+        os.kill(victim, signal.SIGCONT)
+    final = wait_through(client, job_id)
+    assert final["state"] == "SUCCEEDED", final
+    assert final["workers"]["1"]["state"] == "lost"
+    # The resumed process lives on and registers again for the next jobs.
+    assert all(s.alive for s in launcher.status(handle))
