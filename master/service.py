@@ -231,20 +231,42 @@ class Coordinator:
                 self._starting.discard(job_id)
 
     def _start(self, job_id, spec, shards, workers, want_shards, want_workers, plan=None) -> bool:
+        node = None
         try:
             plan = plan or plan_job(spec, want_shards)
             indices = list(range(want_workers))
             incarnation = uuid.uuid4().hex
             for s, node in enumerate(shards):
                 self._init_shard(job_id, spec, plan, s, node.address, indices, incarnation)
-        except Exception as exc:  # noqa: BLE001 - recorded on the job
+        except grpc.RpcError as exc:
+            if exc.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED) or node is None:
+                return self._start_failed(job_id, shards, workers, exc)
+            # A shard that died before its heartbeats stopped (or is restarting): the job
+            # waits for live shards instead of failing.
             with self.lock:
+                node.alive = False
                 for w in workers:
                     w.job = None
-            log.exception("job %s failed to start", job_id)
-            self._transition(job_id, JobState.FAILED, error=f"could not start the job: {exc}")
-            self._end_on_shards_addresses(job_id, [n.address for n in shards])
-            return True
+            self._end_on_shards_addresses(job_id, [n.address for n in shards if n is not node])
+            log.warning("job %s: shard at %s is unreachable (%s); the job waits for live shards", job_id,
+                        node.address, rpc.describe(exc))
+            self.store.add_event(job_id, f"the shard at {node.address} was unreachable ({rpc.one_line(exc)}); "
+                                         "waiting for live shards")
+            return False
+        except Exception as exc:  # noqa: BLE001 - recorded on the job
+            return self._start_failed(job_id, shards, workers, exc)
+        return self._started(job_id, spec, plan, shards, workers, indices, incarnation)
+
+    def _start_failed(self, job_id, shards, workers, exc: BaseException) -> bool:
+        with self.lock:
+            for w in workers:
+                w.job = None
+        log.error("job %s failed to start: %s", job_id, rpc.one_line(exc))
+        self._transition(job_id, JobState.FAILED, error=f"could not start the job: {rpc.one_line(exc)}")
+        self._end_on_shards_addresses(job_id, [n.address for n in shards])
+        return True
+
+    def _started(self, job_id, spec, plan, shards, workers, indices, incarnation) -> bool:
         rt = JobRuntime(job_id, spec, plan, {i: w.node_id for i, w in zip(indices, workers)},
                         [n.address for n in shards], set(indices), incarnation=incarnation)
         with self.lock:

@@ -415,6 +415,23 @@ def test_losing_the_only_worker_fails_the_job(master, heartbeats, ps_server, spe
     assert any("worker 0 lost" in e for e in status["events"])
 
 
+def test_a_job_started_on_a_dead_shard_waits_for_a_live_one(master, heartbeats, ps_server, spec):
+    """Bug: a job submitted just after a shard died (before its heartbeats stopped) failed
+    at InitShard; it now stays PENDING and starts on live shards."""
+    ps_address, _ = ps_server
+    c = master.client()
+    dead = c.register("ps", address="127.0.0.1:1")  # nothing listens there
+    worker = c.register("worker", name="w0")
+    heartbeats.add(dead.node_id)
+    heartbeats.add(worker.node_id)
+    job = c.submit_message(spec)
+    status = wait_for(lambda: (s := c.get(job["id"])) and any("unreachable" in e for e in s["events"]) and s)
+    assert status["state"] == "PENDING" and status["error"] is None
+    live = c.register("ps", address=ps_address)
+    heartbeats.add(live.node_id)
+    wait_for(lambda: c.get(job["id"])["state"] == "RUNNING")
+
+
 def test_a_lost_worker_that_comes_back_is_fenced_off(master, heartbeats, ps_server, spec):
     """Bug: a SIGSTOPped worker, dropped after the heartbeat timeout, came back (SIGCONT),
     had its push refused ("not live"), and the error it reported failed the whole job;
