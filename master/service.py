@@ -311,9 +311,8 @@ class Coordinator:
             return False
         with self.lock:
             rt = self.runtimes.get(r.job)
-            recovering = r.job in self.recovering
             if rt is None:
-                if recovering and r.done:  # kept for when the job resumes: this worker is done
+                if r.done and r.job in self.recovering:  # kept for when the job resumes: this worker is done
                     self.store.update_worker(r.job, r.worker, step=r.step, state="done")
                 return False
             rt.steps[r.worker] = max(rt.steps.get(r.worker, 0), r.step)
@@ -495,11 +494,12 @@ class Coordinator:
                     lost.append(node)
         for node in lost:
             log.warning("%s %s lost: no heartbeat for %.1fs", node.role, node.node_id, now - node.last_seen)
+            if node.role == "ps":  # every job using it waits for its restart
+                with self.lock:
+                    self._shard_lost(node.address, f"lost (no heartbeat for {self.config.heartbeat_timeout:.1f}s)")
+                continue
             for rt in list(self.runtimes.values()):
-                if node.role == "ps" and node.address in rt.shards:
-                    with self.lock:
-                        self._shard_lost(node.address, f"lost (no heartbeat for {self.config.heartbeat_timeout:.1f}s)")
-                elif node.role == "worker" and node.node_id in rt.workers.values():
+                if node.node_id in rt.workers.values():
                     self._lose_worker(rt, node)
 
     def _lose_worker(self, rt: JobRuntime, node: NodeInfo) -> None:
@@ -557,7 +557,7 @@ class Coordinator:
         again and the job ends as if nothing happened. A shard not back in time fails the job."""
         now = time.monotonic()
         with self.lock:
-            live_ps = {n.address for n in self.nodes.values() if n.role == "ps" and n.alive}
+            live_ps = self._live_ps_addresses()
             todo = [(rt, s, deadline) for rt in self.runtimes.values() for s, deadline in list(rt.lost_shards.items())]
         for rt, s, deadline in todo:
             address = rt.shards[s]
@@ -585,6 +585,10 @@ class Coordinator:
                 with self.lock:
                     rt.lost_shards.pop(s, None)
                 self._fail(rt.id, f"parameter-server shard {s} ({address}) lost and not recovered: {rpc.one_line(exc)}")
+
+    def _live_ps_addresses(self) -> set[str]:
+        """Where live shards serve. Caller holds the lock."""
+        return {n.address for n in self.nodes.values() if n.role == "ps" and n.alive}
 
     def _roll_back(self, rt: JobRuntime) -> int:
         held = [set(self._ps(a).status(rt.id).get("checkpoint_versions", [])) for a in rt.shards]
@@ -624,7 +628,7 @@ class Coordinator:
         now = time.monotonic()
         for job_id, rec in list(self.recovering.items()):
             with self.lock:
-                live_ps = {n.address for n in self.nodes.values() if n.role == "ps" and n.alive}
+                live_ps = self._live_ps_addresses()
                 missing_shards = [i for i, a in enumerate(rec.shards) if a not in live_ps]
                 expected = {i for i, w in rec.workers.items() if w.get("state") != "lost"}
                 back = {i: nid for i, nid in rec.back.items() if nid in self.nodes and self.nodes[nid].alive}

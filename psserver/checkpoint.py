@@ -76,9 +76,10 @@ def save_checkpoint(path: str | os.PathLike, state: CheckpointState) -> None:
             zf.writestr(_META, meta)
 
 
-def load_checkpoint(path: str | os.PathLike) -> CheckpointState | None:
+def load_checkpoint(path: str | os.PathLike, meta_only: bool = False) -> CheckpointState | None:
     """The checkpoint at ``path``, or None when there is none.
 
+    ``meta_only``: read just the metadata (no arrays), e.g. which version a file holds.
     A file that exists but cannot be read raises ValueError (rather than
     silently starting over): atomic writes never produce one, so it means
     outside damage, and someone should look before training restarts from zero.
@@ -90,7 +91,7 @@ def load_checkpoint(path: str | os.PathLike) -> CheckpointState | None:
         with zipfile.ZipFile(path, "r") as zf:
             meta = json.loads(zf.read(_META))
             arrays = {}
-            for name in zf.namelist():
+            for name in [] if meta_only else zf.namelist():
                 if name.endswith(_NPY):
                     with zf.open(name) as member:
                         arrays[name[: -len(_NPY)]] = np.lib.format.read_array(member, allow_pickle=False)

@@ -204,13 +204,12 @@ class Shard:
         self._due: list[tuple[int, CheckpointState]] = []  # aligned sync snapshots to write
         self._checkpoint_versions: list[int] = []  # on disk: the previous and the latest
         if checkpoint is not None:
-            for path in (_previous(checkpoint.path), checkpoint.path):
-                state = self._load_own(path)
-                if state is not None:
-                    self._checkpoint_versions.append(int(state.meta["version"]))
-                    if path == checkpoint.path:
-                        self._restore(state)
-            if not self._restored:  # version 0 on disk too: a rollback can always go back to the start
+            previous = self._load_own(_previous(checkpoint.path), meta_only=True)
+            latest = self._load_own(checkpoint.path)
+            self._checkpoint_versions = [int(s.meta["version"]) for s in (previous, latest) if s is not None]
+            if latest is not None:
+                self._restore(latest)
+            else:  # version 0 on disk too: a rollback can always go back to the start
                 self._write(*self._snapshot(), raise_errors=False)
 
         self._observer.held(sum(int(p.nbytes) for p in self._store.params.values()), self._store.version)
@@ -370,13 +369,14 @@ class Shard:
             raise ValueError(f"job '{self.job}' shard {self.shard_id} keeps no checkpoints; it cannot roll back")
         with self._cond:
             self._check_open()
-            for path in (self.checkpoint_config.path, _previous(self.checkpoint_config.path)):
-                state = self._load_own(path)
-                if state is not None and int(state.meta["version"]) == version:
-                    break
-            else:
+            held = self._checkpoint_versions
+            path = self.checkpoint_config.path
+            state = None
+            if version in held:
+                state = self._load_own(path if version == held[-1] else _previous(path))
+            if state is None or int(state.meta["version"]) != version:
                 raise ValueError(f"job '{self.job}' shard {self.shard_id} holds no checkpoint of version {version} "
-                                 f"(it holds {self._checkpoint_versions})")
+                                 f"(it holds {held})")
             self._restore(state)
             self._barrier_start.clear()
             self._generation += 1
@@ -385,10 +385,10 @@ class Shard:
             log.warning("job %s shard %d: rolled back to version %d", self.job, self.shard_id, version)
             return self._store.version
 
-    def _load_own(self, path) -> CheckpointState | None:
+    def _load_own(self, path, meta_only: bool = False) -> CheckpointState | None:
         """The checkpoint at ``path`` if it is this job incarnation's (a master restarted on a
         fresh database reuses job ids: another job's checkpoint is never restored)."""
-        state = load_checkpoint(path)
+        state = load_checkpoint(path, meta_only=meta_only)
         if state is None:
             return None
         if state.meta.get("incarnation", "") != self._incarnation:

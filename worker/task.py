@@ -86,9 +86,8 @@ class TrainingTask:
             log.info("job %s cancelled", self.job)
         except Exception as exc:  # noqa: BLE001 - reported to the master
             log.exception("job %s failed on worker %d", self.job, self.index)
-            detail = rpc.describe(exc) if isinstance(exc, grpc.RpcError) else f"{type(exc).__name__}: {exc}"
             try:
-                self.master.report(self.job, self.index, 0, 0, 0.0, {}, error=detail)
+                self.master.report(self.job, self.index, 0, 0, 0.0, {}, error=rpc.one_line(exc))
             except Exception:  # noqa: BLE001
                 pass
         finally:

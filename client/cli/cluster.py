@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import sys
 import time
 
@@ -25,9 +24,8 @@ from client.launchers import (
     get_launcher,
     launcher_class,
     load_handle,
-    write_handle,
 )
-from client.launchers.supervisor import RestartPolicy, Supervisor
+from client.launchers.supervisor import RestartPolicy, Supervisor, start_supervisor
 
 
 def launcher_from_args(args: argparse.Namespace) -> Launcher:
@@ -71,23 +69,6 @@ def supervise(launcher: Launcher, handle: ClusterHandle, interval: float = 0.5) 
         time.sleep(interval)
         for line in supervisor.poll():
             print(f"psctl: warning: {line}", file=sys.stderr, flush=True)
-
-
-def start_supervisor(handle: ClusterHandle) -> int:
-    """Start ``python -m client.launchers.supervisor`` for a detached cluster; its pid goes
-    into the state file so that ``psctl down`` stops it first."""
-    os.makedirs(os.path.join(handle.state_dir, "logs"), exist_ok=True)
-    log_path = os.path.join(handle.state_dir, "logs", "supervisor.log")
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)
-    with open(log_path, "ab") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "client.launchers.supervisor", "--state-dir", handle.state_dir],
-                                stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-                                start_new_session=True)
-    handle.supervisor_pid = proc.pid
-    write_handle(handle)
-    return proc.pid
 
 
 def down_command(args) -> int:

@@ -112,6 +112,15 @@ def _is_pstrain_process(pid: int, role: str) -> bool:
 
 
 
+def process_env() -> dict[str, str]:
+    """The environment of a process the launcher starts: this one's, unbuffered output, and
+    this checkout on PYTHONPATH (the services import its packages even when pstrain is
+    not installed)."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (_ROOT, env.get("PYTHONPATH", "")) if p)
+    return env
+
+
 def thread_env(role: str, workers: int, cores: int | None = None) -> dict[str, str]:
     """Thread counts for a process sharing this machine with the rest of the cluster.
 
@@ -201,10 +210,8 @@ class LocalProcessLauncher(Launcher):
 
     def _spawn(self, handle: ClusterHandle, role: str, index: int, args: list[str]) -> None:
         log_path = os.path.join(handle.state_dir, "logs", f"{role}-{index}.log")
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        env = process_env()
         env.update(thread_env(role, handle.spec.workers))
-        # The services import the packages of this checkout even when pstrain is not installed.
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (_ROOT, env.get("PYTHONPATH", "")) if p)
         with open(log_path, "ab") as out:
             proc = subprocess.Popen(
                 [self.python, *args], stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,

@@ -19,13 +19,15 @@ import argparse
 import logging
 import os
 import signal
+import subprocess
 import sys
 import threading
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
-from client.launchers.base import ClusterError, ClusterHandle, Launcher, describe_exit, load_handle
+from client.launchers.base import ClusterError, ClusterHandle, Launcher, describe_exit, load_handle, write_handle
+from client.launchers.local import process_env
 
 log = logging.getLogger(__name__)
 
@@ -118,6 +120,20 @@ class Supervisor:
             for line in self.poll():
                 if echo is not None:
                     echo(line)
+
+
+def start_supervisor(handle: ClusterHandle) -> int:
+    """Start ``python -m client.launchers.supervisor`` for a detached cluster; its pid goes
+    into the state file so that ``psctl down`` stops it first."""
+    os.makedirs(os.path.join(handle.state_dir, "logs"), exist_ok=True)
+    log_path = os.path.join(handle.state_dir, "logs", "supervisor.log")
+    with open(log_path, "ab") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "client.launchers.supervisor", "--state-dir", handle.state_dir],
+                                stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=process_env(),
+                                start_new_session=True)
+    handle.supervisor_pid = proc.pid
+    write_handle(handle)
+    return proc.pid
 
 
 # ---- the detached supervisor process -----------------------------------------------------------

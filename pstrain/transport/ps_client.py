@@ -141,8 +141,9 @@ class ShardedParameterClient(ParameterClient):
                 if back is not None:
                     self._settle(calls[s + 1:])
                     raise back from None
+                # A restarted shard no longer knows this worker's shared memory: the retry goes as a frame.
                 moved = exc.code() == grpc.StatusCode.FAILED_PRECONDITION and getattr(call.client, "segment", None) is not None
-                if exc.code() not in RETRYABLE and not (self.retry_for and exc.code() == RESTARTING) and not moved:
+                if not (self._retryable(exc) or moved):
                     raise
                 log.warning("job %s worker %d: push of step %d to shard %d failed (%s); retrying", self.job,
                             self.worker, step, s, rpc.describe(exc))
@@ -181,8 +182,7 @@ class ShardedParameterClient(ParameterClient):
                 back = rolled_back(exc)
                 if back is not None:
                     raise back from None
-                retryable = exc.code() in RETRYABLE or (self.retry_for and exc.code() == RESTARTING)
-                if not retryable or (attempt >= self.retries and time.monotonic() >= deadline):
+                if not self._retryable(exc) or (attempt >= self.retries and time.monotonic() >= deadline):
                     raise
                 if self.stop is not None and self.stop():
                     raise
@@ -190,6 +190,10 @@ class ShardedParameterClient(ParameterClient):
                 log.warning("job %s worker %d: shard %d: %s; retrying", self.job, self.worker, shard, rpc.describe(exc))
                 time.sleep(delay)
                 delay = min(delay * 2, 2.0 if self.retry_for else 5.0)
+
+    def _retryable(self, exc: grpc.RpcError) -> bool:
+        """Whether resending may cure ``exc``: RETRYABLE, and with ``retry_for`` a restarting shard too."""
+        return exc.code() in RETRYABLE or bool(self.retry_for and exc.code() == RESTARTING)
 
     @staticmethod
     def _settle(calls) -> None:
