@@ -166,3 +166,11 @@ def test_a_detached_cluster_restarts_a_killed_master_and_the_job_finishes(tmp_pa
     finally:
         psctl(["down", "--state-dir", state], env, timeout=120)
     assert all_gone(pids, timeout=15)
+
+
+def test_local_restart_refuses_a_process_it_has_no_record_of(tmp_path):
+    from client.launchers.local import LocalProcessLauncher
+
+    handle = ClusterHandle("127.0.0.1:1", str(tmp_path))  # e.g. a state file from an older psctl
+    with pytest.raises(ClusterError, match="no record of how ps-0 was started"):
+        LocalProcessLauncher().restart(handle, "ps", 0)

@@ -121,3 +121,9 @@ def test_init_shard_for_a_held_job_with_another_spec_is_refused(cluster, change)
     assert info.value.code() == grpc.StatusCode.ALREADY_EXISTS
     assert JOB in info.value.details() and change.rstrip("s") in info.value.details()
     np.testing.assert_array_equal(pull_one(c)["b"], initial()["b"])  # the old shard, untouched
+
+
+@pytest.mark.parametrize("window", [0, -5, 1.5, True])
+def test_a_bad_step_window_is_refused_naming_it(window):
+    with pytest.raises(ValueError, match=r"Shard.step_window=.* is out of range; allowed integers \[1, inf\)"):
+        make_shard("async", [0], step_window=window)
