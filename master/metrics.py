@@ -20,6 +20,8 @@ pstrain_worker_step_time_seconds    gauge     job, worker  a worker's mean step 
                                                            (compare workers to spot stragglers)
 pstrain_request_queue_depth         gauge     role         RPCs in progress in the master (role="master";
                                                            open WatchJob streams count)
+pstrain_worker_slot_moves_total     counter   job, worker  times a worker slot went to another process
+                                                           (its process was lost, a new one joined, psctl scale)
 =================================== ========= ============ ==================================================
 
 One state per gauge (not a ``state`` label): labels are limited to job, shard,
@@ -36,7 +38,7 @@ from __future__ import annotations
 
 from typing import Callable, Mapping
 
-from prometheus_client import CollectorRegistry, Gauge
+from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from protos.observability import KEEP_ENDED_JOBS, ServiceMetrics  # noqa: F401
 
@@ -59,6 +61,7 @@ ALL_METRICS = (
     "pstrain_job_val_accuracy",
     "pstrain_worker_step_time_seconds",
     "pstrain_request_queue_depth",
+    "pstrain_worker_slot_moves_total",
 )
 HISTOGRAMS = ()
 
@@ -86,6 +89,8 @@ class MasterMetrics(ServiceMetrics):
         self.queue_depth = Gauge("pstrain_request_queue_depth", "RPCs in progress in this process.", ["role"],
                                  registry=r)
         self._in_flight = self.queue_depth.labels(ROLE)
+        self.slot_moves = Counter("pstrain_worker_slot_moves", "Times a worker slot went to another process.",
+                                  ["job", "worker"], registry=r)
 
     def watch(self, job_counts: Callable[[], Mapping[str, int]], live_nodes: Callable[[str], int]) -> None:
         """Read the job and node gauges from the coordinator at each scrape: ``job_counts()``
@@ -94,6 +99,14 @@ class MasterMetrics(ServiceMetrics):
             gauge.set_function(lambda s=state: job_counts().get(s, 0))
         for role in NODE_ROLES:
             self.live_nodes.labels(role).set_function(lambda r=role: live_nodes(r))
+
+    def slots(self, job: str, workers) -> None:
+        """A job's worker slots start with no moves (series at 0, so a rate is defined)."""
+        for k in workers:
+            self._child(job, self.slot_moves, (job, str(k)))
+
+    def slot_moved(self, job: str, worker: int) -> None:
+        self._child(job, self.slot_moves, (job, str(worker))).inc()
 
     def live(self, job: str, workers: int) -> None:
         self._child(job, self.live_workers, (job,)).set(workers)

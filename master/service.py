@@ -32,7 +32,7 @@ from protos import codec, jobcodec, master_pb2, master_pb2_grpc
 from pstrain.runtime.modelfile import read_model, write_model
 from pstrain.runtime.modes import Mode
 from pstrain.runtime.placement import assemble
-from pstrain.runtime.spec import FinishedJob, HeartbeatReply, JobSpec, Progress, SliceSpec, TaskSpec
+from pstrain.runtime.spec import FinishedJob, HeartbeatReply, JobSpec, Progress, SliceSpec, SlotRef, TaskSpec
 from pstrain.transport import rpc
 from pstrain.transport.ps_client import ParameterServerClient
 
@@ -58,17 +58,18 @@ class NodeInfo:
     metrics_address: str = ""
     last_seen: float = field(default_factory=time.monotonic)
     alive: bool = True
-    job: str | None = None  # a worker's current job
+    job: str | None = None  # a worker's current job (it may run several of its slots)
     tasks: list[TaskSpec] = field(default_factory=list)
     cancelled: list = field(default_factory=list)
     finished: list[FinishedJob] = field(default_factory=list)
+    release: list[SlotRef] = field(default_factory=list)  # slots to stop after their current step
 
 
 @dataclass
 class Recovery:
     """A job that was RUNNING when the master stopped, waiting for its nodes to register
     again: its shards by address (they keep the job's parameters) and its workers, which
-    re-register saying which (job, worker index) they are still running."""
+    re-register saying which worker slots (job, index, owner epoch) they still run."""
 
     spec: JobSpec
     shards: list[str]  # by shard index
@@ -80,18 +81,35 @@ class Recovery:
 
 @dataclass
 class JobRuntime:
+    """A running job. Its worker slots are fixed (slot k trains part k of every global
+    batch); which process runs each one changes: ``workers`` maps a slot to its node,
+    ``owners`` to its ownership epoch (bumped at every hand-over, fencing off the old
+    process), ``orphans`` holds lost slots waiting for a process, ``moving`` slots
+    asked back from their process to go to another (scaling, a new process joining)."""
+
     id: str
     spec: JobSpec
     plan: JobPlan
-    workers: dict[int, str]  # worker index -> node id
+    workers: dict[int, str]  # worker slot -> node id
     shards: list[str]  # shard index -> address
-    live: set[int]
+    processes: int = 0  # how many worker processes should serve the job (psctl scale)
+    owners: dict[int, int] = field(default_factory=dict)  # worker slot -> ownership epoch
+    orphans: dict[int, float] = field(default_factory=dict)  # lost slot -> deadline to find it a process
+    moving: dict[int, tuple[str, float]] = field(default_factory=dict)  # slot -> (target node, release deadline)
     done: set[int] = field(default_factory=set)
     steps: dict[int, int] = field(default_factory=dict)
     evaluator: int | None = None
-    fenced: set[int] = field(default_factory=set)  # dropped workers that reported again
+    told_finished: set[str] = field(default_factory=set)  # nodes told which slot evaluates
+    fenced: set[tuple[int, int]] = field(default_factory=set)  # (slot, epoch) of fenced-off processes that reported
     incarnation: str = ""  # this run of the job: the shards' checkpoints carry it
     lost_shards: dict[int, float] = field(default_factory=dict)  # shard -> deadline to be back by
+
+    @property
+    def slots(self) -> list[int]:
+        return sorted(self.workers)
+
+    def slots_of(self, node_id: str) -> list[int]:
+        return sorted(k for k, nid in self.workers.items() if nid == node_id and k not in self.orphans)
 
 
 class Coordinator:
@@ -133,9 +151,11 @@ class Coordinator:
 
     # ---- nodes ------------------------------------------------------------------------
     def register(self, role: str, address: str, name: str, metrics_address: str,
-                 running: tuple[tuple[str, int], ...] = ()) -> NodeInfo:
-        """Add a node. ``running``: the (job, worker index) tasks a worker re-registering
-        after a master restart still runs; it is re-attached to those jobs."""
+                 running: tuple[SlotRef, ...] = ()) -> NodeInfo:
+        """Add a node. ``running``: the worker slots a worker registering again still runs
+        (after a master restart, or after it was declared lost while paused); it is
+        re-attached to each slot it still owns (same ownership epoch, no other process
+        took it over meanwhile)."""
         if role not in ("worker", "ps"):
             raise ValueError(f"role must be 'worker' or 'ps', got {role!r}")
         if role == "ps" and not address:
@@ -153,14 +173,30 @@ class Coordinator:
             node = NodeInfo(f"{role}-{uuid.uuid4().hex[:8]}", role, address, name, index, metrics_address)
             self.nodes[node.node_id] = node
             log.info("registered %s %s (%s) as index %d", role, node.node_id, address or name, index)
-            for job, worker_index in running if role == "worker" else ():
-                rec = self.recovering.get(job)
-                if rec is not None and worker_index in rec.workers:
-                    rec.back[worker_index] = node.node_id
-                    node.job = job
-                    log.info("job %s: worker %d is back as %s", job, worker_index, node.node_id)
+            back = []
+            for slot in running if role == "worker" else ():
+                rec, rt = self.recovering.get(slot.job), self.runtimes.get(slot.job)
+                if rec is not None and slot.worker in rec.workers:
+                    if int(rec.workers[slot.worker].get("owner_epoch", 0)) == slot.owner_epoch:
+                        rec.back[slot.worker] = node.node_id
+                        node.job = slot.job
+                        log.info("job %s: worker %d is back as %s", slot.job, slot.worker, node.node_id)
+                elif (rt is not None and slot.worker in rt.orphans
+                      and rt.owners.get(slot.worker, 0) == slot.owner_epoch and node.job in (None, slot.job)):
+                    # Declared lost (paused past the heartbeat timeout), but no process took the
+                    # slot over yet: it carries on where it is.
+                    rt.orphans.pop(slot.worker)
+                    rt.workers[slot.worker] = node.node_id
+                    node.job = slot.job
+                    back.append((rt, slot.worker))
             self.changed.notify_all()
-            return node
+        for rt, k in back:
+            self.store.update_worker(rt.id, k, node=node.node_id, state="running",
+                                     note=f"came back as {node.name or node.node_id} before another process took it over")
+            self.store.add_event(rt.id, f"worker {k} came back ({node.name or node.node_id}) before its slot moved; "
+                                        "it carries on")
+            self.metrics.live(rt.id, len(rt.workers) - len(rt.orphans))
+        return node
 
     def heartbeat(self, node_id: str) -> HeartbeatReply:
         with self.lock:
@@ -168,8 +204,9 @@ class Coordinator:
             if node is None or not node.alive:
                 return HeartbeatReply(known=False)
             node.last_seen = time.monotonic()
-            reply = HeartbeatReply(True, tuple(node.tasks), tuple(node.cancelled), tuple(node.finished))
-            node.tasks, node.cancelled, node.finished = [], [], []
+            reply = HeartbeatReply(True, tuple(node.tasks), tuple(node.cancelled), tuple(node.finished),
+                                   tuple(node.release))
+            node.tasks, node.cancelled, node.finished, node.release = [], [], [], []
             return reply
 
     def list_nodes(self) -> list[NodeInfo]:
@@ -268,16 +305,18 @@ class Coordinator:
 
     def _started(self, job_id, spec, plan, shards, workers, indices, incarnation) -> bool:
         rt = JobRuntime(job_id, spec, plan, {i: w.node_id for i, w in zip(indices, workers)},
-                        [n.address for n in shards], set(indices), incarnation=incarnation)
+                        [n.address for n in shards], processes=len(workers), incarnation=incarnation)
         with self.lock:
             self.runtimes[job_id] = rt
             for i, w in zip(indices, workers):
                 w.tasks.append(self._task(rt, i))
-                self.store.update_worker(job_id, i, node=w.node_id, state="running", step=0, step_time=0.0)
+                self.store.update_worker(job_id, i, node=w.node_id, state="running", step=0, step_time=0.0,
+                                         owner_epoch=0)
             # Where it runs, so that a restarted master finds the job's shards again.
             self.store.set_plan(job_id, {"shards": rt.shards, "workers": indices, "incarnation": incarnation})
             self._transition(job_id, JobState.RUNNING)
             self.metrics.live(job_id, len(workers))
+            self.metrics.slots(job_id, indices)
             self.store.add_event(
                 job_id, f"running on {len(workers)} workers and {len(shards)} shards "
                 f"(shard bytes {list(plan.placement.shard_bytes)})"
@@ -285,7 +324,7 @@ class Coordinator:
             self.changed.notify_all()
         return True
 
-    def _task(self, rt: JobRuntime, index: int) -> TaskSpec:
+    def _task(self, rt: JobRuntime, index: int, start_step: int = 0) -> TaskSpec:
         train = rt.plan.train
         return TaskSpec(
             job=rt.id, worker_index=index, workers=tuple(rt.workers), graph=train.graph, features=train.features,
@@ -293,11 +332,12 @@ class Coordinator:
             state_variables=train.state_variables,
             slices=tuple(SliceSpec(s.variable, s.key, s.shard, s.start, s.stop) for s in rt.plan.placement.slices),
             shard_addresses=tuple(rt.shards), train=rt.spec.train, dataset=rt.spec.dataset,
+            owner_epoch=rt.owners.get(index, 0), start_step=start_step,
         )
 
     def progress(self, r: Progress) -> bool:
         """Record a worker's report; returns True if the worker is to stop: the job was
-        cancelled, or this worker was dropped from it (lost, then came back: fenced off)."""
+        cancelled, or another process took its slot over (it is fenced off)."""
         rec = self.store.get(r.job)
         if rec.state == JobState.CANCELLED:
             return True
@@ -308,6 +348,9 @@ class Coordinator:
         metrics = dict(r.metrics)
         if r.error:
             self._fail(r.job, f"worker {r.worker} failed: {r.error}")
+            return False
+        if r.released:
+            self._released(r)
             return False
         with self.lock:
             rt = self.runtimes.get(r.job)
@@ -340,39 +383,47 @@ class Coordinator:
         elif r.done:
             with self.lock:
                 rt.done.add(r.worker)
+                # A slot asked to move that finished first stays where it is (its target is freed).
+                rt.moving.pop(r.worker, None)
                 self._maybe_finished(rt)
         with self.lock:
             self.changed.notify_all()
         return False
 
     def _fenced(self, r: Progress) -> bool:
-        """A report from a worker the job dropped (e.g. paused past the heartbeat timeout,
-        then resumed): the job went on without it, so its reports, and the error its
-        refused pushes cause, must change nothing. Recorded once per worker."""
+        """A report from a process that no longer owns its slot (paused past the heartbeat
+        timeout, then resumed, after another process took the slot over): the job went on
+        without it, so its reports, and the error its refused pushes cause, must change
+        nothing. Recorded once per (slot, epoch)."""
         with self.lock:
             rt = self.runtimes.get(r.job)
-            if rt is None or r.worker not in rt.workers or r.worker in rt.live:
+            if rt is None or r.worker not in rt.workers or r.owner_epoch >= rt.owners.get(r.worker, 0):
                 return False
-            first = r.worker not in rt.fenced
-            rt.fenced.add(r.worker)
+            first = (r.worker, r.owner_epoch) not in rt.fenced
+            rt.fenced.add((r.worker, r.owner_epoch))
         if first:
             what = f"its error ({r.error})" if r.error else f"its report (step {r.step})"
-            log.warning("job %s: worker %d was dropped; %s was ignored and it was told to stop", r.job, r.worker, what)
-            self.store.add_event(r.job, f"worker {r.worker} came back after it was dropped; {what} was ignored "
-                                        "and it was told to stop")
+            log.warning("job %s: worker %d (owner epoch %d) was fenced off; %s was ignored and it was told to stop",
+                        r.job, r.worker, r.owner_epoch, what)
+            self.store.add_event(r.job, f"worker {r.worker}'s previous process (owner epoch {r.owner_epoch}) came "
+                                        f"back after its slot moved; {what} was ignored and it was told to stop")
+            self.store.update_worker(r.job, r.worker, note=f"a previous process (owner epoch {r.owner_epoch}) came "
+                                                          "back and was fenced off")
         return True
 
     def _maybe_finished(self, rt: JobRuntime) -> None:
-        # Caller holds the lock. Every live worker is done: one of them evaluates the final model.
-        if rt.evaluator is None and rt.live and rt.live <= rt.done:
-            rt.evaluator = min(rt.live)
-            node = self.nodes[rt.workers[rt.evaluator]]
-            node.finished.append(FinishedJob(rt.id, rt.evaluator))
-            for i in rt.live:
-                other = self.nodes[rt.workers[i]]
-                if other is not node:
-                    other.finished.append(FinishedJob(rt.id, rt.evaluator))
+        """Caller holds the lock. Every slot is done and has a process: one slot evaluates
+        the final model, and every process of the job is told which (again after a slot moved)."""
+        if not rt.workers or rt.orphans or rt.moving or not set(rt.workers) <= rt.done:
+            return
+        if rt.evaluator is None:
+            rt.evaluator = min(rt.workers)
             self.store.add_event(rt.id, f"all workers done; worker {rt.evaluator} evaluates the final model")
+        for nid in sorted(set(rt.workers.values()) - rt.told_finished):
+            node = self.nodes.get(nid)
+            if node is not None and node.alive:
+                node.finished.append(FinishedJob(rt.id, rt.evaluator))
+                rt.told_finished.add(nid)
 
     def _succeed(self, job_id: str) -> None:
         with self.lock:
@@ -380,10 +431,13 @@ class Coordinator:
         if rt is None:
             return
         try:
+            versions = [int(self._ps(a).status(job_id)["version"]) for a in rt.shards]
             config, names, weights = self._pull_weights(rt)
             write_model(self._export_path(job_id), config, weights)
             self._transition(job_id, JobState.SUCCEEDED)
-            self.store.add_event(job_id, "succeeded; final weights saved for export")
+            # The shards' versions count the updates applied (async: the pushes applied,
+            # each once): what an exactly-once check compares with the steps run.
+            self.store.add_event(job_id, f"succeeded; final weights saved for export (shard versions {versions})")
         except Exception as exc:  # noqa: BLE001
             log.exception("job %s: could not save the final weights", job_id)
             self._fail(job_id, f"could not save the final weights: {exc}")
@@ -481,6 +535,10 @@ class Coordinator:
                 self._recover_shards()
                 self._resume_recovering()
                 self._schedule_pending()
+                for rt in list(self.runtimes.values()):
+                    if rt.orphans:
+                        self._place_orphans(rt)
+                self._rebalance()
             except Exception:  # noqa: BLE001 - keep the monitor alive
                 log.exception("master monitor iteration failed")
 
@@ -503,28 +561,204 @@ class Coordinator:
                     self._lose_worker(rt, node)
 
     def _lose_worker(self, rt: JobRuntime, node: NodeInfo) -> None:
-        index = next(i for i, nid in rt.workers.items() if nid == node.node_id)
+        """A worker process of the job is lost: each slot it ran waits for another process
+        (``_place_orphans``), which computes it from where it stopped; the other slots
+        wait for it at their next barrier (sync) or go on (async)."""
+        how = f"no heartbeat for {self.config.heartbeat_timeout:.1f}s"
+        deadline = time.monotonic() + self.config.recovery_timeout
         with self.lock:
-            rt.live.discard(index)
-            live = sorted(rt.live)
-        self.metrics.live(rt.id, len(live))
-        step = rt.steps.get(index, 0)
-        self.store.add_event(rt.id, f"worker {index} lost at step {step} (no heartbeat for "
-                                    f"{self.config.heartbeat_timeout:.1f}s); continuing with workers {live}")
-        self.store.update_worker(rt.id, index, state="lost")
-        if not live:
-            self._fail(rt.id, "every worker was lost")
-            return
-        for address in rt.shards:
+            slots = rt.slots_of(node.node_id)
+            for k in slots:
+                rt.orphans[k] = deadline
+                rt.moving.pop(k, None)
+                if rt.evaluator == k:  # the evaluator died: pick again once the slot has a process
+                    rt.evaluator = None
+            rt.told_finished.discard(node.node_id)
+            live = len(rt.workers) - len(rt.orphans)
+        self.metrics.live(rt.id, live)
+        for k in slots:
+            step = rt.steps.get(k, 0)
+            self.store.add_event(rt.id, f"worker {k} lost at step {step} ({node.name or node.node_id}: {how}); "
+                                        "its slot goes to another worker process")
+            self.store.update_worker(rt.id, k, state="lost",
+                                     note=f"{node.name or node.node_id} lost at step {step} ({how})")
+        self._place_orphans(rt)
+
+    def _pick_node(self, rt: JobRuntime, exclude: str = "") -> NodeInfo | None:
+        """Where a slot of ``rt`` goes: an idle live worker first, else the job's live
+        process with the fewest slots. Caller holds the lock."""
+        idle = self._idle_workers(rt)
+        if idle:
+            return min(idle, key=lambda n: n.index)
+        mine = [self.nodes[nid] for nid in set(rt.workers.values()) if nid in self.nodes and nid != exclude]
+        mine = [n for n in mine if n.alive and n.job == rt.id and rt.slots_of(n.node_id)]
+        return min(mine, key=lambda n: (len(rt.slots_of(n.node_id)), n.index)) if mine else None
+
+    def _idle_workers(self, rt: JobRuntime) -> list[NodeInfo]:
+        """Live workers free to take a slot of ``rt``: running no job, or reserved for ``rt``
+        without a slot of it yet. Caller holds the lock."""
+        return [n for n in self.nodes.values() if n.role == "worker" and n.alive
+                and (n.job is None or (n.job == rt.id and n.node_id not in rt.workers.values()))]
+
+    def _place_orphans(self, rt: JobRuntime) -> None:
+        """Give every lost slot of ``rt`` to a live worker process; fail the job when a slot
+        found none within ``recovery_timeout``."""
+        now = time.monotonic()
+        with self.lock:
+            todo = [(k, d, self._pick_node(rt)) for k, d in sorted(rt.orphans.items())]
+        for k, deadline, target in todo:
+            if self.runtimes.get(rt.id) is not rt:
+                return
             try:
-                self._ps(address).set_membership(rt.id, live)
-            except grpc.RpcError as exc:
-                log.warning("job %s: membership update to %s failed: %s", rt.id, address, rpc.describe(exc))
+                if target is None:
+                    raise RuntimeError("no live worker process to take it over")
+                self._hand_over(rt, k, target, f"lost; continues on {target.name or target.node_id}")
+            except Exception as exc:  # noqa: BLE001 - tried again until the deadline, then recorded
+                if now < deadline:
+                    log.info("job %s: worker slot %d not placed yet: %s", rt.id, k, rpc.one_line(exc))
+                    continue
+                self._fail(rt.id, f"worker {k} was lost and no worker process took it over within "
+                                  f"{self.config.recovery_timeout:.0f}s: {rpc.one_line(exc)}")
+                return
+
+    def _hand_over(self, rt: JobRuntime, k: int, target: NodeInfo, how: str) -> None:
+        """Move slot ``k`` of ``rt`` to ``target``: a new ownership epoch fences the old
+        process off at every shard, whose answers say where the slot stands; the new
+        process computes it from there. In sync mode, if the old process's last push
+        reached only some shards, every shard rolls back to a checkpoint they all hold
+        first (the step cannot be computed again once a shard applied it)."""
         with self.lock:
-            if rt.evaluator == index:  # the evaluator died: pick again
-                rt.evaluator = None
+            epoch = rt.owners.get(k, 0) + 1
+            rt.owners[k] = epoch
+            reserved = target.job is None
+            target.job = rt.id
+        try:
+            fenced = [self._ps(a).fence(rt.id, k, epoch) for a in rt.shards]
+            next_steps = sorted({n for _, n in fenced})
+            start, text = next_steps[0], ""
+            if rt.spec.train.mode is Mode.SYNC and len(next_steps) > 1:
+                start = self._roll_back(rt)
+                text = (f"; its last push reached only some shards (they hold steps up to {next_steps}), so every "
+                        f"shard rolled back to version {start}")
+        except Exception:
+            with self.lock:
+                if reserved and not rt.slots_of(target.node_id):
+                    target.job = None
+            raise
+        with self.lock:
+            if self.runtimes.get(rt.id) is not rt:
+                return
+            old = rt.workers.get(k)
+            rt.workers[k] = target.node_id
+            target.job = rt.id
+            rt.orphans.pop(k, None)
+            rt.moving.pop(k, None)
+            target.tasks.append(self._task(rt, k, start))
+            if old != target.node_id:
+                rt.told_finished.discard(target.node_id)
+            live = len(rt.workers) - len(rt.orphans)
             self._maybe_finished(rt)
             self.changed.notify_all()
+        self.metrics.live(rt.id, live)
+        self.metrics.slot_moved(rt.id, k)
+        who = target.name or target.node_id
+        self.store.update_worker(rt.id, k, node=target.node_id, state="running", owner_epoch=epoch,
+                                 note=f"{how} from step {start} (owner epoch {epoch}){text}")
+        self.store.add_event(rt.id, f"worker {k} {how} from step {start}{text}")
+        log.warning("job %s: worker slot %d now runs on %s from step %d (owner epoch %d)%s", rt.id, k, who, start,
+                    epoch, text)
+
+    def _released(self, r: Progress) -> None:
+        """A process stopped slot ``r.worker`` as asked (``_move``): hand it to its target,
+        or, when the target is gone, to whichever process ``_place_orphans`` finds."""
+        with self.lock:
+            rt = self.runtimes.get(r.job)
+            if rt is None or r.worker not in rt.workers:
+                return
+            rt.steps[r.worker] = max(rt.steps.get(r.worker, 0), r.step)
+            move = rt.moving.get(r.worker)
+            target = self.nodes.get(move[0]) if move is not None else None
+            if target is None or not target.alive:
+                rt.moving.pop(r.worker, None)
+                rt.orphans[r.worker] = time.monotonic() + self.config.recovery_timeout
+                target = None
+        if target is None:
+            self._place_orphans(rt)
+            return
+        self._hand_over(rt, r.worker, target, f"moved to {target.name or target.node_id}")
+
+    def _move(self, rt: JobRuntime, k: int, target: NodeInfo, why: str) -> None:
+        """Ask slot ``k``'s process to stop it after its current step; its report
+        (``released``) hands the slot to ``target``. Caller holds the lock."""
+        source = self.nodes[rt.workers[k]]
+        rt.moving[k] = (target.node_id, time.monotonic() + self.config.recovery_timeout)
+        target.job = rt.id
+        source.release.append(SlotRef(rt.id, k, rt.owners.get(k, 0)))
+        log.info("job %s: moving worker slot %d from %s to %s (%s)", rt.id, k, source.node_id, target.node_id, why)
+
+    def _rebalance(self) -> None:
+        """Spread each running job's slots over the number of processes it should have:
+        a process that joined (or a scale-up) takes a slot from the busiest; a scale-down
+        empties the least busy. One move per job at a time; a move not released in time
+        (the process hangs) hands the slot over anyway."""
+        now = time.monotonic()
+        late = []
+        with self.lock:
+            for n in self.nodes.values():  # a reservation whose move fell through: free again
+                rt = self.runtimes.get(n.job) if n.role == "worker" and n.job else None
+                if (rt is not None and n.node_id not in rt.workers.values()
+                        and all(t != n.node_id for t, _ in rt.moving.values())):
+                    n.job = None
+            for rt in self.runtimes.values():
+                late += [(rt, k, t) for k, (t, deadline) in rt.moving.items() if now > deadline]
+                if rt.moving or rt.orphans or rt.lost_shards or set(rt.workers) <= rt.done:
+                    continue
+                load = {}
+                for k in rt.slots:
+                    if k not in rt.done:
+                        load.setdefault(rt.workers[k], []).append(k)
+                want = min(rt.processes or len(rt.workers), len(rt.workers))
+                if len(load) < want:
+                    idle = self._idle_workers(rt)
+                    busiest = max(load.items(), key=lambda kv: (len(kv[1]), kv[0]), default=(None, []))
+                    if idle and len(busiest[1]) > 1:
+                        target = min(idle, key=lambda n: n.index)
+                        self._move(rt, max(busiest[1]), target, f"{len(load)} of {want} worker processes")
+                elif len(load) > want:
+                    # The least busy gives its slots away; of equals, the one that joined last.
+                    quietest = min(load.items(), key=lambda kv: (len(kv[1]), -self.nodes[kv[0]].index))
+                    others = [self.nodes[nid] for nid in load if nid != quietest[0]]
+                    target = min(others, key=lambda n: (len(load[n.node_id]), n.index))
+                    self._move(rt, max(quietest[1]), target, f"{len(load)} worker processes, {want} wanted")
+        for rt, k, target_id in late:
+            target = self.nodes.get(target_id)
+            try:
+                if target is None or not target.alive:
+                    raise RuntimeError(f"its target process {target_id} is gone")
+                self._hand_over(rt, k, target, f"moved to {target.name or target.node_id} (not released in time)")
+            except Exception as exc:  # noqa: BLE001 - becomes a lost slot: placed again by the monitor
+                log.warning("job %s: moving worker slot %d failed: %s", rt.id, k, rpc.one_line(exc))
+                with self.lock:
+                    if rt.moving.pop(k, None) is not None:
+                        rt.orphans[k] = time.monotonic() + self.config.recovery_timeout
+
+    def scale(self, job_id: str, workers: int) -> JobRecord:
+        """Serve running job ``job_id`` with ``workers`` worker processes. Its slots (and so
+        its data split and, in sync mode, its results) stay the same; they move between
+        processes after their current step."""
+        with self.lock:
+            rt = self.runtimes.get(job_id)
+            if rt is None:
+                state = self.store.get(job_id).state.value
+                raise NotReady(f"job {job_id} is {state}: only a running job can be scaled")
+            slots = len(rt.workers)
+            if isinstance(workers, bool) or not 1 <= int(workers) <= slots:
+                raise ValueError(f"workers={workers!r}: job {job_id} has {slots} worker slots, so it can use 1 to "
+                                 f"{slots} worker processes")
+            rt.processes = int(workers)
+        self.store.add_event(job_id, f"scaled to {workers} worker processes")
+        self._rebalance()
+        return self.store.get(job_id)
 
     # ---- shard restart -----------------------------------------------------------------------
     def _init_shard(self, job_id: str, spec: JobSpec, plan: JobPlan, s: int, address: str, workers: list[int],
@@ -565,10 +799,10 @@ class Coordinator:
                 if address not in live_ps:
                     raise TimeoutError(f"shard {s} ({address}) did not come back within "
                                        f"{self.config.recovery_timeout:.0f}s")
-                resp = self._init_shard(rt.id, rt.spec, rt.plan, s, address, sorted(rt.workers), rt.incarnation)
-                live = sorted(rt.live)
-                if live != sorted(rt.workers):
-                    self._ps(address).set_membership(rt.id, live)
+                resp = self._init_shard(rt.id, rt.spec, rt.plan, s, address, rt.slots, rt.incarnation)
+                for k, epoch in sorted(rt.owners.items()):  # fencing since its checkpoint holds again
+                    if epoch:
+                        self._ps(address).fence(rt.id, k, epoch)
                 text = (f"shard {s} restarted from its checkpoint at version {resp.version}" if resp.restored
                         else f"shard {s} restarted with no checkpoint: from the initial values")
                 if rt.spec.train.mode is Mode.SYNC:
@@ -654,29 +888,36 @@ class Coordinator:
         plan = plan_job(rec.spec, len(rec.shards))  # deterministic: the placement the shards hold
         for address in rec.shards:
             self._ps(address).status(job_id)  # NOT_FOUND if that shard lost the job (it restarted too)
-        rt = JobRuntime(job_id, rec.spec, plan, dict(back), list(rec.shards), set(back), incarnation=rec.incarnation)
+        slots = sorted(rec.workers)
+        lost = [i for i in slots if i not in back]
+        deadline = time.monotonic() + self.config.recovery_timeout
+        rt = JobRuntime(job_id, rec.spec, plan, {i: back.get(i, "") for i in slots}, list(rec.shards),
+                        processes=len(set(back.values())) + len(lost), incarnation=rec.incarnation,
+                        owners={i: int(rec.workers[i].get("owner_epoch", 0)) for i in slots},
+                        orphans={i: deadline for i in lost})
         for i, nid in back.items():
             self.store.update_worker(job_id, i, node=nid)
-        lost = sorted(expected - set(back))
         for i in lost:
-            self.store.update_worker(job_id, i, state="lost")
-        if lost:
-            for address in rt.shards:
-                self._ps(address).set_membership(job_id, sorted(rt.live))
+            self.store.update_worker(job_id, i, state="lost", note="its process did not come back after the master "
+                                                                   "restarted")
         with self.lock:
             # Under the lock a report either came before (its "done" is in the table) or
             # finds the runtime (and adds itself): none falls between the two.
             table = self.store.get(job_id).workers
             rt.done = {i for i in back if table.get(i, {}).get("state") == "done"}
-            rt.steps = {i: int(table.get(i, {}).get("step", 0)) for i in back}
+            rt.steps = {i: int(table.get(i, {}).get("step", 0)) for i in slots}
             self.runtimes[job_id] = rt
             self.recovering.pop(job_id, None)
-            self.metrics.live(job_id, len(rt.live))
+            self.metrics.live(job_id, len(back))
+            self.metrics.slots(job_id, slots)
             self._maybe_finished(rt)
             self.changed.notify_all()
         self.store.add_event(job_id, f"resumed after the master restart with workers {sorted(back)}"
-                                     + (f"; workers {lost} did not come back" if lost else ""))
+                                     + (f"; workers {lost} did not come back: their slots go to other processes"
+                                        if lost else ""))
         log.info("job %s resumed after the master restart (workers %s)", job_id, sorted(back))
+        if lost:
+            self._place_orphans(rt)
 
     def _schedule_pending(self) -> None:
         for rec in self.store.list(states=[JobState.PENDING]):
@@ -771,7 +1012,7 @@ class MasterServicer(master_pb2_grpc.MasterServicer):
     @rpc.guarded
     def RegisterNode(self, request, context):
         node = self.c.register(request.role, request.address, request.name, request.metrics_address,
-                               tuple((t.job, t.worker_index) for t in request.running))
+                               tuple(SlotRef(t.job, t.worker_index, t.owner_epoch) for t in request.running))
         return master_pb2.RegisterNodeResponse(
             node_id=node.node_id, index=node.index, heartbeat_interval=self.c.config.heartbeat_interval
         )
@@ -783,6 +1024,10 @@ class MasterServicer(master_pb2_grpc.MasterServicer):
     @rpc.guarded
     def ReportProgress(self, request, context):
         return master_pb2.ProgressAck(cancelled=self.c.progress(jobcodec.progress_from_proto(request)))
+
+    @rpc.guarded
+    def ScaleJob(self, request, context):
+        return _status(self.c.scale(request.id, request.workers))
 
     @rpc.guarded
     def ListNodes(self, request, context):

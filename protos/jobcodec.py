@@ -25,6 +25,7 @@ from pstrain.runtime.spec import (
     ModelSpec,
     Progress,
     SliceSpec,
+    SlotRef,
     TaskSpec,
     TrainConfig,
 )
@@ -115,6 +116,7 @@ def task_to_proto(task: TaskSpec) -> master_pb2.Task:
     train_config_to_proto(task.train, t.train)
     t.data.dataset = task.dataset
     t.workers.extend(task.workers)
+    t.owner_epoch, t.start_step = task.owner_epoch, task.start_step
     return t
 
 
@@ -125,6 +127,7 @@ def task_from_proto(t: master_pb2.Task) -> TaskSpec:
         state_variables=tuple(t.state_variables),
         slices=tuple(SliceSpec(s.variable, s.key, s.shard, s.start, s.stop) for s in t.slices),
         shard_addresses=tuple(t.shard_addresses), train=train_config_from_proto(t.train), dataset=t.data.dataset,
+        owner_epoch=t.owner_epoch, start_step=t.start_step,
     )
 
 
@@ -134,6 +137,8 @@ def heartbeat_reply_to_proto(reply: HeartbeatReply) -> master_pb2.HeartbeatRespo
     msg.tasks.extend(task_to_proto(t) for t in reply.tasks)
     for f in reply.finished:
         msg.finished.add(job=f.job, evaluator=f.evaluator)
+    for r in reply.release:
+        msg.release.add(job=r.job, worker_index=r.worker, owner_epoch=r.owner_epoch)
     return msg
 
 
@@ -141,6 +146,7 @@ def heartbeat_reply_from_proto(msg: master_pb2.HeartbeatResponse) -> HeartbeatRe
     return HeartbeatReply(
         known=msg.known, tasks=tuple(task_from_proto(t) for t in msg.tasks), cancelled_jobs=tuple(msg.cancelled_jobs),
         finished=tuple(FinishedJob(f.job, f.evaluator) for f in msg.finished),
+        release=tuple(SlotRef(r.job, r.worker_index, r.owner_epoch) for r in msg.release),
     )
 
 
@@ -148,14 +154,16 @@ def heartbeat_reply_from_proto(msg: master_pb2.HeartbeatResponse) -> HeartbeatRe
 def progress_to_proto(p: Progress) -> master_pb2.ProgressReport:
     return master_pb2.ProgressReport(
         job=p.job, worker=p.worker, step=p.step, epoch=p.epoch, loss=p.loss, metrics=dict(p.metrics),
-        step_time=p.step_time, done=p.done, final=p.final, error=p.error,
+        step_time=p.step_time, done=p.done, final=p.final, error=p.error, owner_epoch=p.owner_epoch,
+        released=p.released,
     )
 
 
 def progress_from_proto(r: master_pb2.ProgressReport) -> Progress:
     return Progress(
         job=r.job, worker=r.worker, step=r.step, epoch=r.epoch, loss=r.loss, metrics=dict(r.metrics),
-        step_time=r.step_time, done=r.done, final=r.final, error=r.error,
+        step_time=r.step_time, done=r.done, final=r.final, error=r.error, owner_epoch=r.owner_epoch,
+        released=r.released,
     )
 
 
@@ -164,17 +172,20 @@ _HISTORY_FIELDS = ("time", "worker", "step", "epoch", "loss", "final")
 
 
 def workers_to_proto(workers: Mapping[int, Mapping[str, Any]], field) -> None:
-    """Fill ``JobStatus.workers`` from the store's worker table (index -> node, state, step, step_time)."""
+    """Fill ``JobStatus.workers`` from the store's worker table (slot -> node, state, step,
+    step_time, owner_epoch, note)."""
     for index, w in workers.items():
         field[int(index)].CopyFrom(master_pb2.WorkerStatus(
             node=str(w.get("node", "")), state=str(w.get("state", "")), step=int(w.get("step", 0)),
-            step_time=float(w.get("step_time", 0.0)),
+            step_time=float(w.get("step_time", 0.0)), owner_epoch=int(w.get("owner_epoch", 0)),
+            note=str(w.get("note", "")),
         ))
 
 
 def workers_from_proto(field) -> dict[str, dict[str, Any]]:
-    """``status --json``'s ``workers``: ``{"0": {"node", "state", "step", "step_time"}, ...}``."""
-    return {str(i): {"node": w.node, "state": w.state, "step": w.step, "step_time": w.step_time}
+    """``status --json``'s ``workers``: ``{"0": {"node", "state", "step", "step_time", "owner_epoch", "note"}, ...}``."""
+    return {str(i): {"node": w.node, "state": w.state, "step": w.step, "step_time": w.step_time,
+                     "owner_epoch": w.owner_epoch, "note": w.note}
             for i, w in sorted(field.items())}
 
 

@@ -89,6 +89,11 @@ class MasterStub:
                 request_serializer=protos_dot_master__pb2.ListNodesRequest.SerializeToString,
                 response_deserializer=protos_dot_master__pb2.ListNodesResponse.FromString,
                 _registered_method=True)
+        self.ScaleJob = channel.unary_unary(
+                '/pstrain.Master/ScaleJob',
+                request_serializer=protos_dot_master__pb2.ScaleJobRequest.SerializeToString,
+                response_deserializer=protos_dot_master__pb2.JobStatus.FromString,
+                _registered_method=True)
 
 
 class MasterServicer:
@@ -160,6 +165,12 @@ class MasterServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ScaleJob(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_MasterServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -217,6 +228,11 @@ def add_MasterServicer_to_server(servicer, server):
                     servicer.ListNodes,
                     request_deserializer=protos_dot_master__pb2.ListNodesRequest.FromString,
                     response_serializer=protos_dot_master__pb2.ListNodesResponse.SerializeToString,
+            ),
+            'ScaleJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.ScaleJob,
+                    request_deserializer=protos_dot_master__pb2.ScaleJobRequest.FromString,
+                    response_serializer=protos_dot_master__pb2.JobStatus.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -516,6 +532,33 @@ class Master:
             '/pstrain.Master/ListNodes',
             protos_dot_master__pb2.ListNodesRequest.SerializeToString,
             protos_dot_master__pb2.ListNodesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ScaleJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pstrain.Master/ScaleJob',
+            protos_dot_master__pb2.ScaleJobRequest.SerializeToString,
+            protos_dot_master__pb2.JobStatus.FromString,
             options,
             channel_credentials,
             insecure,

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from protos import graph_pb2 as protos_dot_graph__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0fprotos/ps.proto\x12\x07pstrain\x1a\x12protos/graph.proto\"A\n\x0bNamedTensor\x12\x0c\n\x04name\x18\x01 \x01(\t\x12$\n\x06tensor\x18\x02 \x01(\x0b\x32\x14.pstrain.TensorProto\"\xe3\x01\n\x10InitShardRequest\x12\x0b\n\x03job\x18\x01 \x01(\t\x12\r\n\x05shard\x18\x02 \x01(\x05\x12\'\n\tvariables\x18\x03 \x03(\x0b\x32\x14.pstrain.NamedTensor\x12\x11\n\ttrainable\x18\x04 \x03(\t\x12\x16\n\x0eoptimizer_json\x18\x05 \x01(\t\x12\x0c\n\x04mode\x18\x06 \x01(\t\x12\x11\n\tstaleness\x18\x07 \x01(\x05\x12\x0f\n\x07workers\x18\x08 \x03(\x05\x12\x18\n\x10\x63heckpoint_every\x18\t \x01(\x03\x12\x13\n\x0bincarnation\x18\n \x01(\t\".\n\x0eRestoreRequest\x12\x0b\n\x03job\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\"\"\n\x0fRestoreResponse\x12\x0f\n\x07version\x18\x01 \x01(\x03\"E\n\x11InitShardResponse\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12\r\n\x05\x62ytes\x18\x02 \x01(\x03\x12\x10\n\x08restored\x18\x03 \x01(\x08\"\xc8\x01\n\x0bPushRequest\x12\x0b\n\x03job\x18\x01 \x01(\t\x12\x0e\n\x06worker\x18\x02 \x01(\x05\x12\x0c\n\x04step\x18\x03 \x01(\x03\x12\x0e\n\x06weight\x18\x04 \x01(\x01\x12#\n\x05grads\x18\x05 \x03(\x0b\x32\x14.pstrain.NamedTensor\x12%\n\x07\x61ssigns\x18\x06 \x03(\x0b\x32\x14.pstrain.NamedTensor\x12\x0c\n\x04pull\x18\x07 \x01(\x08\x12\x13\n\x0bmin_version\x18\x08 \x01(\x03\x12\x0f\n\x07timeout\x18\t \x01(\x01\"X\n\x0cPushResponse\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12\x11\n\tduplicate\x18\x02 \x01(\x08\x12$\n\x06params\x18\x03 \x03(\x0b\x32\x14.pstrain.NamedTensor\"^\n\x0bPullRequest\x12\x0b\n\x03job\x18\x01 \x01(\t\x12\x0e\n\x06worker\x18\x02 \x01(\x05\x12\x0c\n\x04step\x18\x03 \x01(\x03\x12\x13\n\x0bmin_version\x18\x04 \x01(\x03\x12\x0f\n\x07timeout\x18\x05 \x01(\x01\"E\n\x0cPullResponse\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12$\n\x06params\x18\x02 \x03(\x0b\x32\x14.pstrain.NamedTensor\"6\n\x11MembershipRequest\x12\x0b\n\x03job\x18\x01 \x01(\t\x12\x14\n\x0clive_workers\x18\x02 \x03(\x05\"\x14\n\x12MembershipResponse\"!\n\x12ShardStatusRequest\x12\x0b\n\x03job\x18\x01 \x01(\t\")\n\x13ShardStatusResponse\x12\x12\n\nstats_json\x18\x01 \x01(\t\"\x1c\n\rEndJobRequest\x12\x0b\n\x03job\x18\x01 \x01(\t\"\x10\n\x0e\x45ndJobResponse\"\x1e\n\x0b\x45\x63hoMessage\x12\x0f\n\x07payload\x18\x01 \x01(\x0c\"\x1c\n\x0bTensorFrame\x12\r\n\x05\x66rame\x18\x01 \x01(\x0c\x32\xfb\x03\n\x0fParameterServer\x12\x42\n\tInitShard\x12\x19.pstrain.InitShardRequest\x1a\x1a.pstrain.InitShardResponse\x12\x33\n\x04Push\x12\x14.pstrain.PushRequest\x1a\x15.pstrain.PushResponse\x12\x33\n\x04Pull\x12\x14.pstrain.PullRequest\x1a\x15.pstrain.PullResponse\x12H\n\rSetMembership\x12\x1a.pstrain.MembershipRequest\x1a\x1b.pstrain.MembershipResponse\x12\x43\n\x06Status\x12\x1b.pstrain.ShardStatusRequest\x1a\x1c.pstrain.ShardStatusResponse\x12\x39\n\x06\x45ndJob\x12\x16.pstrain.EndJobRequest\x1a\x17.pstrain.EndJobResponse\x12\x32\n\x04\x45\x63ho\x12\x14.pstrain.EchoMessage\x1a\x14.pstrain.EchoMessage\x12<\n\x07Restore\x12\x17.pstrain.RestoreRequest\x1a\x18.pstrain.RestoreResponse2\xb2\x01\n\x12ParameterServerRaw\x12\x32\n\x04Push\x12\x14.pstrain.TensorFrame\x1a\x14.pstrain.TensorFrame\x12\x34\n\x06\x41ttach\x12\x14.pstrain.TensorFrame\x1a\x14.pstrain.TensorFrame\x12\x32\n\x04\x45\x63ho\x12\x14.pstrain.TensorFrame\x1a\x14.pstrain.TensorFrameb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0fprotos/ps.proto\x12\x07pstrain\x1a\x12protos/graph.proto\"A\n\x0bNamedTensor\x12\x0c\n\x04name\x18\x01 \x01(\t\x12$\n\x06tensor\x18\x02 \x01(\x0b\x32\x14.pstrain.TensorProto\"\xe3\x01\n\x10InitShardRequest\x12\x0b\n\x03job\x18\x01 \x01(\t\x12\r\n\x05shard\x18\x02 \x01(\x05\x12\'\n\tvariables\x18\x03 \x03(\x0b\x32\x14.pstrain.NamedTensor\x12\x11\n\ttrainable\x18\x04 \x03(\t\x12\x16\n\x0eoptimizer_json\x18\x05 \x01(\t\x12\x0c\n\x04mode\x18\x06 \x01(\t\x12\x11\n\tstaleness\x18\x07 \x01(\x05\x12\x0f\n\x07workers\x18\x08 \x03(\x05\x12\x18\n\x10\x63heckpoint_every\x18\t \x01(\x03\x12\x13\n\x0bincarnation\x18\n \x01(\t\".\n\x0eRestoreRequest\x12\x0b\n\x03job\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\"\"\n\x0fRestoreResponse\x12\x0f\n\x07version\x18\x01 \x01(\x03\"E\n\x11InitShardResponse\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12\r\n\x05\x62ytes\x18\x02 \x01(\x03\x12\x10\n\x08restored\x18\x03 \x01(\x08\"\xdd\x01\n\x0bPushRequest\x12\x0b\n\x03job\x18\x01 \x01(\t\x12\x0e\n\x06worker\x18\x02 \x01(\x05\x12\x0c\n\x04step\x18\x03 \x01(\x03\x12\x0e\n\x06weight\x18\x04 \x01(\x01\x12#\n\x05grads\x18\x05 \x03(\x0b\x32\x14.pstrain.NamedTensor\x12%\n\x07\x61ssigns\x18\x06 \x03(\x0b\x32\x14.pstrain.NamedTensor\x12\x0c\n\x04pull\x18\x07 \x01(\x08\x12\x13\n\x0bmin_version\x18\x08 \x01(\x03\x12\x0f\n\x07timeout\x18\t \x01(\x01\x12\x13\n\x0bowner_epoch\x18\n \x01(\x03\"X\n\x0cPushResponse\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12\x11\n\tduplicate\x18\x02 \x01(\x08\x12$\n\x06params\x18\x03 \x03(\x0b\x32\x14.pstrain.NamedTensor\"s\n\x0bPullRequest\x12\x0b\n\x03job\x18\x01 \x01(\t\x12\x0e\n\x06worker\x18\x02 \x01(\x05\x12\x0c\n\x04step\x18\x03 \x01(\x03\x12\x13\n\x0bmin_version\x18\x04 \x01(\x03\x12\x0f\n\x07timeout\x18\x05 \x01(\x01\x12\x13\n\x0bowner_epoch\x18\x06 \x01(\x03\"E\n\x0cPullResponse\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12$\n\x06params\x18\x02 \x03(\x0b\x32\x14.pstrain.NamedTensor\"6\n\x11MembershipRequest\x12\x0b\n\x03job\x18\x01 \x01(\t\x12\x14\n\x0clive_workers\x18\x02 \x03(\x05\"\x14\n\x12MembershipResponse\"@\n\x0c\x46\x65nceRequest\x12\x0b\n\x03job\x18\x01 \x01(\t\x12\x0e\n\x06worker\x18\x02 \x01(\x05\x12\x13\n\x0bowner_epoch\x18\x03 \x01(\x03\"3\n\rFenceResponse\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12\x11\n\tnext_step\x18\x02 \x01(\x03\"!\n\x12ShardStatusRequest\x12\x0b\n\x03job\x18\x01 \x01(\t\")\n\x13ShardStatusResponse\x12\x12\n\nstats_json\x18\x01 \x01(\t\"\x1c\n\rEndJobRequest\x12\x0b\n\x03job\x18\x01 \x01(\t\"\x10\n\x0e\x45ndJobResponse\"\x1e\n\x0b\x45\x63hoMessage\x12\x0f\n\x07payload\x18\x01 \x01(\x0c\"\x1c\n\x0bTensorFrame\x12\r\n\x05\x66rame\x18\x01 \x01(\x0c\x32\xb3\x04\n\x0fParameterServer\x12\x42\n\tInitShard\x12\x19.pstrain.InitShardRequest\x1a\x1a.pstrain.InitShardResponse\x12\x33\n\x04Push\x12\x14.pstrain.PushRequest\x1a\x15.pstrain.PushResponse\x12\x33\n\x04Pull\x12\x14.pstrain.PullRequest\x1a\x15.pstrain.PullResponse\x12H\n\rSetMembership\x12\x1a.pstrain.MembershipRequest\x1a\x1b.pstrain.MembershipResponse\x12\x43\n\x06Status\x12\x1b.pstrain.ShardStatusRequest\x1a\x1c.pstrain.ShardStatusResponse\x12\x39\n\x06\x45ndJob\x12\x16.pstrain.EndJobRequest\x1a\x17.pstrain.EndJobResponse\x12\x32\n\x04\x45\x63ho\x12\x14.pstrain.EchoMessage\x1a\x14.pstrain.EchoMessage\x12<\n\x07Restore\x12\x17.pstrain.RestoreRequest\x1a\x18.pstrain.RestoreResponse\x12\x36\n\x05\x46\x65nce\x12\x15.pstrain.FenceRequest\x1a\x16.pstrain.FenceResponse2\xb2\x01\n\x12ParameterServerRaw\x12\x32\n\x04Push\x12\x14.pstrain.TensorFrame\x1a\x14.pstrain.TensorFrame\x12\x34\n\x06\x41ttach\x12\x14.pstrain.TensorFrame\x1a\x14.pstrain.TensorFrame\x12\x32\n\x04\x45\x63ho\x12\x14.pstrain.TensorFrame\x1a\x14.pstrain.TensorFrameb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -43,31 +43,35 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_INITSHARDRESPONSE']._serialized_start=429
   _globals['_INITSHARDRESPONSE']._serialized_end=498
   _globals['_PUSHREQUEST']._serialized_start=501
-  _globals['_PUSHREQUEST']._serialized_end=701
-  _globals['_PUSHRESPONSE']._serialized_start=703
-  _globals['_PUSHRESPONSE']._serialized_end=791
-  _globals['_PULLREQUEST']._serialized_start=793
-  _globals['_PULLREQUEST']._serialized_end=887
-  _globals['_PULLRESPONSE']._serialized_start=889
-  _globals['_PULLRESPONSE']._serialized_end=958
-  _globals['_MEMBERSHIPREQUEST']._serialized_start=960
-  _globals['_MEMBERSHIPREQUEST']._serialized_end=1014
-  _globals['_MEMBERSHIPRESPONSE']._serialized_start=1016
-  _globals['_MEMBERSHIPRESPONSE']._serialized_end=1036
-  _globals['_SHARDSTATUSREQUEST']._serialized_start=1038
-  _globals['_SHARDSTATUSREQUEST']._serialized_end=1071
-  _globals['_SHARDSTATUSRESPONSE']._serialized_start=1073
-  _globals['_SHARDSTATUSRESPONSE']._serialized_end=1114
-  _globals['_ENDJOBREQUEST']._serialized_start=1116
-  _globals['_ENDJOBREQUEST']._serialized_end=1144
-  _globals['_ENDJOBRESPONSE']._serialized_start=1146
-  _globals['_ENDJOBRESPONSE']._serialized_end=1162
-  _globals['_ECHOMESSAGE']._serialized_start=1164
-  _globals['_ECHOMESSAGE']._serialized_end=1194
-  _globals['_TENSORFRAME']._serialized_start=1196
-  _globals['_TENSORFRAME']._serialized_end=1224
-  _globals['_PARAMETERSERVER']._serialized_start=1227
-  _globals['_PARAMETERSERVER']._serialized_end=1734
-  _globals['_PARAMETERSERVERRAW']._serialized_start=1737
-  _globals['_PARAMETERSERVERRAW']._serialized_end=1915
+  _globals['_PUSHREQUEST']._serialized_end=722
+  _globals['_PUSHRESPONSE']._serialized_start=724
+  _globals['_PUSHRESPONSE']._serialized_end=812
+  _globals['_PULLREQUEST']._serialized_start=814
+  _globals['_PULLREQUEST']._serialized_end=929
+  _globals['_PULLRESPONSE']._serialized_start=931
+  _globals['_PULLRESPONSE']._serialized_end=1000
+  _globals['_MEMBERSHIPREQUEST']._serialized_start=1002
+  _globals['_MEMBERSHIPREQUEST']._serialized_end=1056
+  _globals['_MEMBERSHIPRESPONSE']._serialized_start=1058
+  _globals['_MEMBERSHIPRESPONSE']._serialized_end=1078
+  _globals['_FENCEREQUEST']._serialized_start=1080
+  _globals['_FENCEREQUEST']._serialized_end=1144
+  _globals['_FENCERESPONSE']._serialized_start=1146
+  _globals['_FENCERESPONSE']._serialized_end=1197
+  _globals['_SHARDSTATUSREQUEST']._serialized_start=1199
+  _globals['_SHARDSTATUSREQUEST']._serialized_end=1232
+  _globals['_SHARDSTATUSRESPONSE']._serialized_start=1234
+  _globals['_SHARDSTATUSRESPONSE']._serialized_end=1275
+  _globals['_ENDJOBREQUEST']._serialized_start=1277
+  _globals['_ENDJOBREQUEST']._serialized_end=1305
+  _globals['_ENDJOBRESPONSE']._serialized_start=1307
+  _globals['_ENDJOBRESPONSE']._serialized_end=1323
+  _globals['_ECHOMESSAGE']._serialized_start=1325
+  _globals['_ECHOMESSAGE']._serialized_end=1355
+  _globals['_TENSORFRAME']._serialized_start=1357
+  _globals['_TENSORFRAME']._serialized_end=1385
+  _globals['_PARAMETERSERVER']._serialized_start=1388
+  _globals['_PARAMETERSERVER']._serialized_end=1951
+  _globals['_PARAMETERSERVERRAW']._serialized_start=1954
+  _globals['_PARAMETERSERVERRAW']._serialized_end=2132
 # @@protoc_insertion_point(module_scope)

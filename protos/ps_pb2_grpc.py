@@ -74,6 +74,11 @@ class ParameterServerStub:
                 request_serializer=protos_dot_ps__pb2.RestoreRequest.SerializeToString,
                 response_deserializer=protos_dot_ps__pb2.RestoreResponse.FromString,
                 _registered_method=True)
+        self.Fence = channel.unary_unary(
+                '/pstrain.ParameterServer/Fence',
+                request_serializer=protos_dot_ps__pb2.FenceRequest.SerializeToString,
+                response_deserializer=protos_dot_ps__pb2.FenceResponse.FromString,
+                _registered_method=True)
 
 
 class ParameterServerServicer:
@@ -129,6 +134,13 @@ class ParameterServerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Fence(self, request, context):
+        """Fence off the previous owner of a worker slot (see FenceRequest).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ParameterServerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -171,6 +183,11 @@ def add_ParameterServerServicer_to_server(servicer, server):
                     servicer.Restore,
                     request_deserializer=protos_dot_ps__pb2.RestoreRequest.FromString,
                     response_serializer=protos_dot_ps__pb2.RestoreResponse.SerializeToString,
+            ),
+            'Fence': grpc.unary_unary_rpc_method_handler(
+                    servicer.Fence,
+                    request_deserializer=protos_dot_ps__pb2.FenceRequest.FromString,
+                    response_serializer=protos_dot_ps__pb2.FenceResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -389,6 +406,33 @@ class ParameterServer:
             '/pstrain.ParameterServer/Restore',
             protos_dot_ps__pb2.RestoreRequest.SerializeToString,
             protos_dot_ps__pb2.RestoreResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Fence(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pstrain.ParameterServer/Fence',
+            protos_dot_ps__pb2.FenceRequest.SerializeToString,
+            protos_dot_ps__pb2.FenceResponse.FromString,
             options,
             channel_credentials,
             insecure,

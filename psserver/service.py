@@ -25,7 +25,7 @@ from protos.shm import Segment, SegmentUnavailable
 from protos.tensorwire import RAW_SERVICE
 from psserver.config import PSConfig
 from psserver.metrics import PSMetrics
-from psserver.shard import CheckpointConfig, PullRefused, RolledBack, Shard, ShardClosed
+from psserver.shard import CheckpointConfig, Fenced, PullRefused, RolledBack, Shard, ShardClosed
 from pstrain.runtime.optimizers import optimizer_from_config
 from pstrain.runtime.store import PushRejected
 from pstrain.transport import rpc
@@ -57,6 +57,7 @@ rpc.register_error(UnknownJob, grpc.StatusCode.NOT_FOUND)
 rpc.register_error(ShardSpecMismatch, grpc.StatusCode.ALREADY_EXISTS)
 rpc.register_error(PullRefused, grpc.StatusCode.OUT_OF_RANGE)
 rpc.register_error(RolledBack, grpc.StatusCode.ABORTED)
+rpc.register_error(Fenced, grpc.StatusCode.ABORTED)
 rpc.register_error(ResponseTooLarge, grpc.StatusCode.RESOURCE_EXHAUSTED)
 rpc.register_error(SegmentUnavailable, grpc.StatusCode.FAILED_PRECONDITION)
 
@@ -162,10 +163,12 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
             codec.read_named(request.grads),
             codec.read_named(request.assigns),
             request.weight,
+            owner_epoch=request.owner_epoch,
         )
         response = ps_pb2.PushResponse(version=ack.version, duplicate=ack.duplicate)
         if request.pull:
-            version, params = shard.pull(request.worker, request.step + 1, request.min_version, self._wait(request.timeout))
+            version, params = shard.pull(request.worker, request.step + 1, request.min_version, self._wait(request.timeout),
+                                         owner_epoch=request.owner_epoch)
             response.version = version
             codec.write_named(response.params, params)
         return self._sent(request, response, shard)
@@ -196,8 +199,9 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
               segment: Segment | None = None) -> bytes:
         grads = {k[2:]: v for k, v in tensors.items() if k.startswith("g:")}
         assigns = {k[2:]: v for k, v in tensors.items() if k.startswith("a:")}
-        worker, step = int(meta["worker"]), int(meta["step"])
-        ack = shard.push(worker, step, grads, assigns, float(meta.get("weight", 1.0)), immutable=immutable)
+        worker, step, epoch = int(meta["worker"]), int(meta["step"]), int(meta.get("owner_epoch", 0))
+        ack = shard.push(worker, step, grads, assigns, float(meta.get("weight", 1.0)), immutable=immutable,
+                         owner_epoch=epoch)
         reply = {"version": ack.version, "duplicate": ack.duplicate}
         if not meta.get("pull"):
             out = tensorwire.pack(reply, {})
@@ -214,6 +218,7 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
 
             _, out = shard.pull_encoded(
                 worker, step + 1, int(meta.get("min_version", 0)), self._wait(float(meta.get("timeout") or 0)), encode,
+                owner_epoch=epoch,
             )
         _check_response_size(shard, len(out))
         self.metrics.transferred(shard.job, received, len(out) + reply.get("shm_reply", 0))
@@ -252,7 +257,8 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
     @rpc.guarded
     def Pull(self, request, context):
         shard = self._shard(request.job)
-        version, params = shard.pull(request.worker, request.step, request.min_version, self._wait(request.timeout))
+        version, params = shard.pull(request.worker, request.step, request.min_version, self._wait(request.timeout),
+                                     owner_epoch=request.owner_epoch)
         response = ps_pb2.PullResponse(version=version)
         codec.write_named(response.params, params)
         return self._sent(request, response, shard)
@@ -260,6 +266,11 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
     @rpc.guarded
     def Restore(self, request, context):
         return ps_pb2.RestoreResponse(version=self._shard(request.job).rollback(int(request.version)))
+
+    @rpc.guarded
+    def Fence(self, request, context):
+        version, next_step = self._shard(request.job).fence(request.worker, request.owner_epoch)
+        return ps_pb2.FenceResponse(version=version, next_step=next_step)
 
     @rpc.guarded
     def SetMembership(self, request, context):

@@ -23,13 +23,21 @@ retries a push until it is acknowledged before starting the next step), so a
 push whose step is not above the worker's highest received step is a retry; it
 is acknowledged with ``duplicate=True`` and never applied twice.
 
+Workers are *slots* (slot k trains part k of every global batch), and the process
+running a slot can change: ``fence(k, epoch)`` gives slot k a newer ownership epoch
+and answers where the slot stands (its first step not received here); from then on
+pushes and pulls carrying an older epoch raise ``Fenced``. What the old process
+pushed stays: the new one computes the same gradients from that step, so a step
+both send is applied once. Epochs are checkpointed and never go back.
+
 Usage::
 
     shard = Shard("mnist", 0, {"dense/kernel": w}, trainable={"dense/kernel"},
                   optimizer=SGD(0.1), mode="sync", workers=[0, 1],
                   checkpoint=CheckpointConfig("ckpt/mnist-0.ckpt", every_versions=100))
     version, params = shard.pull(worker=0, step=0, min_version=0)
-    ack = shard.push(worker=0, step=0, grads={"dense/kernel": g}, assigns={}, weight=32)
+    ack = shard.push(worker=0, step=0, grads={"dense/kernel": g}, assigns={}, weight=0.5)
+    version, next_step = shard.fence(worker=1, epoch=1)   # another process takes slot 1 over
     shard.close()   # writes a final checkpoint
 
 A shard reports what it does (apply time, staleness, barrier waits, rejections) to
@@ -94,6 +102,17 @@ class RolledBack(RuntimeError):
         self.version = version
         super().__init__(f"job '{job}' shard {shard} rolled back to version {version}; "
                          f"pull and compute again from step {version}")
+
+
+class Fenced(RuntimeError):
+    """A request from a process that no longer owns its worker slot: another took the
+    slot over with a newer ownership epoch (the master moved it, or decided the old
+    process was lost). Nothing of it is applied; the process must stop."""
+
+    def __init__(self, job: str, shard: int, worker: int, epoch: int, current: int):
+        self.worker, self.epoch, self.current = worker, epoch, current
+        super().__init__(f"job '{job}' shard {shard}: worker slot {worker} was taken over (owner epoch {current}); "
+                         f"this process holds epoch {epoch} and is fenced off: stop")
 
 
 class PullRefused(ValueError):
@@ -201,6 +220,7 @@ class Shard:
         self._incarnation = incarnation
         self._generation = 0  # rollbacks so far: a pull waiting across one is told to start over
         self._rewind: dict[int, int] = {}  # worker -> version it must compute from (until it pulls)
+        self._owners: dict[int, int] = {}  # worker slot -> newest ownership epoch seen (older ones are fenced)
         self._due: list[tuple[int, CheckpointState]] = []  # aligned sync snapshots to write
         self._checkpoint_versions: list[int] = []  # on disk: the previous and the latest
         if checkpoint is not None:
@@ -235,6 +255,7 @@ class Shard:
         weight: float = 1.0,
         *,
         immutable: bool = False,
+        owner_epoch: int = 0,
     ) -> PushAck:
         """Receive worker ``worker``'s gradients (trainable variables) and assignments
         (state such as batch-norm moving statistics) for ``step``.
@@ -250,6 +271,8 @@ class Shard:
         Until it returns the arrays are only read. ``immutable=True`` promises that they
         never change afterwards either (views of a received frame's bytes): a push left
         waiting at a sync barrier then keeps them as they are instead of copying.
+        ``owner_epoch`` is the sender's ownership epoch of the slot: an older one than the
+        shard has seen raises ``Fenced`` (see ``fence``).
         """
         worker, step, weight = int(worker), int(step), float(weight)
         grads = {name: np.asarray(g) for name, g in grads.items()}
@@ -267,6 +290,7 @@ class Shard:
             raise
         with self._cond:
             self._check_open()
+            self._admit(worker, int(owner_epoch))
             if worker in self._rewind:
                 raise RolledBack(self.job, self.shard_id, self._rewind[worker])
             if self._is_duplicate(worker, step):
@@ -305,7 +329,7 @@ class Shard:
         return PushAck(version)
 
     def pull(
-        self, worker: int, step: int, min_version: int = 0, timeout: float | None = None
+        self, worker: int, step: int, min_version: int = 0, timeout: float | None = None, owner_epoch: int = 0
     ) -> tuple[int, dict[str, np.ndarray]]:
         """The version and copies of all variables, once the mode allows worker
         ``worker`` to compute ``step``: sync waits for ``version >= min_version``, ssp
@@ -315,14 +339,18 @@ class Shard:
         """
         live = self._store.params
         return self.pull_encoded(worker, step, min_version, timeout,
-                                 lambda version, params: {n: self._owned(p, live[n]) for n, p in params.items()})
+                                 lambda version, params: {n: self._owned(p, live[n]) for n, p in params.items()},
+                                 owner_epoch=owner_epoch)
 
-    def pull_encoded(self, worker: int, step: int, min_version: int, timeout: float | None, encode):
+    def pull_encoded(self, worker: int, step: int, min_version: int, timeout: float | None, encode,
+                     owner_epoch: int = 0):
         """``pull``, handing the variables to ``encode(version, {name: host array})``
         under the lock and returning ``(version, what encode returned)``: a service
         frames the live arrays directly instead of copying them first. ``encode`` must
         not keep the arrays; on the CPU backend they are the shard's own."""
         with self._cond:
+            if worker >= 0:
+                self._admit(worker, int(owner_epoch))
             if min_version > self._store.version + self.step_window:
                 self._rejected["bad_min_version"] += 1
                 self._observer.rejected("bad_min_version")
@@ -331,7 +359,12 @@ class Shard:
                     f"{min_version}, more than {self.step_window} versions ahead of the shard's version "
                     f"{self._store.version}; pull at most the version after the step you pushed"
                 )
-            self._rewind.pop(worker, None)  # it pulls: from here on it computes from what it gets
+            # It pulls: from here on it computes from what it gets. Unless it asks for a version
+            # past the one rolled back to (a sync worker's first pull as it takes a slot over):
+            # nobody computes the steps in between for it, so it must start over from there.
+            rewind = self._rewind.pop(worker, None)
+            if rewind is not None and min_version > self._store.version:
+                raise RolledBack(self.job, self.shard_id, self._store.version)
             ready, generation = self._ready(step, min_version), self._generation
             if not self._cond.wait_for(lambda: self._closed or self._generation != generation or ready(), timeout):
                 raise TimeoutError(self._wait_message(worker, step, min_version, timeout))
@@ -344,6 +377,21 @@ class Shard:
             if worker >= 0:  # the master pulls as worker -1
                 self._pulled_version[worker] = version
             return version, encode(version, params)
+
+    def fence(self, worker: int, epoch: int) -> tuple[int, int]:
+        """A new process takes worker slot ``worker`` over with ownership ``epoch``: from
+        now on the slot's pushes and pulls with an older epoch raise ``Fenced``. Returns
+        (version, the slot's first step not received here): where the new owner starts.
+        Its pushes already received stay (buffered ones too): the new owner computes the
+        same gradients, so a step both send is applied once."""
+        worker, epoch = int(worker), int(epoch)
+        with self._cond:
+            self._check_open()
+            if epoch < self._owners.get(worker, 0):
+                raise self._fenced(worker, epoch)
+            self._owners[worker] = epoch
+            self._cond.notify_all()
+            return self._store.version, self._last_step.get(worker, -1) + 1
 
     def set_live_workers(self, workers: Iterable[int]) -> None:
         """Change membership (a worker died or joined). A removed worker's buffered
@@ -421,6 +469,7 @@ class Shard:
                 "applied_pushes": self._applied,
                 "duplicates": self._duplicates,
                 "rejected": dict(self._rejected),
+                "owners": dict(sorted(self._owners.items())),
                 "checkpoint_version": self._checkpoint_version,
                 "checkpoint_versions": list(self._checkpoint_versions),
                 "checkpoints_written": self._checkpoints_written,
@@ -491,6 +540,22 @@ class Shard:
         if refusal is not None:
             raise self._refuse(refusal.reason, f"{where}: {refusal.message}")
         return False
+
+    def _admit(self, worker: int, epoch: int) -> None:
+        """Refuse a request from an older owner of the slot; a newer one takes it over.
+        Caller holds the lock."""
+        current = self._owners.get(worker, 0)
+        if epoch < current:
+            raise self._fenced(worker, epoch)
+        if epoch > current:
+            self._owners[worker] = epoch
+
+    def _fenced(self, worker: int, epoch: int) -> Fenced:
+        self._rejected["fenced"] += 1
+        self._observer.rejected("fenced")
+        exc = Fenced(self.job, self.shard_id, worker, epoch, self._owners.get(worker, 0))
+        log.warning("%s", exc)
+        return exc
 
     def _refuse(self, reason: str, message: str) -> PushRefused:
         self._rejected[reason] += 1
@@ -663,6 +728,7 @@ class Shard:
             "live_workers": sorted(self._live),
             "clocks": {str(k): c for k, c in self._clocks.items()},
             "last_step": {str(k): s for k, s in self._last_step.items()},
+            "owners": {str(k): e for k, e in self._owners.items()},
             "pending": pending_meta,
             "incarnation": self._incarnation,
         }
@@ -729,6 +795,9 @@ class Shard:
         self._store.version = self._snapshot_version = int(meta["version"])
         self._clocks = {int(k): int(c) for k, c in meta["clocks"].items()}
         self._last_step = {int(k): int(s) for k, s in meta["last_step"].items()}
+        # Ownership only moves forward, even when the parameters go back (a rollback).
+        for k, e in meta.get("owners", {}).items():
+            self._owners[int(k)] = max(self._owners.get(int(k), 0), int(e))
         self._pending = {}
         for e in meta["pending"]:
             step, worker = int(e["step"]), int(e["worker"])

@@ -1,5 +1,10 @@
-"""A worker node: registers with the master, heartbeats, and runs the tasks it is given
-one at a time.
+"""A worker node: registers with the master, heartbeats, and runs the worker slots it
+is given, each in its own thread (a node may run several slots of one job: it took
+over the slots of a lost process, or the job was scaled to fewer processes).
+
+The master may ask for a slot back (``release`` in a heartbeat reply): its task stops
+after the step it is computing and reports where the slot stands, and the master
+hands the slot to another process.
 
 Usage (normally ``python -m worker``)::
 
@@ -13,6 +18,7 @@ import queue
 import threading
 
 from pstrain.kernels import get_backend
+from pstrain.runtime.spec import SlotRef, TaskSpec
 from pstrain.transport.membership import NodeMembership
 from worker.config import WorkerConfig
 from worker.metrics import WorkerMetrics
@@ -31,6 +37,7 @@ class WorkerNode:
         self.lock = threading.Lock()
         self.metrics = WorkerMetrics()
         self.membership = NodeMembership(config.master, "worker", name=config.name, on_response=self._on_heartbeat)
+        self._running: dict[tuple[str, int], tuple[SlotRef, threading.Event, threading.Thread]] = {}
 
     def _cancel_event(self, job: str) -> threading.Event:
         with self.lock:
@@ -45,12 +52,24 @@ class WorkerNode:
         for f in resp.finished:
             with self.lock:
                 self.finished[f.job] = f.evaluator
+        for slot in resp.release:
+            with self.lock:
+                running = self._running.get((slot.job, slot.worker))
+            if running is not None and running[0].owner_epoch == slot.owner_epoch:
+                log.info("job %s: releasing worker slot %d after its current step", slot.job, slot.worker)
+                running[1].set()
 
     def cancel_all(self) -> None:
-        """Stop the running task (the process is shutting down)."""
+        """Stop every running task (the process is shutting down)."""
         with self.lock:
             for event in self.cancelled.values():
                 event.set()
+
+    @property
+    def running(self) -> list[SlotRef]:
+        """The worker slots this node runs now."""
+        with self.lock:
+            return [slot for slot, _, _ in self._running.values()]
 
     def start(self) -> None:
         """Serve /metrics (unless metrics_port is -1), register with the master and start
@@ -69,21 +88,48 @@ class WorkerNode:
                     task = self.tasks.get(timeout=0.2)
                 except queue.Empty:
                     continue
-                job = task.job
-                log.info("job %s: starting as worker %d of %d", job, task.worker_index, len(task.workers))
-                self.membership.running = [(job, task.worker_index)]  # a restarted master re-attaches us
-                try:
-                    TrainingTask(task, self.membership.client, self.device, self.config.report_interval,
-                                 metrics=self.metrics).run(
-                        self._cancel_event(job), lambda j=job: self.finished.get(j)
-                    )
-                finally:
-                    self.membership.running = []
-                with self.lock:
-                    self.finished.pop(job, None)
+                self._start_task(task)
         finally:
+            self.cancel_all()
+            with self.lock:
+                threads = [t for _, _, t in self._running.values()]
+            for t in threads:
+                t.join(timeout=10)
             self.membership.stop()
             server = getattr(self.metrics, "http_server", None)
             if server is not None:
                 server.shutdown()
                 server.server_close()
+
+    def _start_task(self, task: TaskSpec) -> None:
+        key = (task.job, task.worker_index)
+        slot = SlotRef(task.job, task.worker_index, task.owner_epoch)
+        released = threading.Event()
+        with self.lock:
+            old = self._running.get(key)
+            if old is not None:  # an older assignment of the same slot still winding down
+                old[1].set()
+            thread = threading.Thread(target=self._run_task, args=(task, slot, released),
+                                      name=f"task-{task.job}-w{task.worker_index}", daemon=True)
+            self._running[key] = (slot, released, thread)
+            self.membership.running = [s for s, _, _ in self._running.values()]  # a restarted master re-attaches us
+        if task.start_step:
+            log.info("job %s: taking over worker slot %d of %d from step %d (owner epoch %d)", task.job,
+                     task.worker_index, len(task.workers), task.start_step, task.owner_epoch)
+        else:
+            log.info("job %s: starting as worker %d of %d", task.job, task.worker_index, len(task.workers))
+        thread.start()
+
+    def _run_task(self, task: TaskSpec, slot: SlotRef, released: threading.Event) -> None:
+        job = task.job
+        try:
+            TrainingTask(task, self.membership.client, self.device, self.config.report_interval,
+                         metrics=self.metrics).run(self._cancel_event(job), lambda: self.finished.get(job), released)
+        finally:
+            with self.lock:
+                key = (job, task.worker_index)
+                if key in self._running and self._running[key][0] == slot:
+                    del self._running[key]
+                self.membership.running = [s for s, _, _ in self._running.values()]
+                if not any(k[0] == job for k in self._running):
+                    self.finished.pop(job, None)

@@ -12,6 +12,12 @@ computing step t while step t-1's push is in flight — was measured and dropped
 MNIST with SGD momentum 0.9 and 2 async workers it cut 3-epoch accuracy from 97.6% to
 81% (the extra step of staleness compounds with momentum) for a 7% speed-up.
 
+A task runs one worker slot: part k of every global batch. A process taking a
+running slot over (``TaskSpec.start_step`` > 0) starts there, with the parameters of
+that step; a task asked to release its slot stops between two steps and reports the
+slot's next step; a task whose slot another process took over (``Fenced``) stops
+without pushing anything more.
+
 Usage (the worker node does this for each task the master sends)::
 
     TrainingTask(task, master_client, device="cpu", metrics=node_metrics).run(cancelled_event, finished_lookup)
@@ -28,7 +34,7 @@ import numpy as np
 from pstrain.runtime import datasets
 from pstrain.runtime.loop import Callback, EpochTotals, Schedule, TrainingCancelled, TrainingLoop
 from pstrain.runtime.modes import Mode
-from pstrain.runtime.parameters import RolledBack
+from pstrain.runtime.parameters import Fenced, RolledBack
 from pstrain.runtime.placement import layout
 from pstrain.runtime.plan import TrainPlan
 from pstrain.runtime.spec import Device, TaskSpec
@@ -54,6 +60,7 @@ class TrainingTask:
         self.master = master
         self.job = task.job
         self.index = task.worker_index
+        self.owner_epoch, self.start_step = task.owner_epoch, task.start_step
         self.workers = sorted(task.workers)
         self.position = self.workers.index(self.index)
         self.train = task.train
@@ -67,33 +74,50 @@ class TrainingTask:
         self.master_wait = master_wait
         self.params: ShardedParameterClient | None = None  # connected by run()
         self.loop: TrainingLoop | None = None  # made once the data is loaded
-        self._last_step = self._last_epoch = 0
+        self._last_step, self._last_epoch = task.start_step, 0  # the slot's next step, the epoch reached
 
-    def run(self, cancelled: threading.Event, finished) -> None:
+    def run(self, cancelled: threading.Event, finished, released: threading.Event | None = None) -> None:
         """Train, report, and (if chosen) evaluate the final model. ``finished`` is a
-        callable returning the evaluator index once the master says the job is done."""
+        callable returning the evaluator index once the master says the job is done;
+        ``released`` set: stop after the current step and report where the slot stands."""
+        released = released or threading.Event()
+        stop = _Either(cancelled, released)
         try:
-            self.params = self._connect(cancelled)
-            self._train(cancelled)
+            self.params = self._connect(stop)
+            self._train(stop)
             evaluator = self._wait_finished(cancelled, finished)
             if evaluator == self.index:
                 self._pull()
                 loss, acc = self._evaluate()
                 self.metrics.validation(loss, acc)
-                self._deliver(lambda: self.master.report(self.job, self.index, self._last_step, self._last_epoch, loss,
-                                                         {"val_loss": loss, "val_accuracy": acc}, final=True))
+                self._deliver(lambda: self.report(self._last_step, self._last_epoch, loss,
+                                                  {"val_loss": loss, "val_accuracy": acc}, final=True))
         except TaskCancelled:
-            log.info("job %s cancelled", self.job)
+            if released.is_set() and not cancelled.is_set():
+                log.info("job %s: worker slot %d released at step %d", self.job, self.index, self._last_step)
+                self._deliver(lambda: self.report(self._last_step, self._last_epoch, 0.0, {}, released=True))
+            else:
+                log.info("job %s cancelled", self.job)
+        except Fenced as exc:
+            # Another process runs this slot now (this one was paused past the heartbeat
+            # timeout, or the slot moved): nothing more of ours may reach the shards.
+            log.warning("job %s worker %d: %s", self.job, self.index, exc)
         except Exception as exc:  # noqa: BLE001 - reported to the master
             log.exception("job %s failed on worker %d", self.job, self.index)
             try:
-                self.master.report(self.job, self.index, 0, 0, 0.0, {}, error=rpc.one_line(exc))
+                self.report(0, 0, 0.0, {}, error=rpc.one_line(exc))
             except Exception:  # noqa: BLE001
                 pass
         finally:
             self.metrics.end()
             if self.params is not None:
                 self.params.close()
+
+    def report(self, step: int, epoch: int, loss: float, metrics: dict, step_time: float = 0.0, **flags):
+        """A progress report for this slot, as this process's ownership of it (``flags``:
+        done, final, error, released, wait; see ``MasterClient.report``)."""
+        return self.master.report(self.job, self.index, step, epoch, loss, metrics, step_time,
+                                  owner_epoch=self.owner_epoch, **flags)
 
     def _connect(self, cancelled: threading.Event) -> ShardedParameterClient:
         """The job's shards, behind one client, laid out as the master placed the variables."""
@@ -104,7 +128,7 @@ class TrainingTask:
         return ShardedParameterClient(self.job, self.index, list(task.shard_addresses), placement,
                                       timeout=600.0, rpc_timeout=660.0, retries=self.push_retries,
                                       on_transfer=self.metrics.transferred, retry_for=self.master_wait,
-                                      stop=cancelled.is_set)
+                                      stop=cancelled.is_set, owner_epoch=self.owner_epoch)
 
     def _train(self, cancelled: threading.Event) -> None:
         t = self.train
@@ -116,9 +140,14 @@ class TrainingTask:
                                  sync=t.mode is Mode.SYNC)
         schedule = Schedule(len(x), int(t.batch_size), int(t.epochs), seed=int(t.seed), shuffle=t.shuffle,
                             position=self.position, workers=len(self.workers), min_steps_per_epoch=1)
-        self._pull()
+        start_at = self.start_step
+        try:
+            # Taking a running slot over: in sync mode its next step needs the parameters
+            # of exactly that version (the barrier before it waits for this slot).
+            self._pull(start_at, start_at if t.mode is Mode.SYNC else 0)
+        except RolledBack as back:
+            start_at = self._resync(back)
         reporter = _Reporter(self, schedule.steps_per_epoch)
-        start_at = 0
         while True:
             try:
                 self.loop.run(x, y, schedule, [reporter], cancelled=cancelled, start_at=start_at)
@@ -131,8 +160,7 @@ class TrainingTask:
                             back.version)
                 start_at = self._resync(back)
         reporter.settle()
-        if self._deliver(lambda: self.master.report(self.job, self.index, self._last_step, self._last_epoch, 0.0, {},
-                                                    done=True)):
+        if self._deliver(lambda: self.report(self._last_step, self._last_epoch, 0.0, {}, done=True)):
             raise TaskCancelled()
 
     def _deliver(self, report):
@@ -167,9 +195,9 @@ class TrainingTask:
                                    f"(they hold {self.params.versions})")
             time.sleep(0.1)
 
-    def _pull(self) -> None:
+    def _pull(self, step: int = 0, min_version: int = 0) -> None:
         started = time.perf_counter()
-        self.loop.pull(0)
+        self.loop.pull(step, min_version)
         self.metrics.pull(time.perf_counter() - started)
 
     def _evaluate(self) -> tuple[float, float]:
@@ -228,8 +256,7 @@ class _Reporter(Callback):
         # Not waited for: the master records it (SQLite) while the next steps run; its
         # answer (cancelled?) is read before the next report, which keeps them in order.
         self.settle()
-        self._pending = self.task.master.report(self.task.job, self.task.index, step, epoch, totals.loss, metrics,
-                                                step_time, wait=False)
+        self._pending = self.task.report(step, epoch, totals.loss, metrics, step_time, wait=False)
 
     def settle(self) -> None:
         """Wait for the report in flight; TaskCancelled if the master answered that the job
@@ -249,3 +276,13 @@ class _Reporter(Callback):
             return
         if stop:
             raise TaskCancelled()
+
+
+class _Either:
+    """Set when either event is: the loop's ``cancelled`` for a job cancelled or a slot released."""
+
+    def __init__(self, *events: threading.Event):
+        self.events = events
+
+    def is_set(self) -> bool:
+        return any(e.is_set() for e in self.events)

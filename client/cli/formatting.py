@@ -8,7 +8,6 @@ Usage::
 """
 from __future__ import annotations
 
-import json
 import time
 from typing import Any, Mapping
 
@@ -32,9 +31,21 @@ def format_status(s: Mapping[str, Any]) -> str:
     if s.get("error"):
         lines.append(f"  error: {s['error']}")
     lines.append(f"  created {_fmt_time(s.get('created', 0))}  updated {_fmt_time(s.get('updated', 0))}")
-    for worker, info in sorted((s.get("workers") or {}).items(), key=lambda kv: str(kv[0])):
-        lines.append(f"  worker {worker}: {json.dumps(info, sort_keys=True)}")
+    for worker, info in sorted((s.get("workers") or {}).items(), key=lambda kv: int(kv[0])):
+        lines.append("  " + format_worker(worker, info))
     return "\n".join(lines)
+
+
+def format_worker(worker, info: Mapping[str, Any]) -> str:
+    """One worker slot of ``psctl status``: its state, process, step, and what happened to it."""
+    text = f"worker {worker}: {info.get('state') or '?'} on {info.get('node') or '-'}, step {info.get('step', 0)}"
+    if info.get("step_time"):
+        text += f", {info['step_time'] * 1000:.1f} ms/step"
+    if info.get("owner_epoch"):
+        text += f"; moved {info['owner_epoch']} time{'s' if info['owner_epoch'] != 1 else ''}"
+    if info.get("note"):
+        text += f" (last: {info['note']})"
+    return text
 
 
 def format_table(jobs: list[Mapping[str, Any]]) -> str:

@@ -1,9 +1,10 @@
 """The job commands: ``psctl submit``, ``status``, ``list``, ``logs``, ``cancel``,
-``export`` and ``plot``, each one call to the master. Usage::
+``scale``, ``export`` and ``plot``, each one call to the master. Usage::
 
     psctl submit examples/mnist_mlp.py --mode ssp --staleness 2 --wait
     psctl status job-000001 --json
     psctl logs -f job-000001
+    psctl scale job-000001 --workers 1
     psctl export job-000001 -o model.npz
     psctl plot job-000001 -o curves.png
 """
@@ -155,6 +156,20 @@ def cancel_command(args) -> int:
         print_json(s)
     else:
         print(f"{s['id']}: {s['state']}")
+    return EXIT_OK
+
+
+def scale_command(args) -> int:
+    client = master_client(args)
+    try:
+        s = client.scale(args.job, args.workers)
+    finally:
+        client.close()
+    if args.json:
+        print_json(s)
+    else:
+        print(f"{s['id']}: {s['state']}; moving its worker slots to {args.workers} worker process"
+              f"{'es' if args.workers != 1 else ''} (each after its current step; see psctl status {s['id']})")
     return EXIT_OK
 
 

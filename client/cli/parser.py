@@ -16,6 +16,7 @@ from client.cli.jobs import (
     list_command,
     logs_command,
     plot_command,
+    scale_command,
     status_command,
     submit_command,
 )
@@ -120,6 +121,12 @@ def build_parser() -> argparse.ArgumentParser:
         c = command(name, func, help)
         c.add_argument("job", help="the job id (see psctl list)")
         c.add_argument("--json", action="store_true", help="print JSON")
+
+    c = command("scale", scale_command, "change how many worker processes serve a running job")
+    c.add_argument("job", help="the job id")
+    c.add_argument("--workers", required=True, type=_positive(int),
+                   help="worker processes to serve it (1 to the job's worker count; its data split stays the same)")
+    c.add_argument("--json", action="store_true", help="print the job's status as JSON")
 
     c = command("list", list_command, "list the master's jobs")
     c.add_argument("--json", action="store_true", help="print JSON (a list of job statuses)")

@@ -143,9 +143,10 @@ class TrainingLoop:
         self.params: Mapping[str, np.ndarray] | None = None  # the newest the client gave, set by pull()
         self.exchange_seconds = 0.0  # how long the last push_pull took
 
-    def pull(self, step: int = 0) -> Mapping[str, np.ndarray]:
-        """Fetch the current parameters (``run`` does this first if nothing was pulled yet)."""
-        self.params = self.client.pull(step)
+    def pull(self, step: int = 0, min_version: int = 0) -> Mapping[str, np.ndarray]:
+        """Fetch the current parameters, at least version ``min_version`` (``run`` does
+        this first if nothing was pulled yet)."""
+        self.params = self.client.pull(step, min_version)
         return self.params
 
     def train_batch(self, x: np.ndarray, y: np.ndarray, step: int, weight: float = 1.0,

@@ -34,6 +34,11 @@ class RolledBack(Exception):
         super().__init__(detail or f"the parameters rolled back to version {self.version}")
 
 
+class Fenced(Exception):
+    """Another process took this worker slot over (a newer ownership epoch): this one
+    must stop without pushing anything more. Raised by ``pull`` / ``push_pull``."""
+
+
 class ParameterClient(abc.ABC):
     """Where a trainer's parameters live. The mappings returned are the client's own
     arrays, updated in place by later calls: read them, don't write or keep them."""
@@ -44,9 +49,10 @@ class ParameterClient(abc.ABC):
         """The newest parameter version seen (updates applied so far)."""
 
     @abc.abstractmethod
-    def pull(self, step: int = 0) -> Mapping[str, np.ndarray]:
-        """The current parameters, {variable: full array}. ``step`` is the step the
-        caller is about to compute (a bounded-staleness server may make it wait)."""
+    def pull(self, step: int = 0, min_version: int = 0) -> Mapping[str, np.ndarray]:
+        """The current parameters, {variable: full array}, once they are at least
+        ``min_version``. ``step`` is the step the caller is about to compute (a
+        bounded-staleness server may make it wait)."""
 
     @abc.abstractmethod
     def push_pull(self, step: int, grads: Mapping[str, np.ndarray], updates: Mapping[str, np.ndarray],
@@ -85,7 +91,10 @@ class LocalParameterClient(ParameterClient):
     def version(self) -> int:
         return self.store.version
 
-    def pull(self, step: int = 0) -> Mapping[str, np.ndarray]:
+    def pull(self, step: int = 0, min_version: int = 0) -> Mapping[str, np.ndarray]:
+        if min_version > self.store.version:
+            raise ValueError(f"min_version {min_version} is ahead of the store's version {self.store.version}; "
+                             "in process nothing else will advance it")
         return self.store.pull()
 
     def push_pull(self, step: int, grads: Mapping[str, np.ndarray], updates: Mapping[str, np.ndarray],

@@ -7,8 +7,9 @@ the core's data types, converted to and from protobuf only at the service edge
 - ``ModelSpec``: the forward graph and its named roles (features, labels, loss,
   prediction), the Keras config for export, the weight order;
 - ``JobSpec``: a named model + train config + dataset, what a client submits;
-- ``TaskSpec``: one worker's part of a planned job, what the master hands it (in a
-  ``HeartbeatReply``, with jobs cancelled and ``FinishedJob``s);
+- ``TaskSpec``: one worker slot of a planned job, what the master hands the process
+  that runs it (in a ``HeartbeatReply``, with jobs cancelled, ``FinishedJob``s and
+  slots to release, ``SlotRef``s);
 - ``Progress``: one worker report (step, epoch, loss, metrics, done / final / error).
 
 Every type is a frozen dataclass validated on construction; an invalid field raises
@@ -167,12 +168,17 @@ class SliceSpec:
 
 @dataclass(frozen=True)
 class TaskSpec:
-    """One worker's part of a planned job: the training graph (forward + backward) and its
-    roles, where every variable slice lives, and how to train."""
+    """One worker slot of a planned job: the training graph (forward + backward) and its
+    roles, where every variable slice lives, and how to train.
+
+    A job has a fixed set of worker slots (``workers``); slot k trains part k of every
+    global batch, whichever process runs it. ``owner_epoch`` numbers the slot's
+    assignments to processes (a process with an older one is fenced off);
+    ``start_step`` is where a process taking a running slot over starts."""
 
     job: str
     worker_index: int
-    workers: tuple[int, ...]  # every worker index of the job
+    workers: tuple[int, ...]  # every worker slot of the job
     graph: Graph
     features: str
     labels: str
@@ -184,8 +190,12 @@ class TaskSpec:
     shard_addresses: tuple[str, ...]  # by shard index
     train: TrainConfig
     dataset: str
+    owner_epoch: int = 0
+    start_step: int = 0
 
     def __post_init__(self):
+        _at_least("owner_epoch", self.owner_epoch, 0)
+        _at_least("start_step", self.start_step, 0)
         object.__setattr__(self, "workers", tuple(sorted(self.workers)))
         object.__setattr__(self, "state_variables", tuple(self.state_variables))
         object.__setattr__(self, "slices", tuple(self.slices))
@@ -208,20 +218,33 @@ class FinishedJob:
 
 
 @dataclass(frozen=True)
+class SlotRef:
+    """Worker slot ``worker`` of ``job``, as run by the process holding ``owner_epoch``."""
+
+    job: str
+    worker: int
+    owner_epoch: int = 0
+
+
+@dataclass(frozen=True)
 class HeartbeatReply:
     """What a heartbeat answers: ``known`` False means register again; the rest is new
-    work, jobs to stop, and jobs whose final model is to be evaluated."""
+    work, jobs to stop, jobs whose final model is to be evaluated, and worker slots to
+    release after their current step (the master moves them to another process)."""
 
     known: bool
     tasks: tuple[TaskSpec, ...] = ()
     cancelled_jobs: tuple[str, ...] = ()
     finished: tuple[FinishedJob, ...] = ()
+    release: tuple[SlotRef, ...] = ()
 
 
 @dataclass(frozen=True)
 class Progress:
     """One worker report. ``done``: it ran its last step; ``final``: the final evaluation
-    of the trained model; ``error``: it failed (the job fails)."""
+    of the trained model; ``error``: it failed (the job fails); ``released``: it stopped
+    as the master asked, and ``step`` is the slot's next step. ``owner_epoch``: the
+    sender's ownership of the slot (a report from a fenced-off process changes nothing)."""
 
     job: str
     worker: int
@@ -233,9 +256,12 @@ class Progress:
     done: bool = False
     final: bool = False
     error: str = ""
+    owner_epoch: int = 0
+    released: bool = False
 
     def __post_init__(self):
         object.__setattr__(self, "metrics", {str(k): float(v) for k, v in dict(self.metrics).items()})
+        _at_least("owner_epoch", self.owner_epoch, 0)
         _at_least("worker", self.worker, 0)
         _at_least("step", self.step, 0)
         _at_least("epoch", self.epoch, 0)

@@ -19,7 +19,7 @@ import numpy as np
 
 from graph.core import Graph
 from protos import codec, jobcodec, master_pb2, master_pb2_grpc
-from pstrain.runtime.spec import HeartbeatReply, JobSpec
+from pstrain.runtime.spec import HeartbeatReply, JobSpec, SlotRef
 from pstrain.transport import rpc
 
 DEFAULT_MASTER = "127.0.0.1:50051"
@@ -113,12 +113,12 @@ class MasterClient:
 
     # ---- nodes ----------------------------------------------------------------------------------
     def register(self, role: str, address: str = "", name: str = "", metrics_address: str = "",
-                 running: Sequence[tuple[str, int]] = ()) -> master_pb2.RegisterNodeResponse:
-        """Register a node. ``running``: the (job, worker index) tasks a worker is running,
-        so a restarted master re-attaches it to those jobs."""
+                 running: Sequence[SlotRef] = ()) -> master_pb2.RegisterNodeResponse:
+        """Register a node. ``running``: the worker slots a worker is running, so a
+        restarted master re-attaches it to those jobs."""
         req = master_pb2.RegisterNodeRequest(role=role, address=address, name=name, metrics_address=metrics_address)
-        for job, index in running:
-            req.running.add(job=job, worker_index=index)
+        for slot in running:
+            req.running.add(job=slot.job, worker_index=slot.worker, owner_epoch=slot.owner_epoch)
         return self._call(self.stub.RegisterNode, req)
 
     def heartbeat(self, node_id: str) -> HeartbeatReply:
@@ -127,17 +127,24 @@ class MasterClient:
         return jobcodec.heartbeat_reply_from_proto(resp)
 
     def report(self, job: str, worker: int, step: int, epoch: int, loss: float, metrics: dict, step_time: float = 0.0,
-               done: bool = False, final: bool = False, error: str = "", wait: bool = True):
-        """Report progress; returns True if the job was cancelled. ``wait=False`` returns
-        at once, with a callable that waits and returns that answer."""
+               done: bool = False, final: bool = False, error: str = "", wait: bool = True, owner_epoch: int = 0,
+               released: bool = False):
+        """Report progress; returns True if the worker is to stop (the job was cancelled, or
+        this process no longer owns the slot). ``wait=False`` returns at once, with a
+        callable that waits and returns that answer."""
         req = master_pb2.ProgressReport(
             job=job, worker=worker, step=step, epoch=epoch, loss=loss, metrics={k: float(v) for k, v in metrics.items()},
-            step_time=step_time, done=done, final=final, error=error,
+            step_time=step_time, done=done, final=final, error=error, owner_epoch=owner_epoch, released=released,
         )
         if wait:
             return self._call(self.stub.ReportProgress, req).cancelled
         future = self._call(self.stub.ReportProgress.future, req)
         return lambda: future.result().cancelled
+
+    def scale(self, job_id: str, workers: int) -> dict:
+        """Serve running job ``job_id`` with ``workers`` worker processes (its worker slots
+        move between processes; their number is fixed)."""
+        return status_to_dict(self._call(self.stub.ScaleJob, master_pb2.ScaleJobRequest(id=job_id, workers=workers)))
 
     def nodes(self) -> list[dict]:
         """Registered workers and shards: node_id, role, address, index, alive, last_seen."""

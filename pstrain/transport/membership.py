@@ -18,6 +18,7 @@ from typing import Callable
 
 import grpc
 
+from pstrain.runtime.spec import SlotRef
 from pstrain.transport import rpc
 from pstrain.transport.master_client import MasterClient
 
@@ -36,7 +37,7 @@ class NodeMembership:
         self.index: int | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name=f"{role}-heartbeat", daemon=True)
-        self.running: list[tuple[str, int]] = []  # (job, worker index) a worker runs: told again on re-registering
+        self.running: list[SlotRef] = []  # the worker slots a worker runs: told again on re-registering
 
     def register(self) -> None:
         r = self.client.register(self.role, self.address, self.name, self.metrics_address, list(self.running))

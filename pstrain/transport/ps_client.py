@@ -32,7 +32,7 @@ import numpy as np
 from protos import codec, ps_pb2, ps_pb2_grpc, shm, tensorwire
 from protos.shm import Segment
 from protos.tensorwire import RAW_SERVICE
-from pstrain.runtime.parameters import ParameterClient, RolledBack
+from pstrain.runtime.parameters import Fenced, ParameterClient, RolledBack
 from pstrain.runtime.placement import Placement
 from pstrain.transport import rpc
 
@@ -45,14 +45,19 @@ RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 # master has initialised it again (from its checkpoint): retried too, within retry_for.
 RESTARTING = grpc.StatusCode.NOT_FOUND
 _ROLLED_BACK = re.compile(r"rolled back to version (\d+)")
+_FENCED = "is fenced off"
 
 
-def rolled_back(exc: grpc.RpcError) -> RolledBack | None:
-    """The ``RolledBack`` an ABORTED call from a shard that rolled back means, else None."""
+def shard_aborted(exc: grpc.RpcError) -> RolledBack | Fenced | None:
+    """What an ABORTED call means: ``RolledBack`` from a shard that rolled back,
+    ``Fenced`` when another process took this worker slot over; else None."""
     if exc.code() != grpc.StatusCode.ABORTED:
         return None
-    m = _ROLLED_BACK.search(exc.details() or "")
-    return RolledBack(int(m.group(1)), exc.details()) if m else None
+    details = exc.details() or ""
+    if _FENCED in details:
+        return Fenced(details)
+    m = _ROLLED_BACK.search(details)
+    return RolledBack(int(m.group(1)), details) if m else None
 
 
 class ShardedParameterClient(ParameterClient):
@@ -67,7 +72,9 @@ class ShardedParameterClient(ParameterClient):
     (job, worker, step), so resending one is safe). ``timeout`` is how long a shard
     may hold a pull for its version; ``rpc_timeout`` the deadline of a push.
     ``on_transfer(sent, received)`` hears the bytes of every call; ``connect`` makes
-    the client of one shard address (tests pass fakes).
+    the client of one shard address (tests pass fakes). ``owner_epoch`` is this process's
+    ownership epoch of worker slot ``worker``: once another process takes the slot
+    over (a newer epoch), every call raises ``Fenced``.
 
     Usage::
 
@@ -81,11 +88,11 @@ class ShardedParameterClient(ParameterClient):
                  timeout: float = 600.0, rpc_timeout: float = 660.0, retries: int = 5, retry_delay: float = 0.2,
                  on_transfer: Callable[[int, int], None] | None = None,
                  connect: Callable[[str], ParameterServerClient] | None = None, retry_for: float = 0.0,
-                 stop: Callable[[], bool] | None = None):
+                 stop: Callable[[], bool] | None = None, owner_epoch: int = 0):
         if len(addresses) != placement.num_shards:
             raise ValueError(f"job '{job}': {len(addresses)} shard addresses for a placement on {placement.num_shards} "
                              "shards; give one address per shard, in shard order")
-        self.job, self.worker, self.placement = job, int(worker), placement
+        self.job, self.worker, self.placement, self.owner_epoch = job, int(worker), placement, int(owner_epoch)
         self.timeout, self.rpc_timeout = float(timeout), float(rpc_timeout)
         self.retries, self.retry_delay, self.retry_for = int(retries), float(retry_delay), float(retry_for)
         self.on_transfer = on_transfer
@@ -108,10 +115,11 @@ class ShardedParameterClient(ParameterClient):
     def version(self) -> int:
         return self._version
 
-    def pull(self, step: int = 0) -> Mapping[str, np.ndarray]:
+    def pull(self, step: int = 0, min_version: int = 0) -> Mapping[str, np.ndarray]:
         for s, client in enumerate(self.shards):
             version, parts, size = self._retry(
-                lambda c=client: c.pull_with_size(self.job, self.worker, step, 0, timeout=self.timeout), s)
+                lambda c=client: c.pull_with_size(self.job, self.worker, step, min_version, timeout=self.timeout,
+                                                  owner_epoch=self.owner_epoch), s)
             self._count(0, size)
             self.placement.assemble_shard(parts, s, self._params)
             self._version = max(self._version, version)
@@ -129,7 +137,7 @@ class ShardedParameterClient(ParameterClient):
             client.start_push_pull(
                 self.job, self.worker, step, p.slice_for_shard(grads, s), p.slice_for_shard(updates, s),
                 weight=weight, min_version=min_version, timeout=self.timeout, rpc_timeout=self.rpc_timeout,
-                wait=s == last,
+                wait=s == last, owner_epoch=self.owner_epoch,
             )
             for s, client in enumerate(self.shards)
         ]
@@ -137,7 +145,7 @@ class ShardedParameterClient(ParameterClient):
             try:
                 version, parts = call.result()
             except grpc.RpcError as exc:
-                back = rolled_back(exc)
+                back = shard_aborted(exc)
                 if back is not None:
                     self._settle(calls[s + 1:])
                     raise back from None
@@ -179,7 +187,7 @@ class ShardedParameterClient(ParameterClient):
             try:
                 return call()
             except grpc.RpcError as exc:
-                back = rolled_back(exc)
+                back = shard_aborted(exc)
                 if back is not None:
                     raise back from None
                 if not self._retryable(exc) or (attempt >= self.retries and time.monotonic() >= deadline):
@@ -245,11 +253,11 @@ class ParameterServerClient:
         return True
 
     def start_push_pull(self, job, worker, step, grads, assigns=None, *, weight=1.0, min_version=0, timeout=600.0,
-                        rpc_timeout=660.0, wait=True) -> PushCall:
+                        rpc_timeout=660.0, wait=True, owner_epoch=0) -> PushCall:
         """Push with pull, through shared memory when ``use_shared_memory`` took, else a
         raw frame; ``wait=False`` leaves the call in flight. ``.result()`` of what it
         returns gives (version, params: read-only arrays, valid until the next push)."""
-        args = (job, worker, step, grads, assigns, weight, True, min_version, timeout)
+        args = (job, worker, step, grads, assigns, weight, True, min_version, timeout, owner_epoch)
         frame, size = None, 0
         if self.segment is not None:
             try:
@@ -273,9 +281,10 @@ class ParameterServerClient:
             self.segment = None
 
     @staticmethod
-    def push_frame(job, worker, step, grads, assigns=None, weight=1.0, pull=False, min_version=0, timeout=0.0) -> bytes:
+    def push_frame(job, worker, step, grads, assigns=None, weight=1.0, pull=False, min_version=0, timeout=0.0,
+                   owner_epoch=0) -> bytes:
         """A raw-frame push (see PushRaw)."""
-        return tensorwire.pack(push_meta(job, worker, step, grads, assigns, weight, pull, min_version, timeout),
+        return tensorwire.pack(push_meta(job, worker, step, grads, assigns, weight, pull, min_version, timeout, owner_epoch),
                                push_tensors(grads, assigns))
 
     def read_reply(self, reply: bytes) -> tuple[int, bool, dict]:
@@ -302,9 +311,11 @@ class ParameterServerClient:
         codec.write_named(req.variables, variables)
         return self.stub.InitShard(req, timeout=self.timeout)
 
-    def push_request(self, job, worker, step, grads, assigns=None, weight=1.0, pull=False, min_version=0, timeout=0.0):
+    def push_request(self, job, worker, step, grads, assigns=None, weight=1.0, pull=False, min_version=0, timeout=0.0,
+                     owner_epoch=0):
         req = ps_pb2.PushRequest(
-            job=job, worker=worker, step=step, weight=weight, pull=pull, min_version=min_version, timeout=timeout
+            job=job, worker=worker, step=step, weight=weight, pull=pull, min_version=min_version, timeout=timeout,
+            owner_epoch=owner_epoch,
         )
         codec.write_named(req.grads, grads)
         codec.write_named(req.assigns, assigns or {})
@@ -318,21 +329,28 @@ class ParameterServerClient:
     def push_future(self, request, timeout=None):
         return self.stub.Push.future(request, timeout=timeout or self.timeout)
 
-    def pull(self, job, worker, step, min_version=0, timeout=0.0):
-        resp = self.pull_response(job, worker, step, min_version, timeout)
+    def pull(self, job, worker, step, min_version=0, timeout=0.0, owner_epoch=0):
+        resp = self.pull_response(job, worker, step, min_version, timeout, owner_epoch)
         return resp.version, codec.read_named(resp.params)
 
-    def pull_with_size(self, job, worker, step, min_version=0, timeout=0.0) -> tuple[int, dict, int]:
+    def pull_with_size(self, job, worker, step, min_version=0, timeout=0.0, owner_epoch=0) -> tuple[int, dict, int]:
         """``pull`` plus the bytes of the reply: (version, params, size)."""
-        resp = self.pull_response(job, worker, step, min_version, timeout)
+        resp = self.pull_response(job, worker, step, min_version, timeout, owner_epoch)
         return resp.version, codec.read_named(resp.params), resp.ByteSize()
 
-    def pull_response(self, job, worker, step, min_version=0, timeout=0.0) -> ps_pb2.PullResponse:
+    def pull_response(self, job, worker, step, min_version=0, timeout=0.0, owner_epoch=0) -> ps_pb2.PullResponse:
         """``pull`` undecoded (callers that count its bytes)."""
         return self.stub.Pull(
-            ps_pb2.PullRequest(job=job, worker=worker, step=step, min_version=min_version, timeout=timeout),
+            ps_pb2.PullRequest(job=job, worker=worker, step=step, min_version=min_version, timeout=timeout,
+                               owner_epoch=owner_epoch),
             timeout=(timeout or self.timeout) + 5,
         )
+
+    def fence(self, job: str, worker: int, epoch: int) -> tuple[int, int]:
+        """Give worker slot ``worker`` to a new owner (``epoch``), fencing off older ones;
+        returns (version, the slot's first step this shard has not received)."""
+        resp = self.stub.Fence(ps_pb2.FenceRequest(job=job, worker=worker, owner_epoch=epoch), timeout=self.timeout)
+        return resp.version, resp.next_step
 
     def restore(self, job: str, version: int) -> int:
         """Roll the job's shard back to its checkpoint of ``version``; returns the version held."""
@@ -355,10 +373,10 @@ class ParameterServerClient:
         self.channel.close()
 
 
-def push_meta(job, worker, step, grads, assigns, weight, pull, min_version, timeout) -> dict:
+def push_meta(job, worker, step, grads, assigns, weight, pull, min_version, timeout, owner_epoch=0) -> dict:
     """The meta of a push frame (``grads`` and ``assigns`` only keep the signature that of ``push_frame``)."""
     return {"job": job, "worker": worker, "step": step, "weight": weight, "pull": pull,
-            "min_version": min_version, "timeout": timeout}
+            "min_version": min_version, "timeout": timeout, "owner_epoch": owner_epoch}
 
 
 def push_tensors(grads, assigns) -> dict:

@@ -3,10 +3,11 @@ role of a 2 worker x 2 shard local cluster mid-job and checks the job still ends
 SUCCEEDED; sync runs end with weights bit-identical to an uninterrupted run of the same
 job (computed once per module).
 
+Async runs check the exactly-once invariant: every shard's final version (the pushes
+it applied) equals the pushes an uninterrupted run makes, whoever computed them.
+
 The kill points come from one seed, printed at the start of every test, so a failure
 can be replayed: ``PSTRAIN_CHAOS_SEED=<seed> pytest tests/chaos``. Every wait is bounded.
-Not covered yet (the fault-tolerance issue goes on): SIGKILL of a worker in sync mode
-ending bit-identical (its data slices are not taken over yet).
 """
 from __future__ import annotations
 
@@ -91,15 +92,32 @@ def shard_address(handle, index: int) -> str:
 def worker_pid(handle, client, node_id: str) -> int:
     """The pid of the worker process the master knows as ``node_id`` (node ids change when
     a worker registers again, its /metrics address does not)."""
-    from client.launchers.base import tail
     from client.launchers.local import connectable, parse_metrics_line
 
     address = next(n["metrics_address"] for n in client.nodes() if n["node_id"] == node_id)
     for pid, log in zip(handle.pids["worker"], handle.logs["worker"]):
-        metrics = parse_metrics_line(tail(log, 2000), "worker")
-        if metrics and connectable(metrics) == connectable(address):
+        # The log's last such line: a restarted process appends to its predecessor's log.
+        with open(log, errors="replace") as f:
+            lines = [m for line in f if (m := parse_metrics_line(line, "worker"))]
+        if lines and connectable(lines[-1]) == connectable(address):
             return pid
     raise AssertionError(f"no worker process serves /metrics at {address}")
+
+
+def applied_pushes() -> int:
+    """The pushes that carry examples in an uninterrupted 2-worker run: what each async
+    shard applies (a worker's empty part of a short last batch is not applied)."""
+    from client import datasets as client_datasets
+    from pstrain.runtime.datasets import shard_indices
+
+    n, batch = len(client_datasets.load("digits").x_train), make_job().batch_size
+    sizes = [min(batch, n - s) for s in range(0, n, batch)]
+    return EPOCHS * sum(sum(1 for k in range(2) if len(shard_indices(size, k, 2))) for size in sizes)
+
+
+def shard_versions(final: dict) -> list[int]:
+    event = next(e for e in final["events"] if e.startswith("succeeded;"))
+    return [int(v) for v in event.split("shard versions [")[1].rstrip(")]").split(", ")]
 
 
 def assert_bit_identical(client, job_id: str, uninterrupted) -> None:
@@ -146,21 +164,52 @@ def test_sigkill_the_master(cluster, uninterrupted, tmp_path, mode):
     assert any("resumed after the master restart" in e for e in final["events"])
     if mode == "sync":
         assert_bit_identical(client, job_id, uninterrupted)
+    else:
+        assert shard_versions(final) == [applied_pushes()] * 2, final["events"]
 
 
 @pytest.mark.parametrize("mode", ["sync", "async"])
-def test_sigstop_a_worker_past_the_heartbeat_timeout(cluster, mode):
+def test_sigkill_a_worker(cluster, uninterrupted, mode):
+    """Its slot goes to the other process from where it stopped; the restarted process
+    (what the supervisor does) takes a slot back."""
+    handle, launcher, client = cluster
+    slot = random.Random(f"{SEED}-worker-{mode}").randrange(2)
+    job_id = run_until(client, mode, f"kill-worker-{mode}", kill_step(f"kill worker {slot} ({mode})"))
+    victim = worker_pid(handle, client, client.get(job_id)["workers"][str(slot)]["node"])
+    os.kill(victim, signal.SIGKILL)
+    assert all_gone([victim], timeout=5)
+    launcher.restart(handle, "worker", handle.pids["worker"].index(victim))
+    final = wait_through(client, job_id)
+    assert final["state"] == "SUCCEEDED", final
+    assert final["workers"][str(slot)]["owner_epoch"] >= 1, final["workers"]
+    assert any(f"worker {slot} lost at step" in e for e in final["events"]), final["events"]
+    if mode == "sync":
+        assert_bit_identical(client, job_id, uninterrupted)
+    else:
+        assert shard_versions(final) == [applied_pushes()] * 2, final["events"]
+        assert final["metrics"]["val_accuracy"] > 0.9
+    assert all(s.alive for s in launcher.status(handle))
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_sigstop_a_worker_past_the_heartbeat_timeout(cluster, uninterrupted, mode):
+    """Its slot goes to the other process; the resumed one is fenced off, registers
+    again and takes a slot back."""
     handle, launcher, client = cluster
     job_id = run_until(client, mode, f"pause-worker-{mode}", kill_step(f"pause worker 1 ({mode})"))
     victim = worker_pid(handle, client, client.get(job_id)["workers"]["1"]["node"])
     os.kill(victim, signal.SIGSTOP)
     try:
         wait_through(client, job_id, timeout=30,
-                     until=lambda s: s["state"] != "RUNNING" or s["workers"]["1"]["state"] == "lost")
+                     until=lambda s: s["state"] != "RUNNING" or s["workers"]["1"]["owner_epoch"] >= 1)
     finally:
         os.kill(victim, signal.SIGCONT)
     final = wait_through(client, job_id)
     assert final["state"] == "SUCCEEDED", final
-    assert final["workers"]["1"]["state"] == "lost"
+    assert final["workers"]["1"]["state"] == "done" and final["workers"]["1"]["owner_epoch"] >= 1, (final["workers"], final["events"])
+    if mode == "sync":
+        assert_bit_identical(client, job_id, uninterrupted)
+    else:
+        assert shard_versions(final) == [applied_pushes()] * 2, final["events"]
     # The resumed process lives on and registers again for the next jobs.
     assert all(s.alive for s in launcher.status(handle))

@@ -15,7 +15,15 @@ from client import cli, nn
 from client.cli.cluster import down_command, up_command
 from client.cli.common import EXIT_UNAVAILABLE, EXIT_USAGE, CommandError, connect_timeout, master_client
 from client.cli.formatting import format_record, format_status, format_table
-from client.cli.jobs import cancel_command, export_command, list_command, logs_command, status_command, submit_command
+from client.cli.jobs import (
+    cancel_command,
+    export_command,
+    list_command,
+    logs_command,
+    scale_command,
+    status_command,
+    submit_command,
+)
 from client.cli.parser import build_parser
 from client.cli.plan import SHARD_COLORS, WORKER_COLOR, _q, plan_command, plan_to_dot, render_png
 from client.cli.train import train_command
@@ -84,6 +92,15 @@ def test_parse_job_commands():
     assert parse("logs", "job-1").follow is False
     a = parse("export", "job-1", "-o", "m.npz")
     assert (a.func, a.job, a.output) == (export_command, "job-1", "m.npz")
+    a = parse("scale", "job-1", "--workers", "3")
+    assert (a.func, a.job, a.workers, a.json) == (scale_command, "job-1", 3, False)
+
+
+@pytest.mark.parametrize("argv", [["scale", "job-1"], ["scale", "job-1", "--workers", "0"]])
+def test_scale_needs_a_positive_worker_count(argv, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        parse(*argv)
+    assert exit_.value.code == 2
 
 
 def test_parse_train_and_plan():
@@ -346,3 +363,10 @@ def test_formatting_helpers():
     assert table.splitlines()[1].split() == ["job-000001", "n", "RUNNING", "1", "5", "0.5000", "0.7500"]
     text = format_status({**_status(), "name": "n", "error": "boom", "created": 0, "workers": {}})
     assert "job-000001  n  RUNNING" in text and "error: boom" in text
+    workers = {"1": {"node": "worker-b", "state": "running", "step": 40, "step_time": 0.0021, "owner_epoch": 1,
+                     "note": "w1 lost at step 37; continues on w0 from step 37"},
+               "0": {"node": "worker-a", "state": "done", "step": 40, "step_time": 0.0, "owner_epoch": 0, "note": ""}}
+    lines = format_status({**_status(), "workers": workers}).splitlines()
+    assert lines[-2:] == ["  worker 0: done on worker-a, step 40",
+                          "  worker 1: running on worker-b, step 40, 2.1 ms/step; moved 1 time "
+                          "(last: w1 lost at step 37; continues on w0 from step 37)"]

@@ -71,6 +71,7 @@ METRICS: dict[str, tuple[str, tuple[str, ...]]] = {
     "pstrain_job_val_accuracy": (GAUGE, ("job",)),
     "pstrain_job_val_loss": (GAUGE, ("job",)),
     "pstrain_worker_step_time_seconds": (GAUGE, ("job", "worker")),
+    "pstrain_worker_slot_moves_total": (COUNTER, ("job", "worker")),
 }
 # Labels a query may use: the services' own, plus what Prometheus adds (instance, and le
 # on histogram buckets). `job` is the training job's id: prometheus.yml honours it.

@@ -89,7 +89,8 @@ def test_sync_mnist_submit_status_list_export_logs(up, tmp_path):
     logs = psctl(["--master", up.address, "logs", done["id"]], up.env).stdout.splitlines()
     assert logs[0] == "submitted"
     assert any(line.startswith("running on 2 workers and 2 shards") for line in logs)
-    assert "succeeded; final weights saved for export" in logs
+    # Sync: every shard applied one update per step.
+    assert "succeeded; final weights saved for export (shard versions [1407, 1407])" in logs
     assert any(re.search(r"worker [01] epoch 3 step 1407 .*val_accuracy", line) for line in logs), logs[-5:]
 
 

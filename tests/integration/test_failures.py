@@ -83,39 +83,55 @@ def test_a_malformed_graph_is_refused_naming_the_node(master, corrupt, node, wor
 
 
 # ---- (b) a worker dies mid-run --------------------------------------------------------------------
+def _assert_same_weights(client, baseline_id: str, job_id: str) -> None:
+    _, names, want = client.export(baseline_id)
+    _, names2, got = client.export(job_id)
+    assert names == names2
+    for name, a, b in zip(names, want, got):
+        np.testing.assert_array_equal(a, b, err_msg=name)
+
+
+def _process_of_slot(handle, status: dict, slot: int) -> tuple[int, int]:
+    """(index among the launched workers, pid) of the process running job worker ``slot``
+    (launch order and registration order may differ)."""
+    i = worker_node_ids(handle).index(status["workers"][str(slot)]["node"])
+    return i, handle.pids["worker"][i]
+
+
 @pytest.mark.slow
-def test_sync_job_survives_a_killed_worker(tmp_path):
-    """SIGKILL worker 1 of a 2-worker sync job: after the heartbeat timeout the shards
-    drop it from the barrier and worker 0 finishes the job alone."""
+def test_sync_job_survives_a_killed_worker_bit_identically(tmp_path):
+    """SIGKILL the process of worker 1 of a 2-worker sync job (bug: its part of every
+    later batch was never trained, and a replacement registered but got no work). After
+    the heartbeat timeout its slot goes to worker 0's process, which computes it from
+    the step where it stopped; the restarted process then takes the slot back. The job
+    ends SUCCEEDED with weights bit-identical to an uninterrupted run."""
     from pstrain.transport.master_client import MasterClient
 
     with running_cluster(tmp_path / "cluster", workers=2, ps=1, heartbeat_timeout=2.0) as (handle, launcher):
         client = MasterClient(handle.master_address, connect_timeout=10)
         try:
-            # Long enough (2300 sync steps) that it is still running when the kill lands.
-            spec = job_to_spec(make_job(epochs=100), "kill-a-worker")
-            job = client.submit(spec)
+            baseline = wait_job(client, client.submit(job_to_spec(make_job(epochs=100), "uninterrupted"))["id"])
+            assert baseline["state"] == "SUCCEEDED", baseline
+            job = client.submit(job_to_spec(make_job(epochs=100), "kill-a-worker"))
             running = wait_job(client, job["id"], timeout=60,
                                until=lambda s: s["state"] in ("SUCCEEDED", "FAILED", "CANCELLED") or s["step"] >= 20)
             assert running["state"] == "RUNNING", running
-            total_steps = 100 * _steps_per_epoch()
-            assert running["step"] < total_steps
-            # Job worker 1 is the process whose node id the master gave job worker 1
-            # (launch order and registration order may differ).
-            victim_node = running["workers"]["1"]["node"]
-            victim = handle.pids["worker"][worker_node_ids(handle).index(victim_node)]
+            index, victim = _process_of_slot(handle, running, 1)
             os.kill(victim, signal.SIGKILL)
-            final = wait_job(client, job["id"], timeout=120)
-            assert final["state"] == "SUCCEEDED", final
-            assert final["error"] is None and final["step"] == total_steps and final["epoch"] == 100
-            lost = [e for e in final["events"] if e.startswith("worker 1 lost")]
-            assert lost, final["events"]
-            assert "continuing with workers [0]" in lost[0]
-            assert final["workers"]["1"]["state"] == "lost" and final["workers"]["0"]["state"] == "done"
-            assert final["metrics"]["val_accuracy"] > 0.9
             assert all_gone([victim], timeout=5)
-            survivors = [s for s in launcher.status(handle) if s.pid != victim]
-            assert all(s.alive for s in survivors), survivors
+            taken = wait_job(client, job["id"], timeout=30,
+                             until=lambda s: s["state"] != "RUNNING" or s["workers"]["1"]["owner_epoch"] >= 1)
+            assert taken["state"] == "RUNNING" and taken["workers"]["1"]["node"] == taken["workers"]["0"]["node"], taken
+            launcher.restart(handle, "worker", index)  # what the supervisor does
+            final = wait_job(client, job["id"], timeout=180)
+            assert final["state"] == "SUCCEEDED", final
+            assert final["error"] is None and final["epoch"] == 100
+            events = "\n".join(final["events"])
+            assert "worker 1 lost at step" in events and "worker 1 lost; continues on" in events, events
+            assert "worker 1 moved to" in events, events  # the restarted process took its slot back
+            assert final["workers"]["1"]["owner_epoch"] == 2 and final["workers"]["1"]["state"] == "done"
+            _assert_same_weights(client, baseline["id"], job["id"])
+            assert all(s.alive for s in launcher.status(handle)), launcher.status(handle)
         finally:
             client.close()
 
@@ -123,31 +139,33 @@ def test_sync_job_survives_a_killed_worker(tmp_path):
 @pytest.mark.slow
 def test_sync_job_survives_a_paused_worker_that_comes_back(tmp_path):
     """SIGSTOP worker 1 past the heartbeat timeout, then SIGCONT (bug: its refused push
-    failed the whole job). The job goes on with worker 0; the resumed worker is fenced
-    off (its reports ignored, told to stop) and the job SUCCEEDS with it still "lost"."""
+    failed the whole job). Its slot goes to worker 0's process meanwhile; the resumed
+    process is fenced off (the shards refuse it, its reports are ignored), registers
+    again and takes a slot back. The job SUCCEEDS bit-identical to an uninterrupted run."""
     from pstrain.transport.master_client import MasterClient
 
     with running_cluster(tmp_path / "cluster", workers=2, ps=1, heartbeat_timeout=2.0) as (handle, launcher):
         client = MasterClient(handle.master_address, connect_timeout=10)
         try:
+            baseline = wait_job(client, client.submit(job_to_spec(make_job(epochs=100), "uninterrupted"))["id"])
+            assert baseline["state"] == "SUCCEEDED", baseline
             job = client.submit(job_to_spec(make_job(epochs=100), "pause-a-worker"))
             running = wait_job(client, job["id"], timeout=60,
                                until=lambda s: s["state"] in ("SUCCEEDED", "FAILED", "CANCELLED") or s["step"] >= 20)
             assert running["state"] == "RUNNING", running
-            victim_node = running["workers"]["1"]["node"]
-            victim = handle.pids["worker"][worker_node_ids(handle).index(victim_node)]
+            _, victim = _process_of_slot(handle, running, 1)
             os.kill(victim, signal.SIGSTOP)
             try:
-                dropped = wait_job(client, job["id"], timeout=30,
-                                   until=lambda s: s["state"] != "RUNNING" or s["workers"]["1"]["state"] == "lost")
-                assert dropped["state"] == "RUNNING", dropped
+                taken = wait_job(client, job["id"], timeout=30,
+                                 until=lambda s: s["state"] != "RUNNING" or s["workers"]["1"]["owner_epoch"] >= 1)
+                assert taken["state"] == "RUNNING", taken
             finally:
                 os.kill(victim, signal.SIGCONT)
-            final = wait_job(client, job["id"], timeout=120)
+            final = wait_job(client, job["id"], timeout=180)
             assert final["state"] == "SUCCEEDED", final
             assert final["error"] is None and final["epoch"] == 100
-            assert final["workers"]["1"]["state"] == "lost" and final["workers"]["0"]["state"] == "done"
-            assert final["metrics"]["val_accuracy"] > 0.9
+            assert final["workers"]["0"]["state"] == "done" and final["workers"]["1"]["state"] == "done"
+            _assert_same_weights(client, baseline["id"], job["id"])
             assert all(s.alive for s in launcher.status(handle)), launcher.status(handle)  # the resumed one too
         finally:
             client.close()

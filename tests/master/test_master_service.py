@@ -20,6 +20,7 @@ from master.service import serve
 from protos import codec, jobcodec, master_pb2
 from psserver.config import PSConfig
 from psserver.service import serve as serve_ps
+from pstrain.runtime.spec import SlotRef
 from pstrain.transport.master_client import MasterClient
 from pstrain.transport.ps_client import ParameterServerClient
 from pstrain.transport.rpc import describe as rpc_describe
@@ -405,14 +406,121 @@ def test_job_succeeds_and_exports(master, heartbeats, ps_server, spec):
         np.testing.assert_array_equal(w, codec.tensor_from_proto(spec.model.graph.initial_values[name]))
 
 
-def test_losing_the_only_worker_fails_the_job(master, heartbeats, ps_server, spec):
+def test_losing_the_only_worker_fails_the_job_when_no_process_takes_it_over(tmp_path, ps_server, spec):
+    """With no other worker process, a lost slot waits ``recovery_timeout`` for one (a
+    supervisor restarting the worker), then the job fails saying so."""
+    ps_address, _ = ps_server
+    m = Master(str(tmp_path / "m.db"), recovery_timeout=1.0)
+    hb = Heartbeats(m.client())
+    try:
+        c = m.client()
+        job_id, _, worker = start_job(c, hb, spec, ps_address)
+        hb.silence(worker)
+        status = wait_for(lambda: (s := c.get(job_id))["state"] == "FAILED" and s, timeout=HEARTBEAT_TIMEOUT + 4)
+        assert "worker 0 was lost and no worker process took it over within 1s" in status["error"]
+        assert any("worker 0 lost" in e for e in status["events"])
+        assert status["workers"]["0"]["state"] == "lost" and "lost at step 0" in status["workers"]["0"]["note"]
+    finally:
+        hb.close()
+        m.stop()
+
+
+def _two_worker_job(c, heartbeats, spec, ps_address):
+    spec.train.num_workers = 2
+    job = c.submit_message(spec)
+    ps = c.register("ps", address=ps_address)
+    w0, w1 = c.register("worker", name="w0"), c.register("worker", name="w1")
+    for node in (ps, w0, w1):
+        heartbeats.add(node.node_id)
+    wait_for(lambda: c.get(job["id"])["state"] == "RUNNING")
+    return job["id"], w0, w1
+
+
+def _tasks(heartbeats, node_id):
+    return [(t.worker_index, t.owner_epoch, t.start_step) for t in heartbeats.received(node_id, "tasks")]
+
+
+def test_a_lost_workers_slot_goes_to_a_survivor_and_its_zombie_is_fenced_off(master, heartbeats, ps_server, spec):
+    """Bug: a SIGSTOPped worker, dropped after the heartbeat timeout, came back (SIGCONT),
+    had its push refused ("not live"), and the error it reported failed the whole job;
+    the dropped worker's part of each batch was never trained again. Its slot now goes
+    to another process (owner epoch 1), which computes it from where it stopped; the
+    old process's reports are ignored and answered "stop", and the shard refuses it."""
+    ps_address, _ = ps_server
+    c = master.client()
+    job_id, w0, w1 = _two_worker_job(c, heartbeats, spec, ps_address)
+    ps = ParameterServerClient(ps_address)
+    try:
+        ps.push(ps.push_request(job_id, 1, 0, {}, weight=0.0))  # slot 1 pushed step 0 before the pause
+        heartbeats.silence(w1.node_id)  # the pause
+        assert wait_for(lambda: (1, 1, 1) in _tasks(heartbeats, w0.node_id), timeout=HEARTBEAT_TIMEOUT + 3)
+        status = c.get(job_id)
+        assert status["workers"]["1"]["state"] == "running" and status["workers"]["1"]["node"] == w0.node_id
+        assert status["workers"]["1"]["owner_epoch"] == 1 and "from step 1" in status["workers"]["1"]["note"]
+        # The zombie resumes: the shard refuses it, the master ignores it and tells it to stop.
+        with pytest.raises(grpc.RpcError) as refused:
+            ps.push(ps.push_request(job_id, 1, 1, {}, weight=0.0))
+        assert refused.value.code() == grpc.StatusCode.ABORTED and "fenced off" in refused.value.details()
+        assert c.report(job_id, 1, step=5, epoch=0, loss=0.5, metrics={}) is True
+        assert c.report(job_id, 1, step=5, epoch=0, loss=0.0, metrics={}, error="ABORTED: fenced off") is True
+        status = c.get(job_id)
+        assert status["state"] == "RUNNING" and status["error"] is None
+        assert any("worker 1's previous process" in e and "ignored" in e for e in status["events"])
+        # The survivor runs both slots to the end: the job finishes as before.
+        for k, epoch in ((0, 0), (1, 1)):
+            assert c.report(job_id, k, step=3, epoch=1, loss=0.4, metrics={}, owner_epoch=epoch) is False
+            c.report(job_id, k, step=3, epoch=1, loss=0.0, metrics={}, done=True, owner_epoch=epoch)
+        finished = wait_for(lambda: heartbeats.received(w0.node_id, "finished"))
+        assert (finished[0].job, finished[0].evaluator) == (job_id, 0)
+    finally:
+        ps.close()
+
+
+def test_a_new_worker_takes_a_slot_over_and_scale_moves_slots(master, heartbeats, ps_server, spec):
+    """Bug: a replacement worker registered and was never given work. A process that
+    joins a job short of processes takes a slot from the busiest one (asked to release
+    it after its current step); ``scale`` moves slots between processes the same way."""
+    ps_address, _ = ps_server
+    c = master.client()
+    job_id, w0, w1 = _two_worker_job(c, heartbeats, spec, ps_address)
+    heartbeats.silence(w1.node_id)
+    assert wait_for(lambda: (1, 1, 0) in _tasks(heartbeats, w0.node_id), timeout=HEARTBEAT_TIMEOUT + 3)
+    w2 = c.register("worker", name="w2")  # the replacement
+    heartbeats.add(w2.node_id)
+    release = wait_for(lambda: heartbeats.received(w0.node_id, "release"))
+    assert (release[0].job, release[0].worker, release[0].owner_epoch) == (job_id, 1, 1)
+    assert c.get(job_id)["workers"]["1"]["state"] == "running"
+    c.report(job_id, 1, step=2, epoch=0, loss=0.0, metrics={}, owner_epoch=1, released=True)
+    assert wait_for(lambda: (1, 2, 0) in _tasks(heartbeats, w2.node_id))
+    status = c.get(job_id)
+    assert status["workers"]["1"]["node"] == w2.node_id and status["workers"]["1"]["owner_epoch"] == 2
+    assert any("worker 1 moved to w2" in e for e in status["events"])
+    # Scale down to one process: w2's slot (the quietest) moves back to w0.
+    with pytest.raises(grpc.RpcError) as bad:
+        c.scale(job_id, 3)
+    assert bad.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "1 to 2 worker processes" in bad.value.details()
+    c.scale(job_id, 1)
+    release = wait_for(lambda: heartbeats.received(w2.node_id, "release"))
+    assert (release[0].worker, release[0].owner_epoch) == (1, 2)
+    c.report(job_id, 1, step=0, epoch=0, loss=0.0, metrics={}, owner_epoch=2, released=True)
+    assert wait_for(lambda: (1, 3, 0) in _tasks(heartbeats, w0.node_id))
+    assert any("scaled to 1 worker processes" in e for e in c.get(job_id)["events"])
+
+
+def test_a_paused_worker_that_registers_again_before_its_slot_moved_carries_on(master, heartbeats, ps_server, spec):
+    """A worker declared lost while no process could take its slot (it was the only
+    one) registers again with its slot and owner epoch: it is re-attached, not failed."""
     ps_address, _ = ps_server
     c = master.client()
     job_id, _, worker = start_job(c, heartbeats, spec, ps_address)
     heartbeats.silence(worker)
-    status = wait_for(lambda: (s := c.get(job_id))["state"] == "FAILED" and s, timeout=HEARTBEAT_TIMEOUT + 3)
-    assert "every worker was lost" in status["error"]
-    assert any("worker 0 lost" in e for e in status["events"])
+    wait_for(lambda: c.get(job_id)["workers"]["0"]["state"] == "lost", timeout=HEARTBEAT_TIMEOUT + 3)
+    again = c.register("worker", name="w0", running=[SlotRef(job_id, 0, 0)])
+    heartbeats.add(again.node_id)
+    status = c.get(job_id)
+    assert status["state"] == "RUNNING"
+    assert status["workers"]["0"]["state"] == "running" and status["workers"]["0"]["node"] == again.node_id
+    assert c.report(job_id, 0, step=1, epoch=0, loss=0.5, metrics={}) is False
 
 
 def test_a_job_started_on_a_dead_shard_waits_for_a_live_one(master, heartbeats, ps_server, spec):
@@ -430,37 +538,6 @@ def test_a_job_started_on_a_dead_shard_waits_for_a_live_one(master, heartbeats, 
     live = c.register("ps", address=ps_address)
     heartbeats.add(live.node_id)
     wait_for(lambda: c.get(job["id"])["state"] == "RUNNING")
-
-
-def test_a_lost_worker_that_comes_back_is_fenced_off(master, heartbeats, ps_server, spec):
-    """Bug: a SIGSTOPped worker, dropped after the heartbeat timeout, came back (SIGCONT),
-    had its push refused ("not live"), and the error it reported failed the whole job;
-    its status also flipped back from lost to running. A dropped worker's reports are
-    now ignored and answered "stop"."""
-    ps_address, _ = ps_server
-    c = master.client()
-    spec.train.num_workers = 2
-    job = c.submit_message(spec)
-    ps = c.register("ps", address=ps_address)
-    w0, w1 = c.register("worker", name="w0"), c.register("worker", name="w1")
-    for node in (ps, w0, w1):
-        heartbeats.add(node.node_id)
-    wait_for(lambda: c.get(job["id"])["state"] == "RUNNING")
-    heartbeats.silence(w1.node_id)  # the pause
-    wait_for(lambda: c.get(job["id"])["workers"]["1"]["state"] == "lost", timeout=HEARTBEAT_TIMEOUT + 3)
-    # The zombie resumes: a progress report, then the error its refused push caused.
-    assert c.report(job["id"], 1, step=5, epoch=0, loss=0.5, metrics={}) is True  # told to stop
-    assert c.report(job["id"], 1, step=5, epoch=0, loss=0.0, metrics={},
-                    error="INVALID_ARGUMENT: worker 1 is not live here") is True
-    status = c.get(job["id"])
-    assert status["state"] == "RUNNING" and status["error"] is None
-    assert status["workers"]["1"]["state"] == "lost" and status["workers"]["0"]["state"] == "running"
-    assert any("worker 1" in e and "ignored" in e for e in status["events"])
-    # The live worker finishes the job as before.
-    assert c.report(job["id"], 0, step=3, epoch=1, loss=0.4, metrics={}) is False
-    c.report(job["id"], 0, step=3, epoch=1, loss=0.0, metrics={}, done=True)
-    finished = wait_for(lambda: heartbeats.received(w0.node_id, "finished"))
-    assert (finished[0].job, finished[0].evaluator) == (job["id"], 0)
 
 
 def test_watch_streams_are_bounded_and_heartbeats_stay_served(tmp_path, spec):
@@ -536,7 +613,7 @@ def test_jobs_survive_a_master_restart(master, ps_server, spec):
     beats = Heartbeats(c)
     try:
         ps = c.register("ps", address=ps_address)
-        worker = c.register("worker", name="w0", running=[(running["id"], 0)])
+        worker = c.register("worker", name="w0", running=[SlotRef(running["id"], 0)])
         beats.add(ps.node_id)
         beats.add(worker.node_id)
         status = wait_for(lambda: (s := c.get(running["id"])) and any("resumed" in e for e in s["events"]) and s)
@@ -564,7 +641,7 @@ def test_a_running_job_whose_shard_does_not_come_back_fails_clearly(tmp_path, ps
         heartbeats.close()
         m.restart()
         c = m.client()
-        worker = c.register("worker", name="w0", running=[(job_id, 0)])  # the worker is back, the shard is not
+        worker = c.register("worker", name="w0", running=[SlotRef(job_id, 0)])  # the worker is back, the shard is not
         beats = Heartbeats(c)
         beats.add(worker.node_id)
         try:

@@ -7,7 +7,7 @@ import pytest
 from graph.errors import GraphError
 from protos import codec, jobcodec, master_pb2
 from pstrain.runtime.modes import Mode
-from pstrain.runtime.spec import Device, JobSpec, Progress, SliceSpec, TaskSpec
+from pstrain.runtime.spec import Device, HeartbeatReply, JobSpec, Progress, SliceSpec, SlotRef, TaskSpec
 from tests.pstrain.runtime.test_spec import small_model, train
 
 
@@ -65,10 +65,11 @@ def test_task_round_trip():
     task = TaskSpec(job="job-1", worker_index=0, workers=(0, 1), graph=s.model.graph, features="x", labels="y",
                     loss="loss", prediction="pred", grads={"w": "loss/grad_w"}, state_variables=(),
                     slices=(SliceSpec("w", "w[0:2]", 0, 0, 2), SliceSpec("w", "w[2:3]", 1, 2, 3)),
-                    shard_addresses=("127.0.0.1:1", "127.0.0.1:2"), train=s.train, dataset="digits")
+                    shard_addresses=("127.0.0.1:1", "127.0.0.1:2"), train=s.train, dataset="digits",
+                    owner_epoch=3, start_step=41)
     back = jobcodec.task_from_proto(master_pb2.Task.FromString(jobcodec.task_to_proto(task).SerializeToString()))
     for f in ("job", "worker_index", "workers", "features", "labels", "loss", "prediction", "grads", "state_variables",
-              "slices", "shard_addresses", "train", "dataset"):
+              "slices", "shard_addresses", "train", "dataset", "owner_epoch", "start_step"):
         assert getattr(back, f) == getattr(task, f), f
     np.testing.assert_array_equal(back.graph.initial_values["w"], task.graph.initial_values["w"])
 
@@ -76,6 +77,14 @@ def test_task_round_trip():
 def test_progress_round_trip():
     p = Progress("job-1", 1, step=10, epoch=2, loss=0.25, metrics={"accuracy": 0.5}, step_time=0.01, done=True)
     assert jobcodec.progress_from_proto(jobcodec.progress_to_proto(p)) == p
+    released = Progress("job-1", 1, step=7, owner_epoch=2, released=True)
+    assert jobcodec.progress_from_proto(jobcodec.progress_to_proto(released)) == released
+
+
+def test_heartbeat_reply_carries_slots_to_release():
+    reply = HeartbeatReply(True, release=(SlotRef("job-1", 1, 2), SlotRef("job-1", 0, 0)))
+    msg = master_pb2.HeartbeatResponse.FromString(jobcodec.heartbeat_reply_to_proto(reply).SerializeToString())
+    assert jobcodec.heartbeat_reply_from_proto(msg) == reply
 
 
 @pytest.mark.parametrize("entry", [
@@ -91,8 +100,9 @@ def test_history_entries_round_trip(entry):
 
 
 def test_worker_table_round_trips():
-    workers = {0: {"node": "worker-1", "state": "running", "step": 5, "step_time": 0.01},
-               1: {"node": "worker-2", "state": "lost", "step": 3, "step_time": 0.0}}
+    workers = {0: {"node": "worker-1", "state": "running", "step": 5, "step_time": 0.01, "owner_epoch": 0, "note": ""},
+               1: {"node": "worker-2", "state": "lost", "step": 3, "step_time": 0.0, "owner_epoch": 2,
+                   "note": "w1 lost at step 3 (no heartbeat for 5.0s)"}}
     status = master_pb2.JobStatus()
     jobcodec.workers_to_proto(workers, status.workers)
     back = jobcodec.workers_from_proto(master_pb2.JobStatus.FromString(status.SerializeToString()).workers)

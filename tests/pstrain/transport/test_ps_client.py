@@ -73,7 +73,7 @@ class FakeShard:
         return sum(g.nbytes for g in grads.values()) + sum(a.nbytes for a in assigns.values()) + 100
 
     def start_push_pull(self, job, worker, step, grads, assigns=None, *, weight=1.0, min_version=0, timeout=600.0,
-                        rpc_timeout=660.0, wait=True):
+                        rpc_timeout=660.0, wait=True, owner_epoch=0):
         self.calls.append(("push", job, worker, step, {k: np.array(v) for k, v in grads.items()},
                            {k: np.array(v) for k, v in (assigns or {}).items()}, weight, min_version, wait))
         push = (step, grads, assigns or {}, weight, min_version)
@@ -90,7 +90,7 @@ class FakeShard:
             self.version += 1
         return self.version, {k: v.copy() for k, v in self.values.items()}
 
-    def pull_with_size(self, job, worker, step, min_version=0, timeout=0.0):
+    def pull_with_size(self, job, worker, step, min_version=0, timeout=0.0, owner_epoch=0):
         self.calls.append(("pull", job, worker, step))
         self._maybe_fail()
         return self.version, {k: v.copy() for k, v in self.values.items()}, sum(v.nbytes for v in self.values.values())
