@@ -30,6 +30,7 @@ class MasterConfig:
     # Shards checkpoint every this many versions (sync: all at the same versions, so a
     # shard that restarts from its checkpoint and the others roll back to one they share).
     checkpoint_every: int = 100
+    dead_node_ttl: float = 300.0  # a lost node's record is kept this long (ListNodes), unless a job refers to it
     metrics_port: int = 9464  # /metrics on host (0 picks a free port; -1: none)
 
     def __post_init__(self):
@@ -37,7 +38,8 @@ class MasterConfig:
         if not -1 <= int(self.metrics_port) <= 65535:
             raise ValueError(f"MasterConfig.metrics_port={self.metrics_port!r} is out of range; allowed [-1, 65535] "
                              "(0 picks a free port, -1 serves no /metrics)")
-        for name in ("heartbeat_interval", "heartbeat_timeout", "monitor_interval", "max_workers", "recovery_timeout"):
+        for name in ("heartbeat_interval", "heartbeat_timeout", "monitor_interval", "max_workers", "recovery_timeout",
+                     "dead_node_ttl"):
             check_positive("MasterConfig", name, getattr(self, name))
         if not int(self.checkpoint_every) >= 0:
             raise ValueError(f"MasterConfig.checkpoint_every={self.checkpoint_every!r} must be >= 0 (0: only at the end)")

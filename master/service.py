@@ -125,6 +125,10 @@ class Coordinator:
         self.changed = threading.Condition(self.lock)
         self._ps_clients: dict[str, object] = {}
         self._starting: set[str] = set()
+        self._next_index: dict[str, int] = {}  # role -> index of the next node to register
+        self._stalled = threading.Event()  # set by the ticker when this process did not run for a while
+        self._last_tick = time.monotonic()
+        self._stall = max(1.0, config.heartbeat_timeout / 2)  # a gap this long means this process stalled
         self._stop = threading.Event()
         os.makedirs(self.export_dir, exist_ok=True)
         self.recovering: dict[str, Recovery] = {}
@@ -134,6 +138,7 @@ class Coordinator:
         self.metrics.watch(self._count_jobs, self._count_live_nodes)
         self._monitor = threading.Thread(target=self._monitor_loop, name="master-monitor", daemon=True)
         self._monitor.start()
+        threading.Thread(target=self._tick_loop, name="master-ticker", daemon=True).start()
 
     @property
     def export_dir(self) -> str:
@@ -169,7 +174,8 @@ class Coordinator:
                         old.alive = False
                         log.warning("ps %s registered again from %s; retiring the old record", old.node_id, address)
                         self._shard_lost(address, "restarted")
-            index = sum(1 for n in self.nodes.values() if n.role == role)
+            index = self._next_index.get(role, 0)  # never reused, even once dead records are pruned
+            self._next_index[role] = index + 1
             node = NodeInfo(f"{role}-{uuid.uuid4().hex[:8]}", role, address, name, index, metrics_address)
             self.nodes[node.node_id] = node
             log.info("registered %s %s (%s) as index %d", role, node.node_id, address or name, index)
@@ -542,10 +548,30 @@ class Coordinator:
             except Exception:  # noqa: BLE001 - keep the monitor alive
                 log.exception("master monitor iteration failed")
 
+    def _tick_loop(self) -> None:
+        """Notice when this process did not run (SIGSTOP, swapped out): a thread that only
+        looks at the clock sees a gap no busy monitor iteration would cause."""
+        while not self._stop.wait(0.1):
+            now = time.monotonic()
+            if now - self._last_tick > self._stall:
+                log.warning("the master did not run for %.1fs", now - self._last_tick)
+                self._stalled.set()
+            self._last_tick = now
+
     def _check_nodes(self) -> None:
         now = time.monotonic()
         lost: list[NodeInfo] = []
         with self.lock:
+            # Stalled: the ticker saw it, or has not run since (it may wake after this thread).
+            if self._stalled.is_set() or now - self._last_tick > self._stall:
+                # The nodes' heartbeats could not reach a stalled master, which says nothing
+                # about them: count their silence from now on.
+                self._stalled.clear()
+                log.warning("giving every node a fresh heartbeat timeout after the master's stall")
+                for node in self.nodes.values():
+                    node.last_seen = max(node.last_seen, now)
+                return
+            self._prune_dead(now)
             for node in self.nodes.values():
                 if node.alive and now - node.last_seen > self.config.heartbeat_timeout:
                     node.alive = False
@@ -559,6 +585,15 @@ class Coordinator:
             for rt in list(self.runtimes.values()):
                 if node.node_id in rt.workers.values():
                     self._lose_worker(rt, node)
+
+    def _prune_dead(self, now: float) -> None:
+        """Forget nodes dead for ``dead_node_ttl`` that no job refers to (``ListNodes`` shows
+        the rest). Caller holds the lock."""
+        held = {nid for rt in self.runtimes.values() for nid in rt.workers.values()}
+        held |= {nid for rec in self.recovering.values() for nid in rec.back.values()}
+        for nid, node in list(self.nodes.items()):
+            if not node.alive and nid not in held and now - node.last_seen > self.config.dead_node_ttl:
+                del self.nodes[nid]
 
     def _lose_worker(self, rt: JobRuntime, node: NodeInfo) -> None:
         """A worker process of the job is lost: each slot it ran waits for another process

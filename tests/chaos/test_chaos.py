@@ -213,3 +213,48 @@ def test_sigstop_a_worker_past_the_heartbeat_timeout(cluster, uninterrupted, mod
         assert shard_versions(final) == [applied_pushes()] * 2, final["events"]
     # The resumed process lives on and registers again for the next jobs.
     assert all(s.alive for s in launcher.status(handle))
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_sigstop_a_shard_past_the_heartbeat_timeout(cluster, uninterrupted, mode):
+    """The master counts it lost; resumed, it registers again and the master recovers it
+    as it would a restarted one (sync: every shard rolls back to a shared checkpoint)."""
+    handle, launcher, client = cluster
+    shard = random.Random(f"{SEED}-pause-shard-{mode}").randrange(2)
+    job_id = run_until(client, mode, f"pause-shard-{mode}", kill_step(f"pause shard {shard} ({mode})"))
+    victim = handle.pids["ps"][shard]
+    os.kill(victim, signal.SIGSTOP)
+    try:
+        wait_through(client, job_id, timeout=30,
+                     until=lambda s: s["state"] != "RUNNING" or any("waiting for it to restart" in e for e in s["events"]))
+    finally:
+        os.kill(victim, signal.SIGCONT)
+    final = wait_through(client, job_id)
+    assert final["state"] == "SUCCEEDED", final
+    if mode == "sync":
+        assert_bit_identical(client, job_id, uninterrupted)
+    else:
+        assert final["metrics"]["val_accuracy"] > 0.9
+    assert all(s.alive for s in launcher.status(handle))
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_sigstop_the_master_past_the_heartbeat_timeout(cluster, uninterrupted, mode):
+    """Nodes cannot reach it meanwhile; resumed, it notices its own stall instead of
+    counting every node lost, and the job ends as if nothing happened."""
+    handle, launcher, client = cluster
+    job_id = run_until(client, mode, f"pause-master-{mode}", kill_step(f"pause the master ({mode})"))
+    master = handle.pids["master"][0]
+    os.kill(master, signal.SIGSTOP)
+    try:
+        time.sleep(5.0)  # the chaos cluster's heartbeat timeout is 2 s
+    finally:
+        os.kill(master, signal.SIGCONT)
+    final = wait_through(client, job_id)
+    assert final["state"] == "SUCCEEDED", final
+    assert not any(" lost" in e for e in final["events"]), final["events"]
+    if mode == "sync":
+        assert_bit_identical(client, job_id, uninterrupted)
+    else:
+        assert shard_versions(final) == [applied_pushes()] * 2, final["events"]
+    assert all(s.alive for s in launcher.status(handle))

@@ -12,6 +12,7 @@ from master.config import MasterConfig
     ("max_watchers", 64, "MasterConfig.max_watchers=64 is out of range; allowed [0, max_workers=64)"),
     ("max_watchers", -1, "MasterConfig.max_watchers=-1 is out of range"),
     ("recovery_timeout", 0, "recovery_timeout"),
+    ("dead_node_ttl", -5, "dead_node_ttl"),
 ])
 def test_bad_settings_name_the_field(field, value, words):
     with pytest.raises(ValueError, match=words.replace("[", r"\[").replace("(", r"\(").replace(")", r"\)")):

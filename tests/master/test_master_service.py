@@ -720,3 +720,38 @@ def test_one_ps_registered_twice_does_not_lose_slices(master, heartbeats, ps_ser
         finally:
             psc.close()
         assert {s.key for s in task.slices} <= set(params)
+
+
+def test_dead_node_records_are_pruned_and_indices_never_reused(tmp_path):
+    """Bug: dead node records stayed forever. A node dead for ``dead_node_ttl`` that no
+    job refers to is forgotten; indices keep counting up, so none is given twice."""
+    m = Master(str(tmp_path / "m.db"), dead_node_ttl=0.5)
+    hb = Heartbeats(m.client())
+    try:
+        c = m.client()
+        w0 = c.register("worker", name="w0")
+        hb.add(w0.node_id)
+        hb.silence(w0.node_id)
+        wait_for(lambda: not any(n["node_id"] == w0.node_id for n in c.nodes()), timeout=HEARTBEAT_TIMEOUT + 3)
+        w1 = c.register("worker", name="w1")
+        assert (w0.index, w1.index) == (0, 1)
+    finally:
+        hb.close()
+        m.stop()
+
+
+def test_a_stalled_master_does_not_count_its_own_silence_against_the_nodes(master, heartbeats):
+    """After the master itself did not run (SIGSTOP, swapped out) for longer than the
+    heartbeat timeout, its nodes get a fresh timeout instead of all being declared lost."""
+    c = master.client()
+    worker = c.register("worker", name="w0")
+    heartbeats.add(worker.node_id)
+    heartbeats.silence(worker.node_id)  # silent, as every node is while the master is stopped
+    coordinator = master.coordinator
+    with coordinator.lock:  # what the master's threads see once it runs again
+        coordinator._last_tick -= 10.0
+        coordinator.nodes[worker.node_id].last_seen -= 10.0
+    time.sleep(3 * coordinator.config.monitor_interval)
+    assert [n["alive"] for n in c.nodes()] == [True]
+    heartbeats.add(worker.node_id)  # it beats again: still the same live node
+    assert [n["node_id"] for n in c.nodes() if n["alive"]] == [worker.node_id]
