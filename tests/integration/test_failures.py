@@ -7,6 +7,7 @@ workers take the next one), never a hang or a traceback.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import time
@@ -272,7 +273,9 @@ def test_async_job_survives_a_killed_and_restarted_shard(tmp_path):
             launcher.restart(handle, "ps", 1)
             final = wait_job(client, job["id"], timeout=180)
             assert final["state"] == "SUCCEEDED", final
-            assert any("shard 1 restarted from its checkpoint at version" in e for e in final["events"]), final["events"]
+            # The launch order is not the job's shard order: either may be the one killed.
+            assert any(re.search(r"shard [01] restarted from its checkpoint at version", e) for e in final["events"]), \
+                final["events"]
             assert not any("rolled back" in e for e in final["events"])
             assert final["metrics"]["val_accuracy"] > 0.9
         finally:
