@@ -24,6 +24,8 @@ def main(argv=None) -> int:
     p.add_argument("--heartbeat-interval", dest="heartbeat_interval", type=float)
     p.add_argument("--checkpoint-every", dest="checkpoint_every", type=int,
                    help="versions between the shards' checkpoints (default 100; 0: only at the end)")
+    p.add_argument("--checkpoint-seconds", dest="checkpoint_seconds", type=float,
+                   help="and at least this often while a job trains (default 30; 0: versions only)")
     p.add_argument("--recovery-timeout", dest="recovery_timeout", type=float,
                    help="seconds a job waits for a restarted shard, or after a master restart for its nodes (default 30)")
     p.add_argument("--max-watchers", dest="max_watchers", type=int,

@@ -30,6 +30,9 @@ class MasterConfig:
     # Shards checkpoint every this many versions (sync: all at the same versions, so a
     # shard that restarts from its checkpoint and the others roll back to one they share).
     checkpoint_every: int = 100
+    # And at least this often (seconds) while versions advance: a slow job loses at most this
+    # much work to a shard's restart (0: versions only).
+    checkpoint_seconds: float = 30.0
     dead_node_ttl: float = 300.0  # a lost node's record is kept this long (ListNodes), unless a job refers to it
     metrics_port: int = 9464  # /metrics on host (0 picks a free port; -1: none)
 
@@ -41,6 +44,9 @@ class MasterConfig:
         for name in ("heartbeat_interval", "heartbeat_timeout", "monitor_interval", "max_workers", "recovery_timeout",
                      "dead_node_ttl"):
             check_positive("MasterConfig", name, getattr(self, name))
+        if not 0 <= float(self.checkpoint_seconds) < float("inf"):
+            raise ValueError(f"MasterConfig.checkpoint_seconds={self.checkpoint_seconds!r} must be >= 0 "
+                             "(0: versions only)")
         if not int(self.checkpoint_every) >= 0:
             raise ValueError(f"MasterConfig.checkpoint_every={self.checkpoint_every!r} must be >= 0 (0: only at the end)")
         if not 0 <= int(self.max_watchers) < self.max_workers:

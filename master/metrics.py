@@ -20,6 +20,8 @@ pstrain_worker_step_time_seconds    gauge     job, worker  a worker's mean step 
                                                            (compare workers to spot stragglers)
 pstrain_request_queue_depth         gauge     role         RPCs in progress in the master (role="master";
                                                            open WatchJob streams count)
+pstrain_node_restarts_total         counter   role         nodes that registered again (same worker name or shard
+                                                           address): restarted, or back after being declared lost
 pstrain_worker_slot_moves_total     counter   job, worker  times a worker slot went to another process
                                                            (its process was lost, a new one joined, psctl scale)
 =================================== ========= ============ ==================================================
@@ -62,6 +64,7 @@ ALL_METRICS = (
     "pstrain_worker_step_time_seconds",
     "pstrain_request_queue_depth",
     "pstrain_worker_slot_moves_total",
+    "pstrain_node_restarts_total",
 )
 HISTOGRAMS = ()
 
@@ -89,6 +92,11 @@ class MasterMetrics(ServiceMetrics):
         self.queue_depth = Gauge("pstrain_request_queue_depth", "RPCs in progress in this process.", ["role"],
                                  registry=r)
         self._in_flight = self.queue_depth.labels(ROLE)
+        self.node_restarts = Counter("pstrain_node_restarts", "Nodes that registered again (same worker name or "
+                                     "shard address): restarted, or back after being declared lost.", ["role"],
+                                     registry=r)
+        for role in NODE_ROLES:
+            self.node_restarts.labels(role)  # at 0 from the start
         self.slot_moves = Counter("pstrain_worker_slot_moves", "Times a worker slot went to another process.",
                                   ["job", "worker"], registry=r)
 
@@ -99,6 +107,9 @@ class MasterMetrics(ServiceMetrics):
             gauge.set_function(lambda s=state: job_counts().get(s, 0))
         for role in NODE_ROLES:
             self.live_nodes.labels(role).set_function(lambda r=role: live_nodes(r))
+
+    def restarted(self, role: str) -> None:
+        self.node_restarts.labels(role).inc()
 
     def slots(self, job: str, workers) -> None:
         """A job's worker slots start with no moves (series at 0, so a rate is defined)."""

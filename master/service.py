@@ -63,6 +63,7 @@ class NodeInfo:
     cancelled: list = field(default_factory=list)
     finished: list[FinishedJob] = field(default_factory=list)
     release: list[SlotRef] = field(default_factory=list)  # slots to stop after their current step
+    restarts: int = 0  # earlier records of this node (same worker name or shard address)
 
 
 @dataclass
@@ -166,17 +167,25 @@ class Coordinator:
         if role == "ps" and not address:
             raise ValueError("a parameter server must register the address it serves on")
         with self.lock:
-            if role == "ps":
-                # A shard that restarts registers again from the same address: the old
-                # record is that same server, so retire it rather than count it twice.
-                for old in self.nodes.values():
-                    if old.role == "ps" and old.address == address and old.alive:
-                        old.alive = False
-                        log.warning("ps %s registered again from %s; retiring the old record", old.node_id, address)
+            # The same node again (a shard from its address, a worker by its name): restarted by
+            # its supervisor, or back after it was declared lost. Counted, and an old record
+            # still alive is that same process's: retired rather than counted twice.
+            same = [n for n in self.nodes.values() if n.role == role
+                    and ((role == "ps" and n.address == address) or (role == "worker" and name and n.name == name))]
+            restarts = max((n.restarts + 1 for n in same), default=0)
+            for old in same:
+                if old.alive:
+                    old.alive = False
+                    log.warning("%s %s registered again (%s); retiring the old record", role, old.node_id,
+                                address or name)
+                    if role == "ps":
                         self._shard_lost(address, "restarted")
+            if same:
+                self.metrics.restarted(role)
             index = self._next_index.get(role, 0)  # never reused, even once dead records are pruned
             self._next_index[role] = index + 1
-            node = NodeInfo(f"{role}-{uuid.uuid4().hex[:8]}", role, address, name, index, metrics_address)
+            node = NodeInfo(f"{role}-{uuid.uuid4().hex[:8]}", role, address, name, index, metrics_address,
+                            restarts=restarts)
             self.nodes[node.node_id] = node
             log.info("registered %s %s (%s) as index %d", role, node.node_id, address or name, index)
             back = []
@@ -804,7 +813,7 @@ class Coordinator:
         return self._ps(address).init_shard(
             job_id, s, tensors, plan.trainable_keys() & set(tensors), json.dumps(plan.optimizer),
             spec.train.mode.value, spec.train.staleness, workers, checkpoint_every=self.config.checkpoint_every,
-            incarnation=incarnation,
+            checkpoint_seconds=self.config.checkpoint_seconds, incarnation=incarnation,
         )
 
     def _shard_lost(self, address: str, how: str) -> None:
@@ -1069,7 +1078,8 @@ class MasterServicer(master_pb2_grpc.MasterServicer):
         now = time.monotonic()
         return master_pb2.ListNodesResponse(nodes=[
             master_pb2.NodeStatus(node_id=n.node_id, role=n.role, address=n.address, index=n.index, alive=n.alive,
-                                  last_seen=now - n.last_seen, name=n.name, metrics_address=n.metrics_address)
+                                  last_seen=now - n.last_seen, name=n.name, metrics_address=n.metrics_address,
+                                  restarts=n.restarts)
             for n in self.c.list_nodes()
         ])
 

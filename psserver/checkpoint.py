@@ -34,11 +34,13 @@ _NPY = ".npy"
 class CheckpointConfig:
     """Where a shard keeps its checkpoint and how often it writes one.
 
-    ``every_versions``: write after this many new versions (0: only on ``close()``).
+    ``every_versions``: write after this many new versions (0: only on ``close()``);
+    ``every_seconds``: and at least this often while versions advance (0: no time bound).
     """
 
     path: str | os.PathLike
     every_versions: int = 100
+    every_seconds: float = 0.0
 
     def __post_init__(self):
         if not str(self.path):
@@ -48,6 +50,10 @@ class CheckpointConfig:
                 f"CheckpointConfig.every_versions={self.every_versions!r} is out of range; allowed integers [0, inf) "
                 "(0 writes only on close)"
             )
+        seconds = self.every_seconds
+        if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not 0 <= seconds < float("inf"):
+            raise ValueError(f"CheckpointConfig.every_seconds={seconds!r} is out of range; allowed [0, inf) "
+                             "(0: no time bound)")
 
 
 @dataclass

@@ -130,8 +130,9 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
                 )
             if shard is None:
                 ckpt = self._checkpoint(request.job, request.shard)
-                if ckpt is not None and request.checkpoint_every:
-                    ckpt = CheckpointConfig(path=ckpt.path, every_versions=int(request.checkpoint_every))
+                if ckpt is not None:
+                    ckpt = CheckpointConfig(path=ckpt.path, every_versions=int(request.checkpoint_every),
+                                            every_seconds=float(request.checkpoint_seconds))
                 shard = Shard(
                     job=request.job,
                     shard_id=request.shard,
@@ -201,8 +202,10 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
         assigns = {k[2:]: v for k, v in tensors.items() if k.startswith("a:")}
         worker, step, epoch = int(meta["worker"]), int(meta["step"]), int(meta.get("owner_epoch", 0))
         ack = shard.push(worker, step, grads, assigns, float(meta.get("weight", 1.0)), immutable=immutable,
-                         owner_epoch=epoch)
+                         owner_epoch=epoch, checkpoint=bool(meta.get("checkpoint")))
         reply = {"version": ack.version, "duplicate": ack.duplicate}
+        if ack.checkpoint_due:
+            reply["checkpoint_due"] = True
         if not meta.get("pull"):
             out = tensorwire.pack(reply, {})
         else:
@@ -326,6 +329,7 @@ def _init_fingerprint(request) -> dict[str, str]:
         "staleness": str(request.staleness),
         "workers": ",".join(str(w) for w in sorted(request.workers)),
         "checkpoint_every": str(request.checkpoint_every),
+        "checkpoint_seconds": repr(request.checkpoint_seconds),
         "incarnation": request.incarnation,
     }
 

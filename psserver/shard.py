@@ -81,6 +81,7 @@ class PushAck:
 
     version: int
     duplicate: bool = False
+    checkpoint_due: bool = False  # sync: the time bound passed; a worker marks its next push (``checkpoint``)
 
 
 class PushRefused(PushRejected):
@@ -222,6 +223,8 @@ class Shard:
         self._rewind: dict[int, int] = {}  # worker -> version it must compute from (until it pulls)
         self._owners: dict[int, int] = {}  # worker slot -> newest ownership epoch seen (older ones are fenced)
         self._due: list[tuple[int, CheckpointState]] = []  # aligned sync snapshots to write
+        self._snapshot_time = time.monotonic()  # when the last snapshot was taken (the time bound)
+        self._checkpoint_steps: set[int] = set()  # sync: steps a worker marked for a checkpoint
         self._checkpoint_versions: list[int] = []  # on disk: the previous and the latest
         if checkpoint is not None:
             previous = self._load_own(_previous(checkpoint.path), meta_only=True)
@@ -256,6 +259,7 @@ class Shard:
         *,
         immutable: bool = False,
         owner_epoch: int = 0,
+        checkpoint: bool = False,
     ) -> PushAck:
         """Receive worker ``worker``'s gradients (trainable variables) and assignments
         (state such as batch-norm moving statistics) for ``step``.
@@ -272,7 +276,9 @@ class Shard:
         never change afterwards either (views of a received frame's bytes): a push left
         waiting at a sync barrier then keeps them as they are instead of copying.
         ``owner_epoch`` is the sender's ownership epoch of the slot: an older one than the
-        shard has seen raises ``Fenced`` (see ``fence``).
+        shard has seen raises ``Fenced`` (see ``fence``). ``checkpoint`` (sync) asks for a
+        checkpoint once this step's barrier completes: the sender marks the same step on
+        every shard (after one answered ``checkpoint_due``), so they all hold that version.
         """
         worker, step, weight = int(worker), int(step), float(weight)
         grads = {name: np.asarray(g) for name, g in grads.items()}
@@ -301,6 +307,8 @@ class Shard:
             self._clocks[worker] = max(self._clocks.get(worker, 0), step + 1)
             self._pushed_bytes += sum(a.nbytes for a in grads.values()) + sum(a.nbytes for a in assigns.values())
             if self._policy.buffers_pushes:
+                if checkpoint and self.checkpoint_config is not None:
+                    self._checkpoint_steps.add(step)
                 self._barrier_start.setdefault(step, time.perf_counter())
                 self._pending.setdefault(step, {})[worker] = _Push(weight, grads, assigns)
                 self._complete_barriers()
@@ -324,9 +332,10 @@ class Shard:
             self._cond.notify_all()
             version = self._store.version
             due = self._due_snapshot()
+            time_due = self._policy.buffers_pushes and self._time_due()
         for snapshot in due:
             self._write(*snapshot, raise_errors=False)
-        return PushAck(version)
+        return PushAck(version, checkpoint_due=time_due)
 
     def pull(
         self, worker: int, step: int, min_version: int = 0, timeout: float | None = None, owner_epoch: int = 0
@@ -427,6 +436,7 @@ class Shard:
                                  f"(it holds {held})")
             self._restore(state)
             self._barrier_start.clear()
+            self._checkpoint_steps.clear()
             self._generation += 1
             self._rewind = {w: version for w in self._live}
             self._cond.notify_all()
@@ -579,7 +589,9 @@ class Shard:
             self._applied += len(pushes)
             self._store.version = step + 1
             every = self.checkpoint_config.every_versions if self.checkpoint_config else 0
-            if every and self._store.version % every == 0:
+            marked = step in self._checkpoint_steps
+            self._checkpoint_steps.discard(step)
+            if (every and self._store.version % every == 0) or marked:
                 self._due.append(self._snapshot())
             done = time.perf_counter()
             self._observer.applied(done - started, self._store.version)
@@ -693,14 +705,23 @@ class Shard:
         async and ssp shards when ``every_versions`` have passed since the last one."""
         due, self._due = self._due, []
         every = self.checkpoint_config.every_versions if self.checkpoint_config else 0
-        if every and not self._policy.buffers_pushes and self._store.version - self._snapshot_version >= every:
+        if not self._policy.buffers_pushes and (
+                (every and self._store.version - self._snapshot_version >= every) or self._time_due()):
             due.append(self._snapshot())
         return due
+
+    def _time_due(self) -> bool:
+        """Whether the time bound passed since the last snapshot, with new versions since
+        (caller holds the lock)."""
+        seconds = self.checkpoint_config.every_seconds if self.checkpoint_config else 0
+        return bool(seconds) and self._store.version > self._snapshot_version and (
+            time.monotonic() - self._snapshot_time >= seconds)
 
     def _snapshot(self) -> tuple[int, CheckpointState]:
         """A consistent copy of everything a restarted shard needs; caller holds the lock."""
         self._snapshot_seq += 1
         self._snapshot_version = self._store.version
+        self._snapshot_time = time.monotonic()
         arrays = {f"params/{name}": self._host_copy(p) for name, p in self._store.params.items()}
         optimizer_meta = {}
         for name, st in self._store.optimizer.state_dict().items():

@@ -9,6 +9,7 @@ Usage::
     psctl status JOB [--json]        psctl list [--json]       psctl logs JOB [-f]
     psctl cancel JOB [--json]        psctl export JOB -o model.npz
     psctl scale JOB --workers N [--json]   (worker processes serving a running job)
+    psctl nodes [--json]             (shards and workers: alive, last heartbeat, restarts)
     psctl train examples/mnist_mlp.py [--workers 2 --ps 2] [--launcher local] [--mode ...] [-o model.npz]
                 [--plot curves.png] [--json]
     psctl plot JOB -o curves.png     (loss and accuracy curves from the job's history)
@@ -23,7 +24,7 @@ file, flags, values); 3 no master answers; 130 interrupted. Errors are one line 
 ``psctl: error: ...``.
 
 One module per command group: :mod:`~client.cli.parser` (flags), :mod:`~client.cli.cluster`
-(up, down), :mod:`~client.cli.jobs` (submit, status, list, logs, cancel, scale, export, plot),
+(up, down), :mod:`~client.cli.jobs` (submit, status, list, logs, cancel, scale, nodes, export, plot),
 :mod:`~client.cli.train`, :mod:`~client.cli.plan`; this module maps errors to exit codes.
 """
 from __future__ import annotations

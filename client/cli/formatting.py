@@ -59,6 +59,17 @@ def format_table(jobs: list[Mapping[str, Any]]) -> str:
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
 
 
+def format_nodes(nodes: list[Mapping[str, Any]]) -> str:
+    """``psctl nodes``: one row per registered node, shards first; RESTARTS counts its
+    earlier records (restarted by a supervisor, or back after it was declared lost)."""
+    rows = [("ROLE", "INDEX", "NAME", "ADDRESS", "STATE", "LAST SEEN", "RESTARTS")]
+    for n in sorted(nodes, key=lambda n: (n["role"] != "ps", n["index"])):
+        rows.append((n["role"], str(n["index"]), n.get("name") or "-", n.get("address") or "-",
+                     "alive" if n["alive"] else "lost", f"{n['last_seen']:.1f}s ago", str(n.get("restarts", 0))))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
+
+
 def format_record(rec: Mapping[str, Any]) -> str:
     """One progress record from the master's history, as a log line."""
     rest = {k: v for k, v in rec.items() if k not in ("time", "worker", "step", "epoch", "final")}

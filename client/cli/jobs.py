@@ -1,10 +1,12 @@
 """The job commands: ``psctl submit``, ``status``, ``list``, ``logs``, ``cancel``,
-``scale``, ``export`` and ``plot``, each one call to the master. Usage::
+``scale``, ``export`` and ``plot``, and ``nodes`` (the cluster's workers and shards),
+each one call to the master. Usage::
 
     psctl submit examples/mnist_mlp.py --mode ssp --staleness 2 --wait
     psctl status job-000001 --json
     psctl logs -f job-000001
     psctl scale job-000001 --workers 1
+    psctl nodes
     psctl export job-000001 -o model.npz
     psctl plot job-000001 -o curves.png
 """
@@ -22,7 +24,7 @@ from client.cli.common import (
     master_client,
     print_json,
 )
-from client.cli.formatting import format_record, format_status, format_table
+from client.cli.formatting import format_nodes, format_record, format_status, format_table
 from client.job import job_to_spec, save_export, steps_per_epoch
 from client.plot import history_curves, plot_history
 from client.progress import TERMINAL, WatchView, follow, format_metrics
@@ -170,6 +172,19 @@ def scale_command(args) -> int:
     else:
         print(f"{s['id']}: {s['state']}; moving its worker slots to {args.workers} worker process"
               f"{'es' if args.workers != 1 else ''} (each after its current step; see psctl status {s['id']})")
+    return EXIT_OK
+
+
+def nodes_command(args) -> int:
+    client = master_client(args)
+    try:
+        nodes = client.nodes()
+    finally:
+        client.close()
+    if args.json:
+        print_json(nodes)
+    else:
+        print(format_nodes(nodes))
     return EXIT_OK
 
 

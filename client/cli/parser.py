@@ -15,6 +15,7 @@ from client.cli.jobs import (
     export_command,
     list_command,
     logs_command,
+    nodes_command,
     plot_command,
     scale_command,
     status_command,
@@ -127,6 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--workers", required=True, type=_positive(int),
                    help="worker processes to serve it (1 to the job's worker count; its data split stays the same)")
     c.add_argument("--json", action="store_true", help="print the job's status as JSON")
+
+    c = command("nodes", nodes_command, "list the cluster's shards and workers (alive, last heartbeat, restarts)")
+    c.add_argument("--json", action="store_true", help="print JSON (a list of nodes)")
 
     c = command("list", list_command, "list the master's jobs")
     c.add_argument("--json", action="store_true", help="print JSON (a list of job statuses)")

@@ -195,8 +195,10 @@ class LocalProcessLauncher(Launcher):
                     "--checkpoint-dir", spec.checkpoint_dir, "--metrics-port", "0",
                 ])
             for i in range(spec.workers):
-                self._spawn(handle, "worker", i, ["-m", "worker", "--master", handle.master_address,
-                                                  "--device", spec.device, "--host", spec.host, "--metrics-port", "0"])
+                # A stable name: the master tells a restarted worker from a new one by it.
+                self._spawn(handle, "worker", i, ["-m", "worker", "--master", handle.master_address, "--name",
+                                                  f"worker-{i}", "--device", spec.device, "--host", spec.host,
+                                                  "--metrics-port", "0"])
             write_handle(handle)
             self._wait_registered(handle, spec, deadline)
             self._pin_ports(handle)

@@ -151,7 +151,7 @@ class MasterClient:
         r = self._call(self.stub.ListNodes, master_pb2.ListNodesRequest())
         return [
             {"node_id": n.node_id, "role": n.role, "address": n.address, "index": n.index, "alive": n.alive,
-             "last_seen": n.last_seen, "name": n.name, "metrics_address": n.metrics_address}
+             "last_seen": n.last_seen, "name": n.name, "metrics_address": n.metrics_address, "restarts": n.restarts}
             for n in r.nodes
         ]
 

@@ -110,6 +110,7 @@ class ShardedParameterClient(ParameterClient):
         self._version = 0
         self.versions = [0] * placement.num_shards  # each shard's version at the last pull or push
         self._offered = False  # shared memory is offered at the first push, once the shards answered a pull
+        self._checkpoint = False  # a shard's time bound for checkpoints passed: mark the next push on every shard
 
     @property
     def version(self) -> int:
@@ -137,10 +138,11 @@ class ShardedParameterClient(ParameterClient):
             client.start_push_pull(
                 self.job, self.worker, step, p.slice_for_shard(grads, s), p.slice_for_shard(updates, s),
                 weight=weight, min_version=min_version, timeout=self.timeout, rpc_timeout=self.rpc_timeout,
-                wait=s == last, owner_epoch=self.owner_epoch,
+                wait=s == last, owner_epoch=self.owner_epoch, checkpoint=self._checkpoint,
             )
             for s, client in enumerate(self.shards)
         ]
+        self._checkpoint = False
         for s, call in enumerate(calls):
             try:
                 version, parts = call.result()
@@ -157,6 +159,7 @@ class ShardedParameterClient(ParameterClient):
                             self.worker, step, s, rpc.describe(exc))
                 version, parts = self._retry(call.retry, s)
             self._count(call.sent, call.received)
+            self._checkpoint |= call.checkpoint_due
             p.assemble_shard(parts, s, self._params)
             self._version = max(self._version, version)
             self.versions[s] = version
@@ -253,11 +256,11 @@ class ParameterServerClient:
         return True
 
     def start_push_pull(self, job, worker, step, grads, assigns=None, *, weight=1.0, min_version=0, timeout=600.0,
-                        rpc_timeout=660.0, wait=True, owner_epoch=0) -> PushCall:
+                        rpc_timeout=660.0, wait=True, owner_epoch=0, checkpoint=False) -> PushCall:
         """Push with pull, through shared memory when ``use_shared_memory`` took, else a
         raw frame; ``wait=False`` leaves the call in flight. ``.result()`` of what it
         returns gives (version, params: read-only arrays, valid until the next push)."""
-        args = (job, worker, step, grads, assigns, weight, True, min_version, timeout, owner_epoch)
+        args = (job, worker, step, grads, assigns, weight, True, min_version, timeout, owner_epoch, checkpoint)
         frame, size = None, 0
         if self.segment is not None:
             try:
@@ -282,9 +285,10 @@ class ParameterServerClient:
 
     @staticmethod
     def push_frame(job, worker, step, grads, assigns=None, weight=1.0, pull=False, min_version=0, timeout=0.0,
-                   owner_epoch=0) -> bytes:
+                   owner_epoch=0, checkpoint=False) -> bytes:
         """A raw-frame push (see PushRaw)."""
-        return tensorwire.pack(push_meta(job, worker, step, grads, assigns, weight, pull, min_version, timeout, owner_epoch),
+        return tensorwire.pack(push_meta(job, worker, step, grads, assigns, weight, pull, min_version, timeout,
+                                         owner_epoch, checkpoint),
                                push_tensors(grads, assigns))
 
     def read_reply(self, reply: bytes) -> tuple[int, bool, dict]:
@@ -292,21 +296,23 @@ class ParameterServerClient:
         reply area when the shard put them there)."""
         return self._read_reply(reply)[:3]
 
-    def _read_reply(self, reply: bytes) -> tuple[int, bool, dict, int]:
-        """``read_reply`` plus the bytes that came through shared memory."""
+    def _read_reply(self, reply: bytes) -> tuple[int, bool, dict, int, bool]:
+        """``read_reply`` plus the bytes that came through shared memory and whether the
+        shard's checkpoint time bound passed."""
         meta, params = tensorwire.unpack(reply)
         shared = int(meta.get("shm_reply", 0))
         if shared:
             if self.segment is None:
                 raise RuntimeError(f"shard {self.address} answered through shared memory this client does not have")
             meta, params = tensorwire.unpack(self.segment.reply[:shared])
-        return int(meta["version"]), bool(meta["duplicate"]), params, shared
+        return int(meta["version"]), bool(meta["duplicate"]), params, shared, bool(meta.get("checkpoint_due"))
 
     def init_shard(self, job, shard, variables, trainable, optimizer_json, mode, staleness, workers, checkpoint_every=0,
-                   incarnation=""):
+                   incarnation="", checkpoint_seconds=0.0):
         req = ps_pb2.InitShardRequest(
             job=job, shard=shard, trainable=sorted(trainable), optimizer_json=optimizer_json, mode=mode,
             staleness=staleness, workers=list(workers), checkpoint_every=checkpoint_every, incarnation=incarnation,
+            checkpoint_seconds=checkpoint_seconds,
         )
         codec.write_named(req.variables, variables)
         return self.stub.InitShard(req, timeout=self.timeout)
@@ -373,10 +379,14 @@ class ParameterServerClient:
         self.channel.close()
 
 
-def push_meta(job, worker, step, grads, assigns, weight, pull, min_version, timeout, owner_epoch=0) -> dict:
+def push_meta(job, worker, step, grads, assigns, weight, pull, min_version, timeout, owner_epoch=0,
+              checkpoint=False) -> dict:
     """The meta of a push frame (``grads`` and ``assigns`` only keep the signature that of ``push_frame``)."""
-    return {"job": job, "worker": worker, "step": step, "weight": weight, "pull": pull,
+    meta = {"job": job, "worker": worker, "step": step, "weight": weight, "pull": pull,
             "min_version": min_version, "timeout": timeout, "owner_epoch": owner_epoch}
+    if checkpoint:
+        meta["checkpoint"] = True
+    return meta
 
 
 def push_tensors(grads, assigns) -> dict:
@@ -394,13 +404,14 @@ class PushCall:
         self.client, self.args, self.sent, self._outcome, self._rpc_timeout = client, args, sent, outcome, rpc_timeout
         self._error = error  # of a call made with wait=True (a future is itself an RpcError: no isinstance test)
         self.received = 0
+        self.checkpoint_due = False  # the shard's checkpoint time bound passed (set by result / retry)
 
     def result(self) -> tuple[int, dict]:
         """(version, params); raises the call's grpc.RpcError."""
         if self._error is not None:
             raise self._error
         reply = self._outcome if isinstance(self._outcome, bytes) else self._outcome.result()
-        version, _, params, shared = self.client._read_reply(reply)
+        version, _, params, shared, self.checkpoint_due = self.client._read_reply(reply)
         self.received = len(reply) + shared
         return version, params
 
@@ -413,5 +424,5 @@ class PushCall:
         frame = self.client.push_frame(*self.args)
         reply = self.client.raw_push(frame, timeout=self._rpc_timeout)
         self.sent, self.received = self.sent + len(frame), len(reply)
-        version, _, params = self.client.read_reply(reply)
+        version, _, params, _, self.checkpoint_due = self.client._read_reply(reply)
         return version, params

@@ -14,12 +14,13 @@ import pytest
 from client import cli, nn
 from client.cli.cluster import down_command, up_command
 from client.cli.common import EXIT_UNAVAILABLE, EXIT_USAGE, CommandError, connect_timeout, master_client
-from client.cli.formatting import format_record, format_status, format_table
+from client.cli.formatting import format_nodes, format_record, format_status, format_table
 from client.cli.jobs import (
     cancel_command,
     export_command,
     list_command,
     logs_command,
+    nodes_command,
     scale_command,
     status_command,
     submit_command,
@@ -92,6 +93,7 @@ def test_parse_job_commands():
     assert parse("logs", "job-1").follow is False
     a = parse("export", "job-1", "-o", "m.npz")
     assert (a.func, a.job, a.output) == (export_command, "job-1", "m.npz")
+    assert parse("nodes", "--json").func is nodes_command
     a = parse("scale", "job-1", "--workers", "3")
     assert (a.func, a.job, a.workers, a.json) == (scale_command, "job-1", 3, False)
 
@@ -370,3 +372,14 @@ def test_formatting_helpers():
     assert lines[-2:] == ["  worker 0: done on worker-a, step 40",
                           "  worker 1: running on worker-b, step 40, 2.1 ms/step; moved 1 time "
                           "(last: w1 lost at step 37; continues on w0 from step 37)"]
+
+
+def test_format_nodes_lists_shards_first_with_restarts():
+    nodes = [{"node_id": "worker-b", "role": "worker", "address": "", "index": 2, "alive": True, "last_seen": 0.21,
+              "name": "worker-1", "metrics_address": "", "restarts": 1},
+             {"node_id": "ps-a", "role": "ps", "address": "127.0.0.1:5001", "index": 0, "alive": False,
+              "last_seen": 12.0, "name": "", "metrics_address": "", "restarts": 0}]
+    lines = [line.split() for line in format_nodes(nodes).splitlines()]
+    assert lines[0] == ["ROLE", "INDEX", "NAME", "ADDRESS", "STATE", "LAST", "SEEN", "RESTARTS"]
+    assert lines[1] == ["ps", "0", "-", "127.0.0.1:5001", "lost", "12.0s", "ago", "0"]
+    assert lines[2] == ["worker", "2", "worker-1", "-", "alive", "0.2s", "ago", "1"]

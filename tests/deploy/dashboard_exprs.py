@@ -72,6 +72,7 @@ METRICS: dict[str, tuple[str, tuple[str, ...]]] = {
     "pstrain_job_val_loss": (GAUGE, ("job",)),
     "pstrain_worker_step_time_seconds": (GAUGE, ("job", "worker")),
     "pstrain_worker_slot_moves_total": (COUNTER, ("job", "worker")),
+    "pstrain_node_restarts_total": (COUNTER, ("role",)),
 }
 # Labels a query may use: the services' own, plus what Prometheus adds (instance, and le
 # on histogram buckets). `job` is the training job's id: prometheus.yml honours it.

@@ -131,6 +131,8 @@ def test_sync_job_survives_a_killed_worker_bit_identically(tmp_path):
             assert "worker 1 lost at step" in events and "worker 1 lost; continues on" in events, events
             assert "worker 1 moved to" in events, events  # the restarted process took its slot back
             assert final["workers"]["1"]["owner_epoch"] == 2 and final["workers"]["1"]["state"] == "done"
+            restarted = [n for n in client.nodes() if n["name"] == f"worker-{index}"]
+            assert sorted((n["alive"], n["restarts"]) for n in restarted) == [(False, 0), (True, 1)], restarted
             _assert_same_weights(client, baseline["id"], job["id"])
             assert all(s.alive for s in launcher.status(handle)), launcher.status(handle)
         finally:

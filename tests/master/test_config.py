@@ -9,6 +9,7 @@ from master.config import MasterConfig
 
 @pytest.mark.parametrize("field, value, words", [
     ("checkpoint_every", -1, "MasterConfig.checkpoint_every=-1 must be >= 0"),
+    ("checkpoint_seconds", -1.0, "MasterConfig.checkpoint_seconds=-1.0 must be >= 0"),
     ("max_watchers", 64, "MasterConfig.max_watchers=64 is out of range; allowed [0, max_workers=64)"),
     ("max_watchers", -1, "MasterConfig.max_watchers=-1 is out of range"),
     ("recovery_timeout", 0, "recovery_timeout"),

@@ -755,3 +755,24 @@ def test_a_stalled_master_does_not_count_its_own_silence_against_the_nodes(maste
     assert [n["alive"] for n in c.nodes()] == [True]
     heartbeats.add(worker.node_id)  # it beats again: still the same live node
     assert [n["node_id"] for n in c.nodes() if n["alive"]] == [worker.node_id]
+
+
+def test_a_node_that_registers_again_counts_a_restart(master, heartbeats, ps_server):
+    """A worker restarted by its supervisor registers under the same name (a shard from
+    the same address): ListNodes counts it, the old record is retired, and
+    pstrain_node_restarts_total goes up."""
+    ps_address, _ = ps_server
+    c = master.client()
+    first = c.register("worker", name="worker-1")
+    again = c.register("worker", name="worker-1")
+    other = c.register("worker", name="worker-2")
+    c.register("ps", address=ps_address)
+    c.register("ps", address=ps_address)
+    nodes = {n["node_id"]: n for n in c.nodes()}
+    assert (nodes[first.node_id]["alive"], nodes[first.node_id]["restarts"]) == (False, 0)
+    assert (nodes[again.node_id]["alive"], nodes[again.node_id]["restarts"]) == (True, 1)
+    assert nodes[other.node_id]["restarts"] == 0
+    assert sorted(n["restarts"] for n in nodes.values() if n["role"] == "ps") == [0, 1]
+    registry = master.coordinator.metrics.registry
+    assert registry.get_sample_value("pstrain_node_restarts_total", {"role": "worker"}) == 1
+    assert registry.get_sample_value("pstrain_node_restarts_total", {"role": "ps"}) == 1

@@ -136,7 +136,9 @@ def test_a_damaged_checkpoint_is_an_error_not_a_fresh_start(tmp_path):
 
 @pytest.mark.parametrize(
     "kwargs, match",
-    [({"path": ""}, "path is empty"), ({"path": "x", "every_versions": -1}, r"every_versions=-1 is out of range")],
+    [({"path": ""}, "path is empty"), ({"path": "x", "every_versions": -1}, r"every_versions=-1 is out of range"),
+     ({"path": "x", "every_seconds": -1.0}, r"every_seconds=-1.0 is out of range"),
+     ({"path": "x", "every_seconds": float("nan")}, r"every_seconds=nan is out of range")],
 )
 def test_checkpoint_config_is_validated(kwargs, match):
     with pytest.raises(ValueError, match=match):

@@ -40,6 +40,7 @@ class FakeCall:
 
     def __init__(self, shard, push, sent):
         self.shard, self.push, self.sent, self.received = shard, push, sent, 0
+        self.checkpoint_due = False
 
     def result(self):
         return self._answer()
@@ -73,7 +74,7 @@ class FakeShard:
         return sum(g.nbytes for g in grads.values()) + sum(a.nbytes for a in assigns.values()) + 100
 
     def start_push_pull(self, job, worker, step, grads, assigns=None, *, weight=1.0, min_version=0, timeout=600.0,
-                        rpc_timeout=660.0, wait=True, owner_epoch=0):
+                        rpc_timeout=660.0, wait=True, owner_epoch=0, checkpoint=False):
         self.calls.append(("push", job, worker, step, {k: np.array(v) for k, v in grads.items()},
                            {k: np.array(v) for k, v in (assigns or {}).items()}, weight, min_version, wait))
         push = (step, grads, assigns or {}, weight, min_version)
