@@ -77,6 +77,7 @@ class Recovery:
     workers: dict[int, dict]  # the stored worker table: index -> node, state, step, ...
     deadline: float  # time.monotonic() after which it resumes with what came back, or fails
     back: dict[int, str] = field(default_factory=dict)  # worker index -> its new node id
+    epochs: dict[int, int] = field(default_factory=dict)  # worker index -> owner epoch of the process back
     incarnation: str = ""
 
 
@@ -97,6 +98,7 @@ class JobRuntime:
     owners: dict[int, int] = field(default_factory=dict)  # worker slot -> ownership epoch
     orphans: dict[int, float] = field(default_factory=dict)  # lost slot -> deadline to find it a process
     moving: dict[int, tuple[str, float]] = field(default_factory=dict)  # slot -> (target node, release deadline)
+    handing: set[int] = field(default_factory=set)  # slots being handed over right now (one at a time)
     done: set[int] = field(default_factory=set)
     steps: dict[int, int] = field(default_factory=dict)
     evaluator: int | None = None
@@ -168,10 +170,13 @@ class Coordinator:
             raise ValueError("a parameter server must register the address it serves on")
         with self.lock:
             # The same node again (a shard from its address, a worker by its name): restarted by
-            # its supervisor, or back after it was declared lost. Counted, and an old record
-            # still alive is that same process's: retired rather than counted twice.
+            # its supervisor, or back after it was declared lost. Counted; a shard's old record
+            # still alive is that same server's (one process per address): retired rather than
+            # counted twice. A live worker of the same name is another process (names are the
+            # user's): left alone.
             same = [n for n in self.nodes.values() if n.role == role
-                    and ((role == "ps" and n.address == address) or (role == "worker" and name and n.name == name))]
+                    and ((role == "ps" and n.address == address)
+                         or (role == "worker" and name and n.name == name and not n.alive))]
             restarts = max((n.restarts + 1 for n in same), default=0)
             for old in same:
                 if old.alive:
@@ -192,8 +197,12 @@ class Coordinator:
             for slot in running if role == "worker" else ():
                 rec, rt = self.recovering.get(slot.job), self.runtimes.get(slot.job)
                 if rec is not None and slot.worker in rec.workers:
-                    if int(rec.workers[slot.worker].get("owner_epoch", 0)) == slot.owner_epoch:
+                    # The newest owner wins: the stored epoch, or one handed over just before the
+                    # old master stopped (not recorded yet); an older process is left fenced off.
+                    stored = int(rec.workers[slot.worker].get("owner_epoch", 0))
+                    if slot.owner_epoch >= max(stored, rec.epochs.get(slot.worker, -1)):
                         rec.back[slot.worker] = node.node_id
+                        rec.epochs[slot.worker] = slot.owner_epoch
                         node.job = slot.job
                         log.info("job %s: worker %d is back as %s", slot.job, slot.worker, node.node_id)
                 elif (rt is not None and slot.worker in rt.orphans
@@ -672,6 +681,9 @@ class Coordinator:
         reached only some shards, every shard rolls back to a checkpoint they all hold
         first (the step cannot be computed again once a shard applied it)."""
         with self.lock:
+            if k in rt.handing:  # another thread is handing it over already
+                return
+            rt.handing.add(k)
             epoch = rt.owners.get(k, 0) + 1
             rt.owners[k] = epoch
             reserved = target.job is None
@@ -686,10 +698,12 @@ class Coordinator:
                         f"shard rolled back to version {start}")
         except Exception:
             with self.lock:
+                rt.handing.discard(k)
                 if reserved and not rt.slots_of(target.node_id):
                     target.job = None
             raise
         with self.lock:
+            rt.handing.discard(k)
             if self.runtimes.get(rt.id) is not rt:
                 return
             old = rt.workers.get(k)
@@ -937,10 +951,13 @@ class Coordinator:
         deadline = time.monotonic() + self.config.recovery_timeout
         rt = JobRuntime(job_id, rec.spec, plan, {i: back.get(i, "") for i in slots}, list(rec.shards),
                         processes=len(set(back.values())) + len(lost), incarnation=rec.incarnation,
-                        owners={i: int(rec.workers[i].get("owner_epoch", 0)) for i in slots},
+                        # A slot not back may have been handed over once more than recorded: its next
+                        # owner must fence that process off too.
+                        owners={i: rec.epochs[i] if i in back else int(rec.workers[i].get("owner_epoch", 0)) + 1
+                                for i in slots},
                         orphans={i: deadline for i in lost})
         for i, nid in back.items():
-            self.store.update_worker(job_id, i, node=nid)
+            self.store.update_worker(job_id, i, node=nid, owner_epoch=rec.epochs.get(i, 0))
         for i in lost:
             self.store.update_worker(job_id, i, state="lost", note="its process did not come back after the master "
                                                                    "restarted")

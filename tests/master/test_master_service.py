@@ -764,15 +764,49 @@ def test_a_node_that_registers_again_counts_a_restart(master, heartbeats, ps_ser
     ps_address, _ = ps_server
     c = master.client()
     first = c.register("worker", name="worker-1")
+    heartbeats.add(first.node_id)
+    twin = c.register("worker", name="worker-1")  # a live one of the same name: another process
+    heartbeats.add(twin.node_id)
+    heartbeats.silence(first.node_id)  # the first dies; its supervisor starts it again
+    wait_for(lambda: not next(n for n in c.nodes() if n["node_id"] == first.node_id)["alive"],
+             timeout=HEARTBEAT_TIMEOUT + 3)
     again = c.register("worker", name="worker-1")
     other = c.register("worker", name="worker-2")
     c.register("ps", address=ps_address)
     c.register("ps", address=ps_address)
     nodes = {n["node_id"]: n for n in c.nodes()}
     assert (nodes[first.node_id]["alive"], nodes[first.node_id]["restarts"]) == (False, 0)
+    assert (nodes[twin.node_id]["alive"], nodes[twin.node_id]["restarts"]) == (True, 0)
     assert (nodes[again.node_id]["alive"], nodes[again.node_id]["restarts"]) == (True, 1)
     assert nodes[other.node_id]["restarts"] == 0
     assert sorted(n["restarts"] for n in nodes.values() if n["role"] == "ps") == [0, 1]
     registry = master.coordinator.metrics.registry
     assert registry.get_sample_value("pstrain_node_restarts_total", {"role": "worker"}) == 1
     assert registry.get_sample_value("pstrain_node_restarts_total", {"role": "ps"}) == 1
+
+
+def test_after_a_master_restart_the_newest_owner_of_a_slot_is_attached(master, ps_server, spec):
+    """A slot handed over just before the master died (owner epoch 1, not yet recorded)
+    and its fenced-off old process (epoch 0) both register again: the newest owner is
+    attached, the old one is not, and its reports are answered "stop"."""
+    c = master.client()
+    ps_address, _ = ps_server
+    heartbeats = Heartbeats(c)
+    job_id = start_job(c, heartbeats, spec, ps_address)[0]
+    heartbeats.close()
+
+    master.restart()
+    c = master.client()
+    beats = Heartbeats(c)
+    try:
+        ps = c.register("ps", address=ps_address)
+        newest = c.register("worker", name="w1", running=[SlotRef(job_id, 0, 1)])
+        old = c.register("worker", name="w0", running=[SlotRef(job_id, 0, 0)])
+        for node in (ps, newest, old):
+            beats.add(node.node_id)
+        status = wait_for(lambda: (s := c.get(job_id)) and any("resumed" in e for e in s["events"]) and s)
+        assert status["workers"]["0"]["node"] == newest.node_id and status["workers"]["0"]["owner_epoch"] == 1
+        assert c.report(job_id, 0, step=1, epoch=0, loss=0.5, metrics={}, owner_epoch=0) is True  # fenced off
+        assert c.report(job_id, 0, step=1, epoch=0, loss=0.5, metrics={}, owner_epoch=1) is False
+    finally:
+        beats.close()
