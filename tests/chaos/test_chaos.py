@@ -33,7 +33,8 @@ SEED = int(os.environ.get("PSTRAIN_CHAOS_SEED", random.randrange(2**31)))
 
 
 def spec(mode: str, name: str):
-    return job_to_spec(dataclasses.replace(make_job(epochs=EPOCHS, num_shards=2), mode=mode), name)
+    # Two workers, always: a job submitted while a restarted worker registers again waits for it.
+    return job_to_spec(dataclasses.replace(make_job(epochs=EPOCHS, num_workers=2, num_shards=2), mode=mode), name)
 
 
 def kill_step(case: str) -> int:
