@@ -509,6 +509,10 @@ class Coordinator:
                     node.job = None
                     if cancel_workers:
                         node.cancelled.append(job_id)
+            for target, _ in rt.moving.values():  # reserved for a move that will not happen now
+                node = self.nodes.get(target)
+                if node is not None and node.job == job_id:
+                    node.job = None
             self.changed.notify_all()
         self._end_on_shards_addresses(job_id, rt.shards)
 
@@ -762,10 +766,12 @@ class Coordinator:
         now = time.monotonic()
         late = []
         with self.lock:
-            for n in self.nodes.values():  # a reservation whose move fell through: free again
-                rt = self.runtimes.get(n.job) if n.role == "worker" and n.job else None
-                if (rt is not None and n.node_id not in rt.workers.values()
-                        and all(t != n.node_id for t, _ in rt.moving.values())):
+            for n in self.nodes.values():  # a reservation whose move fell through, or whose job ended: free again
+                if n.role != "worker" or not n.job or n.job in self._starting or n.job in self.recovering:
+                    continue
+                rt = self.runtimes.get(n.job)
+                if rt is None or (n.node_id not in rt.workers.values()
+                                  and all(t != n.node_id for t, _ in rt.moving.values())):
                     n.job = None
             for rt in self.runtimes.values():
                 late += [(rt, k, t) for k, (t, deadline) in rt.moving.items() if now > deadline]

@@ -810,3 +810,23 @@ def test_after_a_master_restart_the_newest_owner_of_a_slot_is_attached(master, p
         assert c.report(job_id, 0, step=1, epoch=0, loss=0.5, metrics={}, owner_epoch=1) is False
     finally:
         beats.close()
+
+
+def test_a_worker_reserved_for_a_move_is_freed_when_the_job_ends(master, heartbeats, ps_server, spec):
+    """Bug (found by the chaos suite): a process reserved as the target of a slot's move
+    stayed reserved after the job ended, so the next job asking for every worker waited
+    forever. The reservation goes with the job."""
+    ps_address, _ = ps_server
+    c = master.client()
+    job_id, w0, w1 = _two_worker_job(c, heartbeats, spec, ps_address)
+    heartbeats.silence(w1.node_id)
+    assert wait_for(lambda: (1, 1, 0) in _tasks(heartbeats, w0.node_id), timeout=HEARTBEAT_TIMEOUT + 3)
+    w2 = c.register("worker", name="w2")
+    heartbeats.add(w2.node_id)
+    wait_for(lambda: heartbeats.received(w0.node_id, "release"))  # slot 1 is to move to w2 ...
+    for k, epoch in ((0, 0), (1, 1)):  # ... but both slots finish first
+        c.report(job_id, k, step=3, epoch=1, loss=0.0, metrics={}, done=True, owner_epoch=epoch)
+    wait_for(lambda: heartbeats.received(w0.node_id, "finished"))
+    c.report(job_id, 0, step=3, epoch=1, loss=1.2, metrics={"accuracy": 0.5}, final=True)
+    assert c.get(job_id)["state"] == "SUCCEEDED"
+    wait_for(lambda: all(n.job is None for n in master.coordinator.list_nodes() if n.alive))
