@@ -181,4 +181,7 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from client.cli.common import sigterm_interrupts
+
+    with sigterm_interrupts():  # killed (e.g. by timeout): the local cluster is stopped, not left running
+        sys.exit(main())
