@@ -98,7 +98,7 @@ class JobRuntime:
     owners: dict[int, int] = field(default_factory=dict)  # worker slot -> ownership epoch
     orphans: dict[int, float] = field(default_factory=dict)  # lost slot -> deadline to find it a process
     moving: dict[int, tuple[str, float]] = field(default_factory=dict)  # slot -> (target node, release deadline)
-    handing: set[int] = field(default_factory=set)  # slots being handed over right now (one at a time)
+    handing: dict[int, str] = field(default_factory=dict)  # slot -> target node, while handed over (one at a time)
     done: set[int] = field(default_factory=set)
     steps: dict[int, int] = field(default_factory=dict)
     evaluator: int | None = None
@@ -110,6 +110,16 @@ class JobRuntime:
     @property
     def slots(self) -> list[int]:
         return sorted(self.workers)
+
+    @property
+    def placed(self) -> int:
+        """Slots that have a process now (the live-workers gauge)."""
+        return len(self.workers) - len(self.orphans)
+
+    def reserves(self, node_id: str) -> bool:
+        """Whether ``node_id`` runs a slot of this job or is the target of a move or hand-over."""
+        return (node_id in self.workers.values() or node_id in self.handing.values()
+                or any(t == node_id for t, _ in self.moving.values()))
 
     def slots_of(self, node_id: str) -> list[int]:
         return sorted(k for k, nid in self.workers.items() if nid == node_id and k not in self.orphans)
@@ -219,7 +229,7 @@ class Coordinator:
                                      note=f"came back as {node.name or node.node_id} before another process took it over")
             self.store.add_event(rt.id, f"worker {k} came back ({node.name or node.node_id}) before its slot moved; "
                                         "it carries on")
-            self.metrics.live(rt.id, len(rt.workers) - len(rt.orphans))
+            self.metrics.live(rt.id, rt.placed)
         return node
 
     def heartbeat(self, node_id: str) -> HeartbeatReply:
@@ -509,10 +519,7 @@ class Coordinator:
                     node.job = None
                     if cancel_workers:
                         node.cancelled.append(job_id)
-            for target, _ in rt.moving.values():  # reserved for a move that will not happen now
-                node = self.nodes.get(target)
-                if node is not None and node.job == job_id:
-                    node.job = None
+            self._free_reservations()  # e.g. the target of a move that will not happen now
             self.changed.notify_all()
         self._end_on_shards_addresses(job_id, rt.shards)
 
@@ -631,7 +638,7 @@ class Coordinator:
                 if rt.evaluator == k:  # the evaluator died: pick again once the slot has a process
                     rt.evaluator = None
             rt.told_finished.discard(node.node_id)
-            live = len(rt.workers) - len(rt.orphans)
+            live = rt.placed
         self.metrics.live(rt.id, live)
         for k in slots:
             step = rt.steps.get(k, 0)
@@ -687,7 +694,7 @@ class Coordinator:
         with self.lock:
             if k in rt.handing:  # another thread is handing it over already
                 return
-            rt.handing.add(k)
+            rt.handing[k] = target.node_id  # reserved meanwhile (see _free_reservations)
             epoch = rt.owners.get(k, 0) + 1
             rt.owners[k] = epoch
             reserved = target.job is None
@@ -702,23 +709,22 @@ class Coordinator:
                         f"shard rolled back to version {start}")
         except Exception:
             with self.lock:
-                rt.handing.discard(k)
+                rt.handing.pop(k, None)
                 if reserved and not rt.slots_of(target.node_id):
                     target.job = None
             raise
         with self.lock:
-            rt.handing.discard(k)
+            rt.handing.pop(k, None)
             if self.runtimes.get(rt.id) is not rt:
                 return
             old = rt.workers.get(k)
             rt.workers[k] = target.node_id
-            target.job = rt.id
             rt.orphans.pop(k, None)
             rt.moving.pop(k, None)
             target.tasks.append(self._task(rt, k, start))
             if old != target.node_id:
                 rt.told_finished.discard(target.node_id)
-            live = len(rt.workers) - len(rt.orphans)
+            live = rt.placed
             self._maybe_finished(rt)
             self.changed.notify_all()
         self.metrics.live(rt.id, live)
@@ -766,13 +772,7 @@ class Coordinator:
         now = time.monotonic()
         late = []
         with self.lock:
-            for n in self.nodes.values():  # a reservation whose move fell through, or whose job ended: free again
-                if n.role != "worker" or not n.job or n.job in self._starting or n.job in self.recovering:
-                    continue
-                rt = self.runtimes.get(n.job)
-                if rt is None or (n.node_id not in rt.workers.values()
-                                  and all(t != n.node_id for t, _ in rt.moving.values())):
-                    n.job = None
+            self._free_reservations()
             for rt in self.runtimes.values():
                 late += [(rt, k, t) for k, (t, deadline) in rt.moving.items() if now > deadline]
                 if rt.moving or rt.orphans or rt.lost_shards or set(rt.workers) <= rt.done:
@@ -805,6 +805,16 @@ class Coordinator:
                 with self.lock:
                     if rt.moving.pop(k, None) is not None:
                         rt.orphans[k] = time.monotonic() + self.config.recovery_timeout
+
+    def _free_reservations(self) -> None:
+        """Free workers reserved for a job they no longer serve: a move that fell through,
+        or a job that ended. Caller holds the lock."""
+        for n in self.nodes.values():
+            if n.role != "worker" or not n.job or n.job in self._starting or n.job in self.recovering:
+                continue
+            rt = self.runtimes.get(n.job)
+            if rt is None or not rt.reserves(n.node_id):
+                n.job = None
 
     def scale(self, job_id: str, workers: int) -> JobRecord:
         """Serve running job ``job_id`` with ``workers`` worker processes. Its slots (and so

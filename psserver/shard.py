@@ -393,12 +393,10 @@ class Shard:
         (version, the slot's first step not received here): where the new owner starts.
         Its pushes already received stay (buffered ones too): the new owner computes the
         same gradients, so a step both send is applied once."""
-        worker, epoch = int(worker), int(epoch)
+        worker = int(worker)
         with self._cond:
             self._check_open()
-            if epoch < self._owners.get(worker, 0):
-                raise self._fenced(worker, epoch)
-            self._owners[worker] = epoch
+            self._admit(worker, int(epoch))
             self._cond.notify_all()
             return self._store.version, self._last_step.get(worker, -1) + 1
 

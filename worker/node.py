@@ -65,12 +65,6 @@ class WorkerNode:
             for event in self.cancelled.values():
                 event.set()
 
-    @property
-    def running(self) -> list[SlotRef]:
-        """The worker slots this node runs now."""
-        with self.lock:
-            return [slot for slot, _, _ in self._running.values()]
-
     def start(self) -> None:
         """Serve /metrics (unless metrics_port is -1), register with the master and start
         heartbeating (raises OSError if the metrics port is taken, ConnectionError if the
@@ -112,13 +106,17 @@ class WorkerNode:
             thread = threading.Thread(target=self._run_task, args=(task, slot, released),
                                       name=f"task-{task.job}-w{task.worker_index}", daemon=True)
             self._running[key] = (slot, released, thread)
-            self.membership.running = [s for s, _, _ in self._running.values()]  # a restarted master re-attaches us
+            self._publish_running()
         if task.start_step:
             log.info("job %s: taking over worker slot %d of %d from step %d (owner epoch %d)", task.job,
                      task.worker_index, len(task.workers), task.start_step, task.owner_epoch)
         else:
             log.info("job %s: starting as worker %d of %d", task.job, task.worker_index, len(task.workers))
         thread.start()
+
+    def _publish_running(self) -> None:
+        """Tell the membership what runs here: a restarted master re-attaches us. Caller holds the lock."""
+        self.membership.running = [s for s, _, _ in self._running.values()]
 
     def _run_task(self, task: TaskSpec, slot: SlotRef, released: threading.Event) -> None:
         job = task.job
@@ -130,6 +128,6 @@ class WorkerNode:
                 key = (job, task.worker_index)
                 if key in self._running and self._running[key][0] == slot:
                     del self._running[key]
-                self.membership.running = [s for s, _, _ in self._running.values()]
+                self._publish_running()
                 if not any(k[0] == job for k in self._running):
                     self.finished.pop(job, None)

@@ -58,32 +58,27 @@ def submit_command(args) -> int:
         client.close()
 
 
-def status_command(args) -> int:
+def _answer(args, call, text) -> int:
+    """One call to the master (``call(client)``), its answer printed as JSON with
+    ``--json``, else as ``text(answer)``."""
     client = master_client(args)
     try:
-        s = client.get(args.job)
+        answer = call(client)
     finally:
         client.close()
     if args.json:
-        print_json(s)
+        print_json(answer)
     else:
-        print(format_status(s))
+        print(text(answer))
     return EXIT_OK
+
+
+def status_command(args) -> int:
+    return _answer(args, lambda c: c.get(args.job), format_status)
 
 
 def list_command(args) -> int:
-    client = master_client(args)
-    try:
-        jobs = client.list()
-    finally:
-        client.close()
-    if args.json:
-        print_json(jobs)
-    elif jobs:
-        print(format_table(jobs))
-    else:
-        print("no jobs")
-    return EXIT_OK
+    return _answer(args, lambda c: c.list(), lambda jobs: format_table(jobs) if jobs else "no jobs")
 
 
 def logs_command(args) -> int:
@@ -149,43 +144,18 @@ def plot_command(args) -> int:
 
 
 def cancel_command(args) -> int:
-    client = master_client(args)
-    try:
-        s = client.cancel(args.job)
-    finally:
-        client.close()
-    if args.json:
-        print_json(s)
-    else:
-        print(f"{s['id']}: {s['state']}")
-    return EXIT_OK
+    return _answer(args, lambda c: c.cancel(args.job), lambda s: f"{s['id']}: {s['state']}")
 
 
 def scale_command(args) -> int:
-    client = master_client(args)
-    try:
-        s = client.scale(args.job, args.workers)
-    finally:
-        client.close()
-    if args.json:
-        print_json(s)
-    else:
-        print(f"{s['id']}: {s['state']}; moving its worker slots to {args.workers} worker process"
-              f"{'es' if args.workers != 1 else ''} (each after its current step; see psctl status {s['id']})")
-    return EXIT_OK
+    processes = f"{args.workers} worker process{'es' if args.workers != 1 else ''}"
+    return _answer(args, lambda c: c.scale(args.job, args.workers),
+                   lambda s: f"{s['id']}: {s['state']}; moving its worker slots to {processes} "
+                             f"(each after its current step; see psctl status {s['id']})")
 
 
 def nodes_command(args) -> int:
-    client = master_client(args)
-    try:
-        nodes = client.nodes()
-    finally:
-        client.close()
-    if args.json:
-        print_json(nodes)
-    else:
-        print(format_nodes(nodes))
-    return EXIT_OK
+    return _answer(args, lambda c: c.nodes(), format_nodes)
 
 
 def export_command(args) -> int:
