@@ -3,6 +3,7 @@
 Flags override PSTRAIN_* environment variables, which override defaults (see
 master/config.py). Prints ``PSTRAIN_METRICS master HOST:PORT`` (where /metrics is served,
 unless ``--metrics-port -1``), then ``PSTRAIN_READY master HOST:PORT`` once serving.
+``start(argv)`` starts the same master in this process and returns (a Ray actor hosts it so).
 """
 from __future__ import annotations
 
@@ -11,10 +12,11 @@ import sys
 
 from master.config import MasterConfig
 from master.service import serve
-from protos.settings import from_sources, metrics_port_error, parse_service_args, stop_event
+from protos.settings import Service, ServiceStartError, from_sources, metrics_port_error, parse_service_args, run_service
 
 
-def main(argv=None) -> int:
+def start(argv=None) -> Service:
+    """Start a master in this process from its command-line flags; raises ServiceStartError."""
     p = argparse.ArgumentParser(prog="python -m master", description=__doc__.splitlines()[0])
     p.add_argument("--host")
     p.add_argument("--port", type=int)
@@ -35,24 +37,26 @@ def main(argv=None) -> int:
     try:
         config = from_sources(MasterConfig, parse_service_args(p, argv, "master"))
     except ValueError as exc:
-        print(f"master: error: {exc}", file=sys.stderr)
-        return 2
+        raise ServiceStartError(f"master: error: {exc}") from None
     server, port, coordinator = serve(config)
+    metrics_address = ""
     if config.metrics_port >= 0:
         try:
-            metrics_port = coordinator.metrics.serve(config.host, config.metrics_port).rsplit(":", 1)[1]
+            metrics_address = f"{config.host}:{coordinator.metrics.serve(config.host, config.metrics_port).rsplit(':', 1)[1]}"
         except OSError as exc:
-            print(metrics_port_error("master", config.host, config.metrics_port, exc), file=sys.stderr)
             server.stop(grace=None)
             coordinator.close()
-            return 2
-        print(f"PSTRAIN_METRICS master {config.host}:{metrics_port}", flush=True)
-    print(f"PSTRAIN_READY master {config.host}:{port}", flush=True)
-    stop = stop_event()
-    stop.wait()
-    server.stop(grace=2).wait()
-    coordinator.close()
-    return 0
+            raise ServiceStartError(metrics_port_error("master", config.host, config.metrics_port, exc)) from None
+
+    def stop() -> None:
+        server.stop(grace=2).wait()
+        coordinator.close()
+
+    return Service("master", f"{config.host}:{port}", metrics_address, stop)
+
+
+def main(argv=None) -> int:
+    return run_service(start, argv)
 
 
 if __name__ == "__main__":

@@ -100,3 +100,55 @@ def stop_event(on_stop=None):
 def metrics_port_error(role: str, host: str, port: int, exc: OSError) -> str:
     return (f"{role}: error: cannot serve /metrics on {host}:{port} ({exc}); choose another --metrics-port / "
             "PSTRAIN_METRICS_PORT (0 picks a free one, -1 none)")
+
+
+# ---- a service started in this process ------------------------------------------------------
+class ServiceStartError(RuntimeError):
+    """A service could not start; the message (``<role>: error: ...``) is for the user."""
+
+
+class Service:
+    """A master, shard or worker started in this process by its package's ``start(argv)``
+    (``python -m <role>`` runs one until SIGTERM; a Ray actor hosts one in its own
+    process). ``address``: where it serves gRPC (a worker: its node id);
+    ``metrics_address``: where it serves /metrics ("" for none)."""
+
+    def __init__(self, role: str, address: str, metrics_address: str, stop, interrupt=None):
+        self.role, self.address, self.metrics_address = role, address, metrics_address
+        self._stop, self._interrupt = stop, interrupt
+        self._stopped = False
+
+    def announce(self) -> None:
+        """Print the lines launchers wait for: ``PSTRAIN_METRICS`` then ``PSTRAIN_READY``."""
+        if self.metrics_address:
+            print(f"PSTRAIN_METRICS {self.role} {self.metrics_address}", flush=True)
+        print(f"PSTRAIN_READY {self.role} {self.address}", flush=True)
+
+    def interrupt(self) -> None:
+        """Ask running work to wind down now (a worker's tasks); :meth:`stop` follows."""
+        if self._interrupt is not None:
+            self._interrupt()
+
+    def stop(self) -> None:
+        """Stop serving (idempotent)."""
+        if not self._stopped:
+            self._stopped = True
+            self.interrupt()
+            self._stop()
+
+
+def run_service(start, argv) -> int:
+    """The body of ``python -m <role>``: ``start(argv)``, announce, serve until SIGTERM or
+    SIGINT, stop. Returns the exit status (2: the service could not start)."""
+    import sys
+
+    try:
+        service = start(argv)
+    except ServiceStartError as exc:
+        print(str(exc), file=sys.stderr)
+        return 2
+    stop = stop_event(on_stop=service.interrupt)
+    service.announce()
+    stop.wait()
+    service.stop()
+    return 0

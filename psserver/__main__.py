@@ -2,18 +2,21 @@
 
 Prints ``PSTRAIN_METRICS ps HOST:PORT`` (where /metrics is served, unless
 ``--metrics-port -1``) and then ``PSTRAIN_READY ps HOST:PORT`` once serving.
+``start(argv)`` starts the same shard in this process and returns (a Ray actor hosts it so).
 """
 from __future__ import annotations
 
 import argparse
 import sys
 
-from protos.settings import from_sources, metrics_port_error, parse_service_args, stop_event
+from protos.settings import Service, ServiceStartError, from_sources, metrics_port_error, parse_service_args, run_service
 from psserver.config import PSConfig
 from psserver.service import serve
 
 
-def main(argv=None) -> int:
+def start(argv=None) -> Service:
+    """Start a shard in this process from its command-line flags and register it with its
+    master (if one is given); raises ServiceStartError."""
     p = argparse.ArgumentParser(prog="python -m psserver", description=__doc__.splitlines()[0])
     p.add_argument("--host")
     p.add_argument("--port", type=int)
@@ -25,8 +28,7 @@ def main(argv=None) -> int:
     try:
         config = from_sources(PSConfig, parse_service_args(p, argv, "ps"))
     except ValueError as exc:
-        print(f"psserver: error: {exc}", file=sys.stderr)
-        return 2
+        raise ServiceStartError(f"psserver: error: {exc}") from None
     server, port, servicer = serve(config)
     address = f"{config.advertise_host or config.host}:{port}"
     metrics_address = ""
@@ -34,25 +36,32 @@ def main(argv=None) -> int:
         try:
             metrics_address = servicer.metrics.serve(config.host, config.metrics_port, config.advertise_host)
         except OSError as exc:
-            print(metrics_port_error("psserver", config.host, config.metrics_port, exc), file=sys.stderr)
             server.stop(grace=None)
-            return 2
-        print(f"PSTRAIN_METRICS ps {metrics_address}", flush=True)
-    stop = stop_event()
+            raise ServiceStartError(metrics_port_error("psserver", config.host, config.metrics_port, exc)) from None
     heart = None
     if config.master:
         from pstrain.transport.membership import NodeMembership
 
         heart = NodeMembership(config.master, "ps", address=address, interval=config.heartbeat_interval,
                                metrics_address=metrics_address)
-        heart.start()
-    print(f"PSTRAIN_READY ps {address}", flush=True)
-    stop.wait()
-    if heart is not None:
-        heart.stop()
-    server.stop(grace=2).wait()
-    servicer.close()
-    return 0
+        try:
+            heart.start()
+        except (ConnectionError, RuntimeError) as exc:
+            server.stop(grace=None)
+            servicer.close()
+            raise ServiceStartError(f"psserver: error: {exc}") from None
+
+    def stop() -> None:
+        if heart is not None:
+            heart.stop()
+        server.stop(grace=2).wait()
+        servicer.close()
+
+    return Service("ps", address, metrics_address, stop)
+
+
+def main(argv=None) -> int:
+    return run_service(start, argv)
 
 
 if __name__ == "__main__":

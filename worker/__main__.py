@@ -1,17 +1,21 @@
 """``python -m worker``: run a worker node that registers with the master and trains
 the tasks it is given. Prints ``PSTRAIN_METRICS worker HOST:PORT`` (where /metrics is
-served, unless ``--metrics-port -1``) and ``PSTRAIN_READY worker NODE_ID`` once registered."""
+served, unless ``--metrics-port -1``) and ``PSTRAIN_READY worker NODE_ID`` once registered.
+``start(argv)`` starts the same node in this process, its task loop in a thread (a Ray
+actor hosts it so)."""
 from __future__ import annotations
 
 import argparse
 import sys
+import threading
 
-from protos.settings import from_sources, metrics_port_error, parse_service_args, stop_event
+from protos.settings import Service, ServiceStartError, from_sources, metrics_port_error, parse_service_args, run_service
 from worker.config import WorkerConfig
 from worker.node import WorkerNode
 
 
-def main(argv=None) -> int:
+def start(argv=None) -> Service:
+    """Start a worker node in this process from its command-line flags; raises ServiceStartError."""
     p = argparse.ArgumentParser(prog="python -m worker", description=__doc__.splitlines()[0])
     p.add_argument("--master")
     p.add_argument("--device")
@@ -25,17 +29,22 @@ def main(argv=None) -> int:
         node = WorkerNode(config)
         node.start()
     except (ValueError, RuntimeError, ConnectionError) as exc:
-        print(f"worker: error: {exc}", file=sys.stderr)
-        return 2
+        raise ServiceStartError(f"worker: error: {exc}") from None
     except OSError as exc:  # the metrics port is taken
-        print(metrics_port_error("worker", config.host, config.metrics_port, exc), file=sys.stderr)
-        return 2
-    stop = stop_event(on_stop=node.cancel_all)
-    if node.membership.metrics_address:
-        print(f"PSTRAIN_METRICS worker {node.membership.metrics_address}", flush=True)
-    print(f"PSTRAIN_READY worker {node.membership.node_id}", flush=True)
-    node.run(stop)
-    return 0
+        raise ServiceStartError(metrics_port_error("worker", config.host, config.metrics_port, exc)) from None
+    stopped = threading.Event()
+    loop = threading.Thread(target=node.run, args=(stopped,), name="worker-tasks", daemon=True)
+    loop.start()
+
+    def stop() -> None:
+        stopped.set()
+        loop.join(timeout=30)
+
+    return Service("worker", node.membership.node_id, node.membership.metrics_address, stop, interrupt=node.cancel_all)
+
+
+def main(argv=None) -> int:
+    return run_service(start, argv)
 
 
 if __name__ == "__main__":

@@ -56,12 +56,13 @@ from client.launchers.local import (
     pid_alive,
     thread_env,
 )
+from client.launchers.ray_cluster import RayLauncher
 
 log = logging.getLogger(__name__)
 
 __all__ = [
     "DEFAULT_LAUNCHER", "DEVICES", "LAUNCHERS", "MAX_PROCESSES", "READY_PREFIX", "ROLES", "STATE_FILE", "STOP_ORDER",
-    "ClusterError", "ClusterHandle", "ClusterSpec", "Launcher", "LocalProcessLauncher", "ProcessStatus",
+    "ClusterError", "ClusterHandle", "ClusterSpec", "Launcher", "LocalProcessLauncher", "ProcessStatus", "RayLauncher",
     "connectable", "default_state_dir", "describe_exit", "get_launcher", "launcher_class", "load_handle",
     "local_cluster", "parse_metrics_line", "parse_ready_line", "pid_alive", "register_launcher", "remove_handle",
     "tail", "thread_env", "write_handle",
@@ -144,3 +145,4 @@ def _supervise_quietly(supervisor, stop: threading.Event) -> None:
 
 
 register_launcher(LocalProcessLauncher)
+register_launcher(RayLauncher)  # imports Ray only when used

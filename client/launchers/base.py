@@ -23,14 +23,19 @@ import abc
 import argparse
 import contextlib
 import json
+import logging
 import os
+import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar, Iterator
 
 from pstrain.runtime.files import atomic_write
 from pstrain.runtime.spec import Device
 
+log = logging.getLogger(__name__)
+
 STATE_FILE = "cluster.json"
+TARGETS_FILE = "prometheus-targets.json"  # file_sd targets of every role (see write_scrape_targets)
 ROLES = ("master", "ps", "worker")
 STOP_ORDER = ("worker", "ps", "master")  # workers first, so no one pushes to a stopped shard
 DEVICES = (Device.CPU.value, Device.CUDA.value, Device.AUTO.value)  # what a cluster's workers may run on
@@ -113,6 +118,9 @@ class ClusterHandle:
     args: dict[str, list[list[str]]] = field(default_factory=lambda: {r: [] for r in ROLES})
     restarts: dict[str, list[int]] = field(default_factory=lambda: {r: [] for r in ROLES})
     supervisor_pid: int = 0
+    # The backend's own state (JSON values): e.g. the Ray launcher's cluster address,
+    # namespace and actor names, so that ``psctl down`` from another process finds them.
+    backend: dict[str, Any] = field(default_factory=dict)
 
     def processes(self) -> Iterator[tuple[str, int, int, str]]:
         """(role, index, pid, log path) for every process, master first."""
@@ -127,6 +135,7 @@ class ClusterHandle:
             "pids": self.pids, "logs": self.logs, "spec": asdict(self.spec) if self.spec else None,
             "metrics_address": self.metrics_address, "launcher": self.launcher,
             "args": self.args, "restarts": self.restarts, "supervisor_pid": self.supervisor_pid,
+            "backend": self.backend,
         }
 
     @classmethod
@@ -141,6 +150,7 @@ class ClusterHandle:
             args={r: [[str(a) for a in argv] for argv in d.get("args", {}).get(r, [])] for r in ROLES},
             restarts={r: [int(n) for n in d.get("restarts", {}).get(r, [])] for r in ROLES},
             supervisor_pid=int(d.get("supervisor_pid", 0) or 0),
+            backend=dict(d.get("backend") or {}),
         )
 
 
@@ -179,6 +189,25 @@ def load_handle(state_dir: str | None = None) -> ClusterHandle | None:
     except (ValueError, KeyError, TypeError) as exc:
         raise ValueError(f"the cluster state file {path} is unreadable ({exc}); stop any pstrain processes "
                          "by hand and delete it") from None
+
+
+def write_scrape_targets(handle: ClusterHandle, nodes: list[dict]) -> str:
+    """Write ``<state_dir>/prometheus-targets.json``: every role's /metrics address in
+    Prometheus' file_sd format (a ``file_sd_configs`` entry watching it makes one
+    Prometheus scrape the whole cluster, wherever its processes run). ``nodes`` are the
+    master's ListNodes records; the master's own address comes from the handle. Labels:
+    ``role`` and ``node`` (the worker's name, else ``ps-<index>``), stable across restarts."""
+    groups = []
+    if handle.metrics_address:
+        groups.append({"targets": [handle.metrics_address], "labels": {"role": "master", "node": "master"}})
+    for n in sorted(nodes, key=lambda n: (n["role"], n["index"])):
+        if n.get("alive", True) and n.get("metrics_address"):
+            name = n.get("name") or f"{n['role']}-{n['index']}"
+            groups.append({"targets": [n["metrics_address"]], "labels": {"role": n["role"], "node": name}})
+    path = os.path.join(handle.state_dir, TARGETS_FILE)
+    with atomic_write(path, text=True, mode=0o644) as f:
+        json.dump(groups, f, indent=2)
+    return path
 
 
 def remove_handle(handle: ClusterHandle) -> None:
@@ -258,6 +287,69 @@ class Launcher(abc.ABC):
     def exit_code(self, pid: int) -> int | None:
         """The exit status of a service that stopped (None: running, or not known here)."""
         return None
+
+    # -- shared by the backends ---------------------------------------------------------------------------
+    def claim_state_dir(self, spec: ClusterSpec) -> None:
+        """Refuse to start where a cluster still runs; remove a stale state file."""
+        existing = load_handle(spec.state_dir)
+        if existing is None:
+            return
+        if existing.launcher != self.name:
+            raise ClusterError(f"{spec.state_file} records a cluster started by the {existing.launcher} launcher; "
+                               f"run psctl down --state-dir {spec.state_dir} first")
+        live = [s for s in self.status(existing) if s.alive]
+        if live:
+            raise ClusterError(
+                f"a cluster is already running at {existing.master_address} (state in {spec.state_file}, "
+                f"{len(live)} live processes); run psctl down first"
+            )
+        log.info("removing the stale state file %s (no live processes)", spec.state_file)
+        remove_handle(existing)
+
+    def check_alive(self, handle: ClusterHandle) -> None:
+        """Raise ClusterError naming the process if one of a starting cluster died."""
+
+    def wait_registered(self, handle: ClusterHandle, spec: ClusterSpec, deadline: float, timeout: float,
+                        poll: float = 0.2) -> list[dict]:
+        """Wait until the master lists every shard and worker of ``spec`` alive (checking
+        :meth:`check_alive` meanwhile); returns the master's node records. Past ``deadline``
+        (``timeout`` seconds after the start), a ClusterError with the lacking roles' log tails."""
+        import grpc
+
+        from pstrain.transport.master_client import MasterClient, MasterUnavailable  # grpc only when a cluster runs
+
+        client = MasterClient(handle.master_address, timeout=5.0, connect_timeout=1.0)
+        counts = {"ps": 0, "worker": 0}
+        try:
+            while True:
+                self.check_alive(handle)
+                try:
+                    nodes = client.nodes()
+                    counts = {r: sum(1 for n in nodes if n["role"] == r and n["alive"]) for r in counts}
+                    if counts["ps"] >= spec.ps and counts["worker"] >= spec.workers:
+                        return nodes
+                except (MasterUnavailable, grpc.RpcError) as exc:
+                    log.debug("waiting for the master at %s: %s", handle.master_address, exc)
+                if time.monotonic() > deadline:
+                    lacking = [r for r, want in (("ps", spec.ps), ("worker", spec.workers)) if counts[r] < want]
+                    tails = "\n".join(
+                        f"  {role}-{i} ({log_path}):\n" + "\n".join("    " + l for l in (tail(log_path, 10) or "(empty)").splitlines())
+                        for role, i, _, log_path in handle.processes() if role in lacking or role == "master"
+                    )
+                    raise ClusterError(
+                        f"the cluster did not come up within {timeout:.0f}s: the master at "
+                        f"{handle.master_address} lists {counts['ps']}/{spec.ps} ps shards and "
+                        f"{counts['worker']}/{spec.workers} workers alive. Last log lines:\n{tails}"
+                    )
+                time.sleep(poll)
+        finally:
+            client.close()
+
+    def resize_workers(self, handle: ClusterHandle, workers: int) -> list[str]:
+        """Start or stop worker processes so that ``workers`` run (``psctl scale`` on a
+        cluster this launcher started); returns what it did, one line each. A backend
+        that cannot raises ClusterError."""
+        raise ClusterError(f"the {self.name} launcher cannot add or remove worker processes")
 
     # -- psctl's flags: a new backend adds its own here, so the CLI needs no edit ------------------------
     @classmethod

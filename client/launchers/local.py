@@ -33,10 +33,10 @@ from client.launchers.base import (
     Launcher,
     ProcessStatus,
     describe_exit,
-    load_handle,
     remove_handle,
     tail,
     write_handle,
+    write_scrape_targets,
 )
 
 log = logging.getLogger(__name__)
@@ -160,16 +160,7 @@ class LocalProcessLauncher(Launcher):
 
     # -- start ------------------------------------------------------------------------------------------
     def start(self, spec: ClusterSpec) -> ClusterHandle:
-        existing = load_handle(spec.state_dir)
-        if existing is not None:
-            live = [s for s in self.status(existing) if s.alive]
-            if live:
-                raise ClusterError(
-                    f"a cluster is already running at {existing.master_address} (state in {spec.state_file}, "
-                    f"{len(live)} live processes); run psctl down first"
-                )
-            log.info("removing the stale state file %s (no live processes)", spec.state_file)
-            remove_handle(existing)
+        self.claim_state_dir(spec)
         os.makedirs(spec.log_dir, exist_ok=True)
         os.makedirs(spec.checkpoint_dir, exist_ok=True)
         address = f"{spec.host}:{spec.port}"
@@ -200,8 +191,9 @@ class LocalProcessLauncher(Launcher):
                                                   f"worker-{i}", "--device", spec.device, "--host", spec.host,
                                                   "--metrics-port", "0"])
             write_handle(handle)
-            self._wait_registered(handle, spec, deadline)
+            nodes = self.wait_registered(handle, spec, deadline, self.start_timeout, self.poll)
             self._pin_ports(handle)
+            write_scrape_targets(handle, nodes)
             write_handle(handle)
         except BaseException:
             # Whatever went wrong (a dead service, a timeout, Ctrl-C), leave nothing running.
@@ -260,7 +252,7 @@ class LocalProcessLauncher(Launcher):
         log.warning("restarted %s-%d as pid %d (restart %d)", role, index, handle.pids[role][index], counts[index])
         return handle.pids[role][index]
 
-    def _check_alive(self, handle: ClusterHandle) -> None:
+    def check_alive(self, handle: ClusterHandle) -> None:
         for role, i, pid, log_path in handle.processes():
             proc = self._children.get(pid)
             if proc is None:  # not started by this launcher: cannot learn its exit code
@@ -275,7 +267,7 @@ class LocalProcessLauncher(Launcher):
             address = parse_ready_line(tail(log_path, 200), "master")
             if address:
                 return connectable(address)
-            self._check_alive(handle)
+            self.check_alive(handle)
             if time.monotonic() > deadline:
                 text = "\n".join("    " + line for line in (tail(log_path) or "(the log is empty)").splitlines())
                 raise ClusterError(
@@ -283,38 +275,6 @@ class LocalProcessLauncher(Launcher):
                     f"{self.start_timeout:.0f}s; last lines of {log_path}:\n{text}"
                 )
             time.sleep(self.poll)
-
-    def _wait_registered(self, handle: ClusterHandle, spec: ClusterSpec, deadline: float) -> None:
-        import grpc
-
-        from pstrain.transport.master_client import MasterClient, MasterUnavailable  # grpc only when a cluster runs
-
-        client = MasterClient(handle.master_address, timeout=5.0, connect_timeout=1.0)
-        counts = {"ps": 0, "worker": 0}
-        try:
-            while True:
-                self._check_alive(handle)
-                try:
-                    nodes = client.nodes()
-                    counts = {r: sum(1 for n in nodes if n["role"] == r and n["alive"]) for r in counts}
-                    if counts["ps"] >= spec.ps and counts["worker"] >= spec.workers:
-                        return
-                except (MasterUnavailable, grpc.RpcError) as exc:
-                    log.debug("waiting for the master at %s: %s", handle.master_address, exc)
-                if time.monotonic() > deadline:
-                    lacking = [r for r, want in (("ps", spec.ps), ("worker", spec.workers)) if counts[r] < want]
-                    tails = "\n".join(
-                        f"  {role}-{i} ({log_path}):\n" + "\n".join("    " + l for l in (tail(log_path, 10) or "(empty)").splitlines())
-                        for role, i, _, log_path in handle.processes() if role in lacking or role == "master"
-                    )
-                    raise ClusterError(
-                        f"the cluster did not come up within {self.start_timeout:.0f}s: the master at "
-                        f"{handle.master_address} lists {counts['ps']}/{spec.ps} ps shards and "
-                        f"{counts['worker']}/{spec.workers} workers alive. Last log lines:\n{tails}"
-                    )
-                time.sleep(self.poll)
-        finally:
-            client.close()
 
     # -- stop / status ------------------------------------------------------------------------------------------
     def stop(self, handle: ClusterHandle, timeout: float = 10.0) -> None:

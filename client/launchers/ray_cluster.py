@@ -1,0 +1,521 @@
+"""The ``ray`` launcher: the master, S shards and N workers as Ray actors, each hosting
+pstrain's own gRPC service in its own process (gRPC stays the data plane; Ray places,
+resources and restarts the processes). Needs the ``ray`` extra (``pip install
+pstrain[ray]``); nothing here imports Ray until a Ray cluster is used.
+
+    psctl up --launcher ray                          # a private local Ray head (stopped by psctl down)
+    psctl up --launcher ray --ray-address auto       # an existing Ray cluster (RAY_ADDRESS / ray start)
+    psctl train job.py --launcher ray --ray-address 10.0.0.1:6379
+
+How it maps onto Ray:
+
+* **One placement group** of one bundle per process (``PACK`` by default, so co-located
+  workers and shards keep pstrain's shared-memory path; ``--ray-spread`` for one process
+  per node where possible); ``num_cpus`` per role may be fractional; ``--device cuda``
+  workers ask for ``num_gpus`` (Ray sets ``CUDA_VISIBLE_DEVICES``). A group the cluster
+  cannot hold fails within ``--start-timeout`` with the bundles that do not fit.
+* **Names**: actors are ``pstrain-<cluster>-<role>-<i>`` in the Ray namespace recorded
+  in the state file, so ``psctl down`` from another process finds them.
+  ``psctl up --detach`` makes them detached; otherwise they end with psctl.
+* **Restarts** are Ray's (``max_restarts``), and go through pstrain's own recovery: a
+  restarted shard binds the port it had (kept in Ray's KV store), so the master
+  recognises it by its address and restores its jobs from their checkpoints; a
+  restarted worker registers under its name again and gets its slots back.
+* **Metrics** stay pstrain's own /metrics endpoints; ``<state_dir>/prometheus-targets.json``
+  lists them all for a Prometheus ``file_sd_configs`` entry.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from typing import Any
+
+from client.launchers.base import (
+    STOP_ORDER,
+    ClusterError,
+    ClusterHandle,
+    ClusterSpec,
+    Launcher,
+    ProcessStatus,
+    remove_handle,
+    tail,
+    write_handle,
+    write_scrape_targets,
+)
+from client.launchers.local import pid_alive, process_env, remove_shared_memory, thread_env
+
+log = logging.getLogger(__name__)
+
+DEFAULT_NAMESPACE = "pstrain"
+KV_NAMESPACE = "pstrain"
+SERVICE_MODULES = {"master": "master.__main__", "ps": "psserver.__main__", "worker": "worker.__main__"}
+DEFAULT_CPUS = {"master": 0.5, "ps": 0.5, "worker": 1.0}
+# Passed from psctl's environment to every actor: where Numba caches its kernels (else
+# beside the package), and Numba's CUDA simulator (a --device cuda cluster without a GPU).
+PASSED_ENV = ("NUMBA_CACHE_DIR", "NUMBA_ENABLE_CUDASIM")
+HEAD_OBJECT_STORE_BYTES = 512 * 2**20  # a private head's object store (/dev/shm, beside pstrain's segments)
+
+
+def actor_name(cluster: str, role: str, index: int) -> str:
+    """``pstrain-<cluster>-<role>-<i>``: what ``psctl down`` looks an actor up by."""
+    return f"pstrain-{cluster}-{role}-{index}"
+
+
+def _kv_key(cluster: str, role: str, index: int) -> bytes:
+    return f"pstrain/{cluster}/{role}-{index}".encode()
+
+
+def _argv_set(argv: list[str], flag: str, value: str) -> list[str]:
+    argv = list(argv)
+    if flag in argv:
+        argv[argv.index(flag) + 1] = value
+    else:
+        argv += [flag, value]
+    return argv
+
+
+def _port_of(address: str) -> str:
+    return address.rsplit(":", 1)[1] if address else ""
+
+
+# ---- the actor ----------------------------------------------------------------------------------------------
+class ServiceHost:
+    """A Ray actor's body: starts one pstrain service in this (the actor's) process with
+    its ``python -m <role>`` flags, and keeps it serving until :meth:`stop`.
+
+    A restarted actor (Ray's ``max_restarts``) binds the ports its first incarnation got,
+    read back from Ray's KV store: a shard's address is its identity in its jobs' plans,
+    and the master's is in every node's configuration."""
+
+    def __init__(self, cluster: str, role: str, index: int, argv: list[str], log_path: str, loopback: bool):
+        import ray
+        from ray.experimental import internal_kv
+
+        self.role, self.index = role, index
+        self.log_path = log_path
+        _log_to_file(log_path, role)
+        host = "127.0.0.1" if loopback else ray.util.get_node_ip_address()
+        argv = _argv_set(argv, "--host", host)
+        key = _kv_key(cluster, role, index)
+        pinned = json.loads(internal_kv._internal_kv_get(key, namespace=KV_NAMESPACE) or b"{}")
+        if pinned.get("port"):
+            argv = _argv_set(argv, "--port", str(pinned["port"]))
+        if pinned.get("metrics_port"):
+            argv = _argv_set(argv, "--metrics-port", str(pinned["metrics_port"]))
+        self.restarted = bool(pinned)
+        if self.restarted:
+            logging.getLogger(__name__).warning("%s-%d restarted by Ray (pid %d); binding its earlier ports %s",
+                                                role, index, os.getpid(), pinned)
+        self.service = importlib.import_module(SERVICE_MODULES[role]).start(argv)
+        ports = {"metrics_port": _port_of(self.service.metrics_address)}
+        if role != "worker":
+            ports["port"] = _port_of(self.service.address)
+        internal_kv._internal_kv_put(key, json.dumps({k: int(v) for k, v in ports.items() if v}).encode(),
+                                     overwrite=True, namespace=KV_NAMESPACE)
+        self.node_ip = ray.util.get_node_ip_address()
+
+    def info(self) -> dict[str, Any]:
+        """Where this service runs: pid, addresses, node and what Ray gave it."""
+        return {"role": self.role, "index": self.index, "pid": os.getpid(), "address": self.service.address,
+                "metrics_address": self.service.metrics_address, "node_ip": self.node_ip, "log": self.log_path,
+                "restarted": self.restarted, "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")}
+
+    def stop(self) -> bool:
+        self.service.stop()
+        return True
+
+
+_REMOTE_HOST = None
+
+
+def _remote_host(ray):
+    global _REMOTE_HOST
+    if _REMOTE_HOST is None:
+        _REMOTE_HOST = ray.remote(ServiceHost)
+    return _REMOTE_HOST
+
+
+def _log_to_file(path: str, role: str) -> None:
+    """Send this process's log records to ``path`` too (Ray keeps the actor's stdout in
+    its own session directory), in the format ``python -m <role>`` uses."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter(f"%(asctime)s %(levelname)s {role} %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+
+
+# ---- a private head ---------------------------------------------------------------------------------------
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ray_binary() -> str:
+    here = os.path.join(os.path.dirname(sys.executable), "ray")
+    found = here if os.path.exists(here) else shutil.which("ray")
+    if not found:
+        raise ClusterError("the `ray` command is not installed; pip install 'pstrain[ray]'")
+    return found
+
+
+def start_head(log_path: str, temp_dir: str, num_cpus: float, num_gpus: int = 0, timeout: float = 60.0,
+               dashboard: bool = False) -> tuple[str, int]:
+    """Start a Ray head on this machine (``ray start --head --block`` in its own process
+    group, so :func:`stop_head` ends exactly it and not another Ray cluster here);
+    returns (address, pid). Its ports are picked free, not Ray's fixed defaults, so it
+    can run beside another head."""
+    cmd = [_ray_binary(), "start", "--head", "--block", "--port", str(_free_port()),
+           "--num-cpus", str(max(1, int(num_cpus + 0.999))), "--num-gpus", str(num_gpus),
+           "--include-dashboard", "true" if dashboard else "false", "--disable-usage-stats",
+           "--temp-dir", temp_dir, "--object-store-memory", str(HEAD_OBJECT_STORE_BYTES),
+           "--ray-client-server-port", str(_free_port()), "--dashboard-agent-listen-port", str(_free_port())]
+    env = process_env()
+    env.setdefault("RAY_AUTH_MODE", "disabled")
+    os.makedirs(os.path.dirname(log_path), exist_ok=True)
+    with open(log_path, "ab") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+                                start_new_session=True)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        text = tail(log_path, 200)
+        marker = "ray start --address='"
+        if marker in text:
+            return text.rsplit(marker, 1)[1].split("'", 1)[0], proc.pid
+        if proc.poll() is not None:
+            break
+        time.sleep(0.2)
+    stop_head(proc.pid)
+    raise ClusterError(f"the local Ray head did not start within {timeout:.0f}s; last lines of {log_path}:\n"
+                       + "\n".join("    " + line for line in (tail(log_path) or "(empty)").splitlines()))
+
+
+def stop_head(pid: int) -> None:
+    """End a head :func:`start_head` started, with every Ray process of its group."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while pid_alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+# ---- connecting --------------------------------------------------------------------------------------------
+def connect(address: str, namespace: str):
+    """Connect this process to the Ray cluster at ``address`` (``auto``: RAY_ADDRESS or
+    the cluster ``ray start`` made here); reuses a connection to the same cluster."""
+    try:
+        import ray
+    except ImportError:
+        raise ClusterError("the ray launcher needs Ray: pip install 'pstrain[ray]'") from None
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # see README "Running on Ray": Ray 2.60's token auth
+    if ray.is_initialized():
+        current = ray.get_runtime_context()
+        if current.namespace == namespace and (address == "auto" or current.gcs_address == address):
+            return ray
+        ray.shutdown()
+    try:
+        ray.init(address=address, namespace=namespace, log_to_driver=False, logging_level=logging.WARNING)
+    except (ConnectionError, RuntimeError, ValueError) as exc:
+        raise ClusterError(f"cannot connect to the Ray cluster at {address!r}: {exc}") from None
+    return ray
+
+
+# ---- the launcher ------------------------------------------------------------------------------------------
+class RayLauncher(Launcher):
+    """Runs a pstrain cluster as Ray actors (see the module docstring).
+
+    ``ray_address``: None starts a private Ray head on this machine (stopped with the
+    cluster); ``"auto"`` or ``host:port`` joins an existing Ray cluster. ``cpus``: logical
+    CPUs per role (fractional allowed); ``worker_gpus``: GPUs per worker (default 1 for
+    ``--device cuda``, else 0); ``detached``: the actors outlive this process (``psctl up
+    --detach``); ``max_restarts``: Ray's restarts per actor."""
+
+    name = "ray"
+    restartable = False  # Ray restarts the actors itself
+
+    def __init__(self, start_timeout: float = 120.0, ray_address: str | None = None, spread: bool = False,
+                 namespace: str = DEFAULT_NAMESPACE, cpus: dict[str, float] | None = None,
+                 worker_gpus: float | None = None, max_restarts: int = 3, detached: bool = False, poll: float = 0.2):
+        self.start_timeout = start_timeout
+        self.ray_address = ray_address or None
+        self.spread = spread
+        self.namespace = namespace
+        self.cpus = {**DEFAULT_CPUS, **(cpus or {})}
+        for role, n in self.cpus.items():
+            if not 0 <= n <= 1024:
+                raise ValueError(f"--ray-{role}-cpus={n!r} is out of range; allowed: [0, 1024] (fractions allowed)")
+        if worker_gpus is not None and not 0 <= worker_gpus <= 64:
+            raise ValueError(f"--ray-worker-gpus={worker_gpus!r} is out of range; allowed: [0, 64]")
+        if max_restarts < -1:
+            raise ValueError(f"--ray-max-restarts={max_restarts!r}; allowed: -1 (forever) or >= 0")
+        self.worker_gpus = worker_gpus
+        self.max_restarts = max_restarts
+        self.detached = detached
+        self.poll = poll
+        # Handles of the actors this launcher started: a non-detached actor lives only as
+        # long as a handle to it does.
+        self._handles: dict[str, Any] = {}
+
+    # -- psctl's flags --------------------------------------------------------------------------------------
+    @classmethod
+    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
+        g = parser.add_argument_group("ray launcher (--launcher ray)")
+        g.add_argument("--ray-address", metavar="ADDRESS",
+                       help="an existing Ray cluster: auto (RAY_ADDRESS, or the one `ray start` made here) or "
+                            "host:port; default: start a private Ray head on this machine")
+        g.add_argument("--ray-spread", action="store_true",
+                       help="spread the processes over the Ray nodes (default: pack them, which keeps shared memory)")
+        g.add_argument("--ray-namespace", default=DEFAULT_NAMESPACE, help="Ray namespace of the actors (default pstrain)")
+        for role in ("master", "ps", "worker"):
+            g.add_argument(f"--ray-{role}-cpus", type=float, default=DEFAULT_CPUS[role], metavar="N",
+                           help=f"logical CPUs per {role} actor (default {DEFAULT_CPUS[role]:g}; fractions allowed)")
+        g.add_argument("--ray-worker-gpus", type=float, metavar="N",
+                       help="GPUs per worker actor (default 1 with --device cuda, else 0)")
+        g.add_argument("--ray-max-restarts", type=int, default=3,
+                       help="times Ray restarts a dead actor (default 3; -1: forever)")
+
+    @classmethod
+    def options_from_args(cls, args: argparse.Namespace) -> dict[str, Any]:
+        return {"start_timeout": args.start_timeout, "ray_address": args.ray_address, "spread": args.ray_spread,
+                "namespace": args.ray_namespace, "worker_gpus": args.ray_worker_gpus,
+                "cpus": {r: getattr(args, f"ray_{r}_cpus") for r in ("master", "ps", "worker")},
+                "max_restarts": args.ray_max_restarts, "detached": bool(getattr(args, "detach", False))}
+
+    # -- start ------------------------------------------------------------------------------------------
+    def bundles(self, spec: ClusterSpec) -> list[tuple[str, dict[str, float]]]:
+        """(label, resources) of each process, in placement-group order: master, shards, workers."""
+        gpus = self.worker_gpus if self.worker_gpus is not None else (1.0 if spec.device == "cuda" else 0.0)
+        out = [("master-0", {"CPU": self.cpus["master"]})]
+        out += [(f"ps-{i}", {"CPU": self.cpus["ps"]}) for i in range(spec.ps)]
+        worker = {"CPU": self.cpus["worker"], **({"GPU": gpus} if gpus else {})}
+        out += [(f"worker-{i}", dict(worker)) for i in range(spec.workers)]
+        return [(label, {k: v for k, v in res.items() if v}) for label, res in out]
+
+    def start(self, spec: ClusterSpec) -> ClusterHandle:
+        self.claim_state_dir(spec)
+        os.makedirs(spec.log_dir, exist_ok=True)
+        os.makedirs(spec.checkpoint_dir, exist_ok=True)
+        cluster = uuid.uuid4().hex[:8]
+        handle = ClusterHandle(master_address="", state_dir=spec.state_dir, spec=spec, launcher=self.name,
+                               backend={"cluster": cluster, "namespace": self.namespace, "ray_address": self.ray_address,
+                                        "head_pid": 0, "head_temp_dir": "", "detached": self.detached})
+        deadline = time.monotonic() + self.start_timeout
+        try:
+            address = self.ray_address
+            if address is None:
+                temp_dir = os.path.join(tempfile.gettempdir(), f"pstrain-ray-{cluster}")  # short: Ray's socket paths
+                need = sum(res.get("CPU", 0.0) for _, res in self.bundles(spec))
+                gpus = int(max((res.get("GPU", 0.0) for _, res in self.bundles(spec)), default=0) * spec.workers + 0.999)
+                address, pid = start_head(os.path.join(spec.log_dir, "ray-head.log"), temp_dir,
+                                          max(need, os.cpu_count() or 1), gpus, timeout=max(10.0, self.start_timeout))
+                handle.backend.update(ray_address=address, head_pid=pid, head_temp_dir=temp_dir)
+                write_handle(handle)  # from here on, `psctl down` can clean up whatever happens
+            ray = connect(address, self.namespace)
+            handle.backend["ray_address"] = ray.get_runtime_context().gcs_address
+            pg = self._placement_group(ray, spec, cluster, deadline)
+            handle.backend["placement_group"] = f"pstrain-{cluster}"
+            write_handle(handle)
+            master = self._actor(ray, handle, pg, 0, "master", 0, [
+                "--port", str(spec.port), "--db", os.path.join(spec.state_dir, "master.db"),
+                "--heartbeat-timeout", repr(spec.heartbeat_timeout), "--metrics-port", "0"])
+            info = self._info(ray, handle, master, deadline, "master-0")
+            handle.master_address, handle.metrics_address = info["address"], info["metrics_address"]
+            write_handle(handle)
+            actors = [self._actor(ray, handle, pg, 1 + i, "ps", i, [
+                "--master", handle.master_address, "--port", "0", "--checkpoint-dir", spec.checkpoint_dir,
+                "--metrics-port", "0"]) for i in range(spec.ps)]
+            actors += [self._actor(ray, handle, pg, 1 + spec.ps + i, "worker", i, [
+                "--master", handle.master_address, "--name", f"worker-{i}", "--device", spec.device,
+                "--metrics-port", "0"]) for i in range(spec.workers)]
+            labels = [f"ps-{i}" for i in range(spec.ps)] + [f"worker-{i}" for i in range(spec.workers)]
+            for actor, label in zip(actors, labels):
+                self._info(ray, handle, actor, deadline, label)
+            write_handle(handle)
+            nodes = self.wait_registered(handle, spec, deadline, self.start_timeout, self.poll)
+            write_scrape_targets(handle, nodes)
+            write_handle(handle)
+        except BaseException:
+            self.stop(handle, timeout=5.0)
+            raise
+        log.info("Ray cluster %s up: master at %s, %d ps, %d workers", cluster, handle.master_address, spec.ps, spec.workers)
+        return handle
+
+    def _placement_group(self, ray, spec: ClusterSpec, cluster: str, deadline: float):
+        from ray.util.placement_group import placement_group, remove_placement_group
+
+        bundles = self.bundles(spec)
+        pg = placement_group([res or {"CPU": 0.001} for _, res in bundles], strategy="SPREAD" if self.spread else "PACK",
+                             name=f"pstrain-{cluster}", lifetime="detached" if self.detached else None)
+        ready, _ = ray.wait([pg.ready()], timeout=max(0.5, deadline - time.monotonic()))
+        if not ready:
+            remove_placement_group(pg)
+            raise ClusterError(self._unplaceable(ray, bundles))
+        return pg
+
+    def _unplaceable(self, ray, bundles: list[tuple[str, dict[str, float]]]) -> str:
+        """Which bundles no node can hold, against each node's total resources."""
+        nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
+        have = "; ".join(", ".join(f"{k} {v:g}" for k, v in sorted(r.items()) if k in ("CPU", "GPU", "memory") and k != "memory")
+                         for r in nodes) or "none alive"
+        misfits = [f"{label} {res}" for label, res in bundles
+                   if not any(all(node.get(k, 0.0) >= v for k, v in res.items()) for node in nodes)]
+        if misfits:
+            what = f"no Ray node can hold bundle{'s' if len(misfits) > 1 else ''} " + ", ".join(misfits)
+        else:
+            total = {k: sum(r.get(k, 0.0) for _, r in bundles) for k in ("CPU", "GPU")}
+            what = (f"the bundles together ({', '.join(f'{k} {v:g}' for k, v in total.items() if v)}) do not fit "
+                    "in what is free (other placement groups or actors hold the rest)")
+        return (f"Ray could not place the cluster within {self.start_timeout:.0f}s: {what}; the nodes have: {have}. "
+                "Lower --ray-*-cpus / --ray-worker-gpus, or add nodes")
+
+    def _actor(self, ray, handle: ClusterHandle, pg, bundle: int, role: str, index: int, argv: list[str]):
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        spec = handle.spec
+        res = self.bundles(spec)[bundle][1]
+        if self._loopback(handle):  # this machine only: split its cores as the local launcher does
+            env = thread_env(role, spec.workers)
+        else:  # a node of a cluster: a worker's threads are the CPUs Ray gave it
+            env = thread_env(role, 1, cores=max(1, int(res.get("CPU", 1))))
+        env.update({k: os.environ[k] for k in PASSED_ENV if k in os.environ})
+        name = actor_name(handle.backend["cluster"], role, index)
+        log_path = os.path.join(spec.log_dir, f"{role}-{index}.log")
+        cls = _remote_host(ray).options(
+            name=name, namespace=self.namespace, lifetime="detached" if self.detached else None,
+            max_restarts=self.max_restarts, num_cpus=res.get("CPU", 0), num_gpus=res.get("GPU", 0),
+            scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=bundle),
+            runtime_env={"env_vars": env})
+        actor = self._handles[name] = cls.remote(handle.backend["cluster"], role, index, argv, log_path,
+                                                 self._loopback(handle))
+        handle.logs.setdefault(role, []).append(log_path)
+        handle.pids.setdefault(role, []).append(0)
+        return actor
+
+    def _loopback(self, handle: ClusterHandle) -> bool:
+        # A private head is this machine alone: serve on loopback, as the local launcher
+        # does. On a cluster the services bind the node's address, for the other nodes.
+        return bool(handle.backend.get("head_pid"))
+
+    def _info(self, ray, handle: ClusterHandle, actor, deadline: float, label: str) -> dict:
+        try:
+            info = ray.get(actor.info.remote(), timeout=max(0.5, deadline - time.monotonic()))
+        except Exception as exc:  # noqa: BLE001 - Ray wraps the constructor's error; say which actor and why
+            raise ClusterError(f"the cluster did not start: {label} failed: {_ray_error(exc)}") from None
+        handle.pids[info["role"]][info["index"]] = info["pid"]
+        return info
+
+    # -- stop / status ------------------------------------------------------------------------------------------
+    def _actors(self, ray, handle: ClusterHandle):
+        """(role, index, actor or None) of every process in the handle."""
+        for role in ("master", "ps", "worker"):
+            for i in range(len(handle.pids.get(role, []))):
+                try:
+                    actor = ray.get_actor(actor_name(handle.backend["cluster"], role, i),
+                                          namespace=handle.backend.get("namespace", DEFAULT_NAMESPACE))
+                except ValueError:
+                    actor = None
+                yield role, i, actor
+
+    def stop(self, handle: ClusterHandle, timeout: float = 10.0) -> None:
+        """Stop each role in turn (workers, shards, master) through the actors, then kill
+        them (no restarts), remove the placement group and the pinned ports, and stop a
+        private head."""
+        b = handle.backend
+        stuck = []
+        if b.get("ray_address"):
+            try:
+                ray = connect(b["ray_address"], b.get("namespace", DEFAULT_NAMESPACE))
+            except ClusterError as exc:
+                if not b.get("head_pid"):
+                    raise
+                log.warning("%s; stopping its head", exc)
+                ray = None
+            if ray is not None:
+                actors = list(self._actors(ray, handle))
+                for role in STOP_ORDER:
+                    mine = [(i, a) for r, i, a in actors if r == role and a is not None]
+                    refs = {a.stop.remote(): i for i, a in mine}
+                    _, late = ray.wait(list(refs), num_returns=len(refs), timeout=timeout) if refs else ([], [])
+                    stuck += [f"{role}-{refs[r]}" for r in late]
+                    for i, a in mine:
+                        with contextlib.suppress(Exception):
+                            ray.kill(a, no_restart=True)
+                        self._handles.pop(actor_name(b["cluster"], role, i), None)
+                self._forget(ray, handle)
+                ray.shutdown()
+        if b.get("head_pid"):
+            stop_head(int(b["head_pid"]))
+            shutil.rmtree(b.get("head_temp_dir") or "/nonexistent", ignore_errors=True)
+        remove_shared_memory(handle.pids.get("worker", []))
+        remove_handle(handle)
+        if stuck:
+            log.warning("did not stop within %.0fs (killed): %s", timeout, ", ".join(stuck))
+
+    def _forget(self, ray, handle: ClusterHandle) -> None:
+        from ray.experimental import internal_kv
+        from ray.util.placement_group import get_placement_group, remove_placement_group
+
+        with contextlib.suppress(Exception):
+            internal_kv._internal_kv_del(f"pstrain/{handle.backend['cluster']}/".encode(), del_by_prefix=True,
+                                         namespace=KV_NAMESPACE)
+        if handle.backend.get("placement_group"):
+            with contextlib.suppress(Exception):
+                remove_placement_group(get_placement_group(handle.backend["placement_group"]))
+
+    def status(self, handle: ClusterHandle) -> list[ProcessStatus]:
+        """Each actor: alive unless Ray has it dead (gone, or out of restarts); one Ray is
+        restarting counts as alive, as the cluster will have it back."""
+        b = handle.backend
+        dead = [ProcessStatus(r, i, pid, False, log_path) for r, i, pid, log_path in handle.processes()]
+        if b.get("head_pid") and not pid_alive(int(b["head_pid"])):
+            return dead
+        try:
+            ray = connect(b["ray_address"], b.get("namespace", DEFAULT_NAMESPACE))
+        except (ClusterError, KeyError):
+            return dead
+        from ray.exceptions import ActorDiedError
+
+        out = []
+        for (role, i, actor), before in zip(self._actors(ray, handle), dead):
+            alive, pid = actor is not None, before.pid
+            if alive:
+                try:
+                    pid = ray.get(actor.info.remote(), timeout=2.0)["pid"]
+                except ActorDiedError:
+                    alive = False
+                except Exception:  # noqa: BLE001 - restarting, or busy: Ray still holds it
+                    pass
+            out.append(ProcessStatus(role, i, pid, alive, before.log))
+        return out
+
+    def describe(self, handle: ClusterHandle) -> list[dict]:
+        """Every live actor's :meth:`ServiceHost.info` (node, pid, addresses, CUDA devices)."""
+        ray = connect(handle.backend["ray_address"], handle.backend.get("namespace", DEFAULT_NAMESPACE))
+        out = []
+        for _, _, actor in self._actors(ray, handle):
+            if actor is not None:
+                with contextlib.suppress(Exception):
+                    out.append(ray.get(actor.info.remote(), timeout=5.0))
+        return out
+
+
+def _ray_error(exc: BaseException) -> str:
+    """The first line that says what went wrong in a Ray error (its cause, if it has one)."""
+    text = str(getattr(exc, "cause", None) or exc)
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    errors = [line for line in lines if "error:" in line.lower() or "Error" in line]
+    return (errors[-1] if errors else (lines[-1] if lines else type(exc).__name__))[:2000]

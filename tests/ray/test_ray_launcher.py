@@ -1,0 +1,190 @@
+"""The ``ray`` launcher against a real local Ray (the session's head, tests/ray/conftest.py):
+actors hosting pstrain's own services, placement, restarts through pstrain's recovery,
+``psctl up/down/train --launcher ray``."""
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import numpy as np
+import pytest
+
+from client.job import job_to_spec
+from client.launchers import ClusterError, ClusterSpec, RayLauncher, load_handle
+from tests.integration.helpers import all_gone, make_job, services_environment, wait_job
+from tests.ray.conftest import SMALL_CPUS
+
+pytestmark = pytest.mark.timeout(600)
+
+
+def _launcher(head, **kw) -> RayLauncher:
+    return RayLauncher(ray_address=head.address, cpus=SMALL_CPUS, start_timeout=kw.pop("start_timeout", 120), **kw)
+
+
+def _start(launcher, state_dir, **spec_kw):
+    spec = ClusterSpec(port=0, state_dir=str(state_dir), **{"workers": 2, "ps": 2, "heartbeat_timeout": 2.0, **spec_kw})
+    with services_environment():
+        return launcher.start(spec)
+
+
+def _actor(head, handle, role, index):
+    import ray
+
+    from client.launchers.ray_cluster import actor_name
+
+    return ray.get_actor(actor_name(handle.backend["cluster"], role, index), namespace=handle.backend["namespace"])
+
+
+def _info(head, handle, role, index, timeout=60.0):
+    """The actor's info once it answers (it may be restarting)."""
+    import ray
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return ray.get(_actor(head, handle, role, index).info.remote(), timeout=5)
+        except Exception:  # noqa: BLE001 - restarting
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+
+
+def _same_weights(client, a: str, b: str) -> None:
+    _, names, want = client.export(a)
+    _, names2, got = client.export(b)
+    assert names == names2
+    for name, x, y in zip(names, want, got):
+        np.testing.assert_array_equal(x, y, err_msg=name)
+
+
+@pytest.mark.slow
+def test_killed_shard_and_worker_actors_come_back_and_the_job_finishes_bit_identically(ray_head, tmp_path):
+    """SIGKILL a shard actor's process, then a worker actor's, mid-way through a 2 x 2
+    sync job: Ray restarts each (max_restarts); the shard binds its old port, so the
+    master restores it from its checkpoint and rolls the job back; the worker registers
+    under its name again and its slot comes back. The job ends SUCCEEDED with weights
+    bit-identical to an uninterrupted run on the same cluster."""
+    from pstrain.transport.master_client import MasterClient
+
+    launcher = _launcher(ray_head)
+    handle = _start(launcher, tmp_path / "c")
+    client = MasterClient(handle.master_address, connect_timeout=10)
+    try:
+        baseline = wait_job(client, client.submit(job_to_spec(make_job(epochs=30, num_shards=2), "whole"))["id"],
+                            timeout=300)
+        assert baseline["state"] == "SUCCEEDED", baseline
+        job = client.submit(job_to_spec(make_job(epochs=30, num_shards=2), "killed"))
+        wait_job(client, job["id"], timeout=120, until=lambda s: s["state"] != "RUNNING" or s["step"] >= 150)
+        shard = _info(ray_head, handle, "ps", 1)
+        os.kill(shard["pid"], signal.SIGKILL)
+        assert all_gone([shard["pid"]], timeout=10)
+        back = _info(ray_head, handle, "ps", 1)
+        assert back["pid"] != shard["pid"] and back["restarted"] and back["address"] == shard["address"], (shard, back)
+        mid = wait_job(client, job["id"], timeout=120,
+                       until=lambda s: s["state"] != "RUNNING" or s["step"] >= 300)
+        assert mid["state"] == "RUNNING", mid
+        worker = _info(ray_head, handle, "worker", 0)
+        os.kill(worker["pid"], signal.SIGKILL)
+        assert all_gone([worker["pid"]], timeout=10)
+        again = _info(ray_head, handle, "worker", 0)
+        assert again["pid"] != worker["pid"] and again["restarted"], (worker, again)
+        final = wait_job(client, job["id"], timeout=300)
+        assert final["state"] == "SUCCEEDED", final
+        events = "\n".join(final["events"])
+        assert "every shard rolled back to version" in events, events
+        assert "worker-0" in events or "moved" in events, events
+        _same_weights(client, baseline["id"], job["id"])
+        shards = {n["address"]: n["restarts"] for n in client.nodes() if n["alive"] and n["role"] == "ps"}
+        assert shards[shard["address"]] == 1, shards  # the master knew it as the same shard
+    finally:
+        client.close()
+        launcher.stop(handle)
+
+
+def test_up_detached_then_down_from_a_second_process(ray_head, tmp_path):
+    """``psctl up --launcher ray --detach`` returns with named, detached actors and their
+    namespace in the state file; ``psctl nodes`` sees the cluster; ``psctl down`` from
+    another process finds the actors by name and removes them, their placement group
+    and the state file."""
+    import ray
+
+    from client.launchers.ray_cluster import actor_name, connect
+    from tests.integration.helpers import ADDRESS_RE, psctl, service_env
+    from tests.ray.conftest import SMALL_CPU_FLAGS
+
+    state = tmp_path / "state"
+    env = service_env(state)
+    up = psctl(["up", "--launcher", "ray", "--ray-address", ray_head.address, "--workers", "2", "--ps", "2",
+                "--port", "0", "--detach", "--ray-namespace", "pstrain-test", *SMALL_CPU_FLAGS], env, timeout=180)
+    master = ADDRESS_RE.search(up.stdout).group(1)
+    handle = load_handle(str(state))
+    try:
+        assert handle.launcher == "ray" and handle.master_address == master
+        b = handle.backend
+        assert b["namespace"] == "pstrain-test" and b["detached"] and len(b["cluster"]) == 8, b
+        connect(ray_head.address, "pstrain-test")
+        names = [actor_name(b["cluster"], r, i) for r, n in (("master", 1), ("ps", 2), ("worker", 2)) for i in range(n)]
+        for name in names:
+            assert ray.get(ray.get_actor(name, namespace="pstrain-test").info.remote(), timeout=10)["pid"] > 0
+        nodes = psctl(["nodes", "--master", master, "--json"], env)
+        assert '"worker-1"' in nodes.stdout and nodes.stdout.count('"role": "ps"') == 2, nodes.stdout
+        targets = (state / "prometheus-targets.json").read_text()
+        assert targets.count('"targets"') == 5, targets  # master, 2 shards, 2 workers
+    finally:
+        down = psctl(["down", "--state-dir", str(state)], env, timeout=120, check=False)
+    assert down.returncode == 0, down.stderr
+    assert load_handle(str(state)) is None
+    for name in names:
+        with pytest.raises(ValueError):
+            ray.get_actor(name, namespace="pstrain-test")
+    from ray.util.placement_group import placement_group_table
+
+    groups = [g for g in placement_group_table().values() if g["name"] == f"pstrain-{b['cluster']}"]
+    assert all(g["state"] == "REMOVED" for g in groups), groups
+
+
+def test_an_impossible_gpu_request_fails_in_time_naming_the_bundle(ray_head, tmp_path):
+    """Workers asking for 4 GPUs on a head with one: Ray would wait forever; the launcher
+    gives up after --start-timeout with the bundles no node can hold, and leaves nothing."""
+    import ray
+
+    launcher = _launcher(ray_head, worker_gpus=4, start_timeout=8)
+    t0 = time.monotonic()
+    with pytest.raises(ClusterError) as err:
+        _start(launcher, tmp_path / "c", workers=1, ps=1)
+    assert time.monotonic() - t0 < 30
+    text = str(err.value)
+    assert "no Ray node can hold bundle worker-0" in text and "'GPU': 4" in text and "GPU 1" in text, text
+    assert load_handle(str(tmp_path / "c")) is None
+    from ray.util.placement_group import placement_group_table
+
+    assert not [g for g in placement_group_table().values() if g["state"] in ("PENDING", "CREATED")
+                and g["name"].startswith("pstrain-")]
+    assert not [a for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].startswith("pstrain-")]
+
+
+def test_a_cuda_worker_gets_a_gpu_and_sees_cuda_visible_devices(ray_head, tmp_path, monkeypatch):
+    """--device cuda: each worker actor asks Ray for a GPU (the head's one fake logical
+    GPU) and Ray sets CUDA_VISIBLE_DEVICES in its process. The worker runs the CUDA
+    backend (Numba's simulator here, passed through with NUMBA_ENABLE_CUDASIM)."""
+    from pstrain.transport.master_client import MasterClient
+
+    launcher = _launcher(ray_head)
+    assert dict(launcher.bundles(ClusterSpec(workers=1, ps=1, device="cuda", state_dir=str(tmp_path))))["worker-0"] \
+        == {"CPU": 0.5, "GPU": 1.0}
+    spec = ClusterSpec(workers=1, ps=1, port=0, state_dir=str(tmp_path / "c"), device="cuda")
+    with services_environment():
+        monkeypatch.setenv("NUMBA_ENABLE_CUDASIM", "1")
+        handle = launcher.start(spec)
+    try:
+        info = {(i["role"], i["index"]): i for i in launcher.describe(handle)}
+        assert info[("worker", 0)]["cuda_visible_devices"] == "0", info
+        assert not info[("ps", 0)]["cuda_visible_devices"], info  # only workers ask for GPUs
+        client = MasterClient(handle.master_address, connect_timeout=10)
+        try:
+            assert [n["alive"] for n in client.nodes() if n["role"] == "worker"] == [True]
+        finally:
+            client.close()
+    finally:
+        launcher.stop(handle)
