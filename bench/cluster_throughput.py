@@ -1,7 +1,8 @@
-"""Training throughput of a local pstrain cluster on the MNIST MLP, and the cost of one
-push+pull, beside the in-process trainer, PyTorch and a raw gRPC echo, in one run.
+"""Training throughput of a pstrain cluster on this machine (local and Ray launchers) on the
+MNIST MLP, and the cost of one push+pull, beside the in-process trainer, PyTorch and a
+raw gRPC echo, in one run.
 
-    python bench/cluster_throughput.py [--quick] [--skip-torch]
+    python bench/cluster_throughput.py [--quick] [--skip-torch] [--launchers local,ray] [--configs 1x1-sync,...]
 
 Part 1 trains the MNIST MLP (784-256-128-10, ReLU, softmax cross-entropy, SGD with
 momentum, global batch 512) on a fresh local cluster (``LocalProcessLauncher``, port 0,
@@ -11,10 +12,17 @@ reports at the end of each epoch, so each epoch after the first is timed from th
 worker's report ending the epoch before to the last worker's report ending it (epoch 1
 compiles kernels and opens connections). Worker 0 evaluates the test split at every
 epoch end; the in-process trainer (``model.fit`` with ``validation_data``) and PyTorch
-(a ``no_grad`` pass) do the same, two epochs after each cluster job, so every figure
-carries the same work and the baselines sample the same stretch of machine load.
-Ratios compare best epochs, as train_throughput.py does: other processes on a shared
-machine only ever slow an epoch down.
+(a ``no_grad`` pass) do the same, two epochs after each configuration's cluster jobs,
+so every figure carries the same work and the baselines sample the same stretch of
+machine load.
+1 x 1 sync and 2 x 2 sync also run on a cluster the Ray launcher starts (``RayLauncher``:
+a private Ray head on this machine, its services on 127.0.0.1 with the local launcher's
+thread counts), each right after the local run of the same configuration, so the two
+see the same stretch of load; starting and stopping the head falls outside the timed
+epochs, Ray's own processes (raylet, GCS) running beside the job do not. Without Ray
+installed (or with ``--launchers local``) those rows are skipped. Ratios compare best
+epochs, as train_throughput.py does: other processes on a shared machine only ever
+slow an epoch down.
 
 Part 2 times one worker's step exchange against one shard process (sync mode, one
 worker), both ways a worker sends it: a raw frame over gRPC (protos/tensorwire.py; what
@@ -38,8 +46,12 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 BATCH = 512
 CONFIGS = [(1, 1, "sync"), (1, 1, "async"), (2, 1, "sync"), (2, 1, "async"), (2, 2, "sync"), (2, 2, "async")]
-BASELINE_EPOCHS = 2  # timed baseline epochs after each cluster job
+RAY_CONFIGS = [(1, 1, "sync"), (2, 2, "sync")]  # also run with the Ray launcher, right after the local one
+LAUNCHERS = ("local", "ray")
+RAY_START_TIMEOUT = 180.0  # a private Ray head, then the actors, on a loaded machine
+BASELINE_EPOCHS = 2  # timed baseline epochs after each configuration's cluster jobs
 TARGET_CLUSTER = 0.6  # 1 x 1 sync >= 0.6x in-process samples/s
+TARGET_RAY = 0.9  # Ray launcher >= 0.9x the local launcher's samples/s, same configuration
 TARGET_PUSH_PULL = 1.2  # push+pull <= 1.2x echo of the same bytes
 
 
@@ -82,16 +94,39 @@ def per_epoch_rates(ends: dict[int, dict[int, float]], epochs: int, n: int) -> l
     return [n / (max(ends[e].values()) - min(ends[e - 1].values())) for e in range(2, epochs + 1)]
 
 
-def bench_cluster(workers: int, shards: int, mode: str, epochs: int, n: int) -> list[float]:
-    """samples/s of each epoch after the first, for one job on a fresh local cluster."""
+def config_name(workers: int, shards: int, mode: str) -> str:
+    """``1x1-sync``: how --configs names a configuration."""
+    return f"{workers}x{shards}-{mode}"
+
+
+def row_label(workers: int, shards: int, mode: str, launcher: str = "local") -> str:
+    return f"cluster {workers}w x {shards}ps {mode}" + ("" if launcher == "local" else f" ({launcher})")
+
+
+def ray_missing() -> str | None:
+    """Why the Ray launcher cannot run here (Ray does not import), or None."""
+    try:
+        import ray  # noqa: F401
+    except Exception as exc:  # ImportError, or a broken install: the Ray rows are skipped either way
+        return f"import ray failed ({type(exc).__name__}: {exc})"
+    return None
+
+
+def bench_cluster(workers: int, shards: int, mode: str, epochs: int, n: int, launcher: str = "local") -> list[float]:
+    """samples/s of each epoch after the first, for one job on a fresh cluster on this
+    machine, started by the launcher registered as ``launcher`` (``local`` or ``ray``,
+    whose private head starts and stops with the cluster)."""
     from client.job import Job, job_to_spec
-    from client.launchers import ClusterSpec, local_cluster
+    from client.launchers import ClusterSpec, get_launcher, local_cluster
     from pstrain.transport.master_client import MasterClient
 
     steps_per_epoch = math.ceil(n / BATCH)
-    spec = job_to_spec(Job(mlp(), "mnist", batch_size=BATCH, epochs=epochs, mode=mode), name=f"bench-{workers}x{shards}-{mode}")
+    spec = job_to_spec(Job(mlp(), "mnist", batch_size=BATCH, epochs=epochs, mode=mode),
+                       name=f"bench-{workers}x{shards}-{mode}-{launcher}")
+    options = {"start_timeout": RAY_START_TIMEOUT} if launcher == "ray" else {}
     with tempfile.TemporaryDirectory(prefix="pstrain-bench-") as state_dir:
-        with local_cluster(ClusterSpec(workers=workers, ps=shards, port=0, state_dir=state_dir)) as handle:
+        cluster = ClusterSpec(workers=workers, ps=shards, port=0, state_dir=state_dir)
+        with local_cluster(cluster, get_launcher(launcher, **options)) as handle:
             master = MasterClient(handle.master_address)
             try:
                 job = master.submit(spec)
@@ -101,7 +136,7 @@ def bench_cluster(workers: int, shards: int, mode: str, epochs: int, n: int) -> 
             finally:
                 master.close()
     if status["state"] != "SUCCEEDED":
-        raise RuntimeError(f"{workers}x{shards} {mode}: the job ended {status['state']}: {status['error']}")
+        raise RuntimeError(f"{workers}x{shards} {mode} ({launcher}): the job ended {status['state']}: {status['error']}")
     return per_epoch_rates(epoch_end_times(history, steps_per_epoch), epochs, n)
 
 
@@ -337,14 +372,35 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="2 epochs per cluster job (1 timed), 50 push+pull iterations")
     p.add_argument("--skip-torch", action="store_true", help="skip PyTorch (not installed)")
+    p.add_argument("--launchers", default=",".join(LAUNCHERS), metavar="NAMES",
+                   help="launchers to measure, comma-separated (default local,ray; ray runs "
+                        f"{', '.join(config_name(*c) for c in RAY_CONFIGS)} only; local alone skips the Ray rows)")
+    p.add_argument("--configs", default=",".join(config_name(*c) for c in CONFIGS), metavar="NAMES",
+                   help="cluster configurations to run, comma-separated (default all: "
+                        f"{', '.join(config_name(*c) for c in CONFIGS)})")
     args = p.parse_args(argv)
+    launchers = [name.strip() for name in args.launchers.split(",") if name.strip()]
+    if not launchers or set(launchers) - set(LAUNCHERS):
+        p.error(f"--launchers={args.launchers!r}; allowed: a comma-separated subset of {', '.join(LAUNCHERS)}")
+    by_name = {config_name(*c): c for c in CONFIGS}
+    wanted = {name.strip() for name in args.configs.split(",") if name.strip()}
+    if not wanted or wanted - set(by_name):
+        p.error(f"--configs={args.configs!r}; allowed: a comma-separated subset of {', '.join(by_name)}")
+    configs = [c for c in CONFIGS if config_name(*c) in wanted]
     # The services must run the real kernels, not numba's CUDA simulator a test shell may have set.
     os.environ.pop("NUMBA_ENABLE_CUDASIM", None)
+    ray_note = None
+    if "ray" in launchers:
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # Ray 2.60's token auth would refuse the private head
+        ray_note = ray_missing()
+        if ray_note:
+            progress(f"skipping the Ray launcher rows: {ray_note}")
+            launchers.remove("ray")
     epochs = 2 if args.quick else 6
     warmup, iters = (10, 50) if args.quick else (20, 200)
 
     from client import datasets
-    from client.launchers import thread_env
+    from client.launchers import ClusterError, thread_env
 
     # A lone worker's thread count: what the launcher gives a 1-worker cluster, and what
     # this process's OpenBLAS/Numba pools already use (both follow the same environment).
@@ -354,11 +410,26 @@ def main(argv=None) -> int:
 
     in_process = in_process_epoch(data)
     torch_run = None if args.skip_torch else torch_epoch(data, threads)
-    rows = {f"cluster {w}w x {s}ps {m}": [] for w, s, m in CONFIGS}
+    rows: dict[str, list[float]] = {}  # table order: each configuration's local row, then its Ray row
+    ray_failed: dict[str, str] = {}  # configuration -> why its Ray cluster did not start
     baselines = {"in-process model.fit": [], "pytorch (same threads)": [], "in-process, no validation": []}
-    for workers, shards, mode in CONFIGS:
-        progress(f"cluster {workers} worker(s) x {shards} shard(s), {mode}, {epochs} epochs ...")
-        rows[f"cluster {workers}w x {shards}ps {mode}"] = bench_cluster(workers, shards, mode, epochs, n)
+    for workers, shards, mode in configs:
+        # The Ray launcher right after the local one: both see the same stretch of load.
+        for launcher in [name for name in LAUNCHERS if name in launchers
+                         and (name == "local" or (workers, shards, mode) in RAY_CONFIGS)]:
+            progress(f"cluster {workers} worker(s) x {shards} shard(s), {mode}, {launcher} launcher, {epochs} epochs ...")
+            label = row_label(workers, shards, mode, launcher)
+            try:
+                rows[label] = bench_cluster(workers, shards, mode, epochs, n, launcher)
+            except ClusterError as exc:
+                if launcher == "local":
+                    raise
+                # The Ray cluster did not start (no `ray` command, head or actors too slow):
+                # report it and keep the rest of the run.
+                ray_failed[config_name(workers, shards, mode)] = str(exc).splitlines()[0]
+                progress(f"  the Ray cluster did not start: {exc}")
+                continue
+            progress(f"  {launcher}: epochs {', '.join(f'{r:,.0f}' for r in rows[label])} samples/s")
         # Baseline epochs between cluster jobs: load on a shared machine drifts, and this
         # spreads the baselines over the same stretch of time as the cluster runs.
         for _ in range(BASELINE_EPOCHS):
@@ -366,7 +437,7 @@ def main(argv=None) -> int:
             baselines["in-process, no validation"].append(epoch_rate(lambda: in_process(False), n))
             if torch_run is not None:
                 baselines["pytorch (same threads)"].append(epoch_rate(torch_run, n))
-        progress(f"  epochs {', '.join(f'{r:,.0f}' for r in rows[f'cluster {workers}w x {shards}ps {mode}'])}; baselines "
+        progress("  baselines "
                  + "; ".join(f"{k} {', '.join(f'{r:,.0f}' for r in v[-BASELINE_EPOCHS:])}" for k, v in baselines.items() if v)
                  + f" samples/s; load {os.getloadavg()[0]:.1f}")
     progress("push+pull vs echo ...")
@@ -378,21 +449,34 @@ def main(argv=None) -> int:
 
     print(f"== 1. training throughput: MNIST MLP 784-256-128-10, global batch {BATCH}, SGD(0.05, momentum 0.9), "
           f"{os.cpu_count()} cores ==")
-    print(f"Each cluster job trains {epochs} epochs of {n:,} samples on a fresh local cluster. An epoch's samples/s = "
+    print(f"Each cluster job trains {epochs} epochs of {n:,} samples on a fresh cluster on this machine. An epoch's samples/s = "
           f"{n:,} / (master time from the first worker's end-of-epoch report before it to the last worker's "
           "end-of-epoch report for it), from the WatchJob history; epoch 1 (kernel compilation, connections) is left "
           "out. Worker 0 evaluates the 10,000 test samples at every epoch end, and so do the baselines, which run "
-          f"{BASELINE_EPOCHS} epochs after each cluster job ({BASELINE_EPOCHS * len(CONFIGS)} epochs each, after a warm-up). "
+          f"{BASELINE_EPOCHS} epochs after each configuration ({BASELINE_EPOCHS * len(configs)} epochs each, after a warm-up). "
           "Ratios compare best epochs (as train_throughput.py does): load from other processes only ever slows an "
           f"epoch, so the best is the least disturbed; median and worst show the spread. Baselines use {threads} "
           f"threads (a lone worker's); each of 2 workers gets {thread_env('worker', 2)['OMP_NUM_THREADS']}, shards and "
-          "the master 1.")
+          "the master 1. Rows marked (ray) ran on a cluster the Ray launcher started (a private Ray head here, "
+          "services on 127.0.0.1, the same threads), right after the local row above them; ray / local divides "
+          "the Ray row's best, median and worst epoch by the local row's.")
     header = f"{'configuration':<28} {'best/s':>10} {'median/s':>10} {'worst/s':>10} {'epochs':>7} {'vs in-process':>14}"
     print(header)
     print("-" * len(header))
     for label, rates in rows.items():
         print(f"{label:<28} {max(rates):>10,.0f} {statistics.median(rates):>10,.0f} {min(rates):>10,.0f} {len(rates):>7} "
               f"{max(rates) / reference:>13.2f}x")
+    # Ray launcher / local launcher, per configuration both measured: {config: (best, median, worst)}.
+    ray_vs_local = {}
+    for workers, shards, mode in configs:
+        local, ray = rows.get(row_label(workers, shards, mode)), rows.get(row_label(workers, shards, mode, "ray"))
+        if local and ray:
+            ray_vs_local[f"{workers}w x {shards}ps {mode}"] = (
+                max(ray) / max(local), statistics.median(ray) / statistics.median(local), min(ray) / min(local))
+    if ray_vs_local:
+        print("-" * len(header))
+        for config, (best, median, worst) in ray_vs_local.items():
+            print(f"{'ray / local, ' + config:<28} {best:>9.2f}x {median:>9.2f}x {worst:>9.2f}x")
 
     print()
     print(f"== 2. one push+pull: {exchange['tensors']} tensors, {exchange['bytes']:,} bytes each way, 1 worker x 1 shard, "
@@ -416,9 +500,17 @@ def main(argv=None) -> int:
 
     print()
     print("== 3. targets ==")
-    one_sync = max(rows["cluster 1w x 1ps sync"]) / reference
-    print(f"{verdict(one_sync >= TARGET_CLUSTER)}  1w x 1ps sync at batch {BATCH}: {one_sync:.2f}x in-process samples/s, best epochs "
-          f"(target >= {TARGET_CLUSTER}x)")
+    if row_label(1, 1, "sync") in rows:
+        one_sync = max(rows[row_label(1, 1, "sync")]) / reference
+        print(f"{verdict(one_sync >= TARGET_CLUSTER)}  1w x 1ps sync at batch {BATCH}: {one_sync:.2f}x in-process samples/s, "
+              f"best epochs (target >= {TARGET_CLUSTER}x)")
+    for config, (best, _, _) in ray_vs_local.items():
+        print(f"{verdict(best >= TARGET_RAY)}  Ray launcher, {config}: {best:.2f}x the local launcher's samples/s, best epochs "
+              f"(target >= {TARGET_RAY}x: within 10%)")
+    for config, why in ray_failed.items():
+        print(f"{verdict(False)}  Ray launcher, {config}: the Ray cluster did not start: {why}")
+    if ray_note:
+        print(f"skipped  Ray launcher within 10% of the local launcher: {ray_note}")
     print(f"{verdict(ratio <= TARGET_PUSH_PULL)}  push+pull over gRPC (raw frames): {ratio:.2f}x the Echo RPC of the same "
           f"bytes, medians (target <= {TARGET_PUSH_PULL}x; against a bytes-only echo {med['frames'] / med['raw_echo']:.2f}x)")
     return 0

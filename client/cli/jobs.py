@@ -26,9 +26,10 @@ from client.cli.common import (
 )
 from client.cli.formatting import format_nodes, format_record, format_status, format_table
 from client.job import job_to_spec, save_export, steps_per_epoch
+from client.launchers import get_launcher, load_handle, scale_job
 from client.plot import history_curves, plot_history
 from client.progress import TERMINAL, WatchView, follow, format_metrics
-from pstrain.transport.master_client import MasterClient
+from pstrain.transport.master_client import MasterClient, master_address
 
 
 def submit_command(args) -> int:
@@ -148,10 +149,36 @@ def cancel_command(args) -> int:
 
 
 def scale_command(args) -> int:
+    """ScaleJob; on a cluster whose launcher can add and remove workers (the state file
+    of --state-dir records one, with this master), also start the processes it lacks
+    and stop those left idle."""
     processes = f"{args.workers} worker process{'es' if args.workers != 1 else ''}"
-    return _answer(args, lambda c: c.scale(args.job, args.workers),
-                   lambda s: f"{s['id']}: {s['state']}; moving its worker slots to {processes} "
-                             f"(each after its current step; see psctl status {s['id']})")
+    handle = _cluster_of(args)
+    launcher = get_launcher(handle.launcher) if handle is not None else None
+
+    def call(client):
+        status, lines = scale_job(client, args.job, args.workers, launcher, handle)
+        for line in lines:
+            print(f"psctl: {line}", file=sys.stderr, flush=True)
+        return status
+
+    return _answer(args, call, lambda s: f"{s['id']}: {s['state']}; moving its worker slots to {processes} "
+                                         f"(each after its current step; see psctl status {s['id']})")
+
+
+def _cluster_of(args):
+    """The cluster ``psctl up`` started (the state file of --state-dir, else the default
+    one) if it is the master this command talks to; with --state-dir and no --master,
+    that cluster's master becomes the one talked to."""
+    try:
+        handle = load_handle(args.state_dir)
+    except ValueError:
+        return None
+    if handle is None:
+        return None
+    if args.state_dir and not args.master:
+        args.master = handle.master_address
+    return handle if handle.master_address == master_address(args.master) else None
 
 
 def nodes_command(args) -> int:

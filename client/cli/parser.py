@@ -127,6 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("job", help="the job id")
     c.add_argument("--workers", required=True, type=_positive(int),
                    help="worker processes to serve it (1 to the job's worker count; its data split stays the same)")
+    c.add_argument("--state-dir", help="the cluster psctl up started (default $PSTRAIN_HOME or ~/.pstrain/cluster): on "
+                                       "an elastic launcher (ray), start the workers it lacks and stop idle ones")
     c.add_argument("--json", action="store_true", help="print the job's status as JSON")
 
     c = command("nodes", nodes_command, "list the cluster's shards and workers (alive, last heartbeat, restarts)")

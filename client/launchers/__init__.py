@@ -44,8 +44,10 @@ from client.launchers.base import (
     describe_exit,
     load_handle,
     remove_handle,
+    scale_job,
     tail,
     write_handle,
+    write_scrape_targets,
 )
 from client.launchers.local import (
     READY_PREFIX,
@@ -65,7 +67,7 @@ __all__ = [
     "ClusterError", "ClusterHandle", "ClusterSpec", "Launcher", "LocalProcessLauncher", "ProcessStatus", "RayLauncher",
     "connectable", "default_state_dir", "describe_exit", "get_launcher", "launcher_class", "load_handle",
     "local_cluster", "parse_metrics_line", "parse_ready_line", "pid_alive", "register_launcher", "remove_handle",
-    "tail", "thread_env", "write_handle",
+    "scale_job", "tail", "thread_env", "write_handle", "write_scrape_targets",
 ]
 
 LAUNCHERS: dict[str, type[Launcher]] = {}  # name -> backend; fill it with register_launcher

@@ -248,6 +248,33 @@ def describe_exit(role: str, index: int, pid: int, code: int | None, log_path: s
 
 
 
+# ---- elastic scaling ---------------------------------------------------------------------------------------
+def scale_job(client, job_id: str, workers: int, launcher: "Launcher | None" = None,
+              handle: ClusterHandle | None = None, timeout: float = 120.0) -> tuple[dict, list[str]]:
+    """``psctl scale``: serve running job ``job_id`` with ``workers`` worker processes.
+    With an elastic launcher and its cluster's handle, first start the processes the
+    cluster lacks, then (once the job's slots have moved) stop those left idle. Returns
+    the job's status after the ScaleJob call and what the launcher did."""
+    elastic = launcher is not None and handle is not None and launcher.elastic
+    lines = launcher.resize_workers(handle, workers) if elastic else []
+    status = client.scale(job_id, workers)
+    if not elastic:
+        return status, lines
+    deadline = time.monotonic() + timeout
+    while True:
+        now = client.get(job_id)
+        serving = {w["node"] for w in now["workers"].values() if w.get("state") != "done"}
+        if now["state"] not in ("RUNNING", "PENDING") or len(serving) <= workers:
+            break
+        if time.monotonic() > deadline:
+            return status, lines + [f"the job's slots still sit on {len(serving)} processes after {timeout:.0f}s; "
+                                    "no process stopped"]
+        time.sleep(0.2)
+    busy = {w["node"] for job in client.list() if job["state"] in ("RUNNING", "PENDING")
+            for w in job["workers"].values() if w.get("state") != "done"}
+    return status, lines + launcher.resize_workers(handle, workers, busy=busy)
+
+
 # ---- the interface --------------------------------------------------------------------------------------
 class Launcher(abc.ABC):
     """Starts and stops the services of a cluster; one subclass per backend, registered
@@ -345,10 +372,14 @@ class Launcher(abc.ABC):
         finally:
             client.close()
 
-    def resize_workers(self, handle: ClusterHandle, workers: int) -> list[str]:
-        """Start or stop worker processes so that ``workers`` run (``psctl scale`` on a
-        cluster this launcher started); returns what it did, one line each. A backend
-        that cannot raises ClusterError."""
+    # True when ``resize_workers`` works: ``psctl scale`` then adds worker processes a job
+    # is scaled out to, and removes idle ones after it is scaled in (see scale_job).
+    elastic: ClassVar[bool] = False
+
+    def resize_workers(self, handle: ClusterHandle, workers: int, busy: set[str] | None = None) -> list[str]:
+        """Start worker processes until ``workers`` run; with ``busy`` (the node ids
+        serving a job), also stop idle ones beyond ``workers``. Returns what it did, one
+        line each. A backend that cannot raises ClusterError."""
         raise ClusterError(f"the {self.name} launcher cannot add or remove worker processes")
 
     # -- psctl's flags: a new backend adds its own here, so the CLI needs no edit ------------------------

@@ -174,16 +174,19 @@ def _ray_binary() -> str:
 
 
 def start_head(log_path: str, temp_dir: str, num_cpus: float, num_gpus: int = 0, timeout: float = 60.0,
-               dashboard: bool = False) -> tuple[str, int]:
+               dashboard_port: int = 0) -> tuple[str, int]:
     """Start a Ray head on this machine (``ray start --head --block`` in its own process
-    group, so :func:`stop_head` ends exactly it and not another Ray cluster here);
-    returns (address, pid). Its ports are picked free, not Ray's fixed defaults, so it
-    can run beside another head."""
+    group, so :func:`stop_head` ends exactly it, not every Ray here as ``ray stop``
+    would); returns (address, pid). Its ports are picked free, not Ray's fixed
+    defaults, so it can run beside another head. ``dashboard_port``: serve the
+    dashboard (and so Ray Jobs) on 127.0.0.1 at that port (0: no dashboard)."""
     cmd = [_ray_binary(), "start", "--head", "--block", "--port", str(_free_port()),
            "--num-cpus", str(max(1, int(num_cpus + 0.999))), "--num-gpus", str(num_gpus),
-           "--include-dashboard", "true" if dashboard else "false", "--disable-usage-stats",
+           "--include-dashboard", "true" if dashboard_port else "false", "--disable-usage-stats",
            "--temp-dir", temp_dir, "--object-store-memory", str(HEAD_OBJECT_STORE_BYTES),
            "--ray-client-server-port", str(_free_port()), "--dashboard-agent-listen-port", str(_free_port())]
+    if dashboard_port:
+        cmd += ["--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard_port)]
     env = process_env()
     env.setdefault("RAY_AUTH_MODE", "disabled")
     os.makedirs(os.path.dirname(log_path), exist_ok=True)
@@ -199,8 +202,9 @@ def start_head(log_path: str, temp_dir: str, num_cpus: float, num_gpus: int = 0,
         if proc.poll() is not None:
             break
         time.sleep(0.2)
+    how = f"exited with code {proc.returncode}" if proc.poll() is not None else f"did not start within {timeout:.0f}s"
     stop_head(proc.pid)
-    raise ClusterError(f"the local Ray head did not start within {timeout:.0f}s; last lines of {log_path}:\n"
+    raise ClusterError(f"the local Ray head {how}; last lines of {log_path}:\n"
                        + "\n".join("    " + line for line in (tail(log_path) or "(empty)").splitlines()))
 
 
@@ -312,7 +316,9 @@ class RayLauncher(Launcher):
         cluster = uuid.uuid4().hex[:8]
         handle = ClusterHandle(master_address="", state_dir=spec.state_dir, spec=spec, launcher=self.name,
                                backend={"cluster": cluster, "namespace": self.namespace, "ray_address": self.ray_address,
-                                        "head_pid": 0, "head_temp_dir": "", "detached": self.detached})
+                                        "head_pid": 0, "head_temp_dir": "", "detached": self.detached,
+                                        "options": {"cpus": self.cpus, "worker_gpus": self.worker_gpus,
+                                                    "max_restarts": self.max_restarts, "spread": self.spread}})
         deadline = time.monotonic() + self.start_timeout
         try:
             address = self.ray_address
@@ -338,9 +344,8 @@ class RayLauncher(Launcher):
             actors = [self._actor(ray, handle, pg, 1 + i, "ps", i, [
                 "--master", handle.master_address, "--port", "0", "--checkpoint-dir", spec.checkpoint_dir,
                 "--metrics-port", "0"]) for i in range(spec.ps)]
-            actors += [self._actor(ray, handle, pg, 1 + spec.ps + i, "worker", i, [
-                "--master", handle.master_address, "--name", f"worker-{i}", "--device", spec.device,
-                "--metrics-port", "0"]) for i in range(spec.workers)]
+            actors += [self._actor(ray, handle, pg, 1 + spec.ps + i, "worker", i, self._worker_argv(handle, i))
+                       for i in range(spec.workers)]
             labels = [f"ps-{i}" for i in range(spec.ps)] + [f"worker-{i}" for i in range(spec.workers)]
             for actor, label in zip(actors, labels):
                 self._info(ray, handle, actor, deadline, label)
@@ -382,11 +387,15 @@ class RayLauncher(Launcher):
         return (f"Ray could not place the cluster within {self.start_timeout:.0f}s: {what}; the nodes have: {have}. "
                 "Lower --ray-*-cpus / --ray-worker-gpus, or add nodes")
 
-    def _actor(self, ray, handle: ClusterHandle, pg, bundle: int, role: str, index: int, argv: list[str]):
+    def _actor(self, ray, handle: ClusterHandle, pg, bundle: int, role: str, index: int, argv: list[str],
+               detached: bool | None = None):
+        """Create the actor of ``role``-``index`` in bundle ``bundle`` of ``pg`` (None: no
+        placement group, e.g. a worker added by ``psctl scale``, which Ray's autoscaler
+        may add a node for)."""
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
         spec = handle.spec
-        res = self.bundles(spec)[bundle][1]
+        res = self.bundles(spec)[min(bundle, len(self.bundles(spec)) - 1)][1]
         if self._loopback(handle):  # this machine only: split its cores as the local launcher does
             env = thread_env(role, spec.workers)
         else:  # a node of a cluster: a worker's threads are the CPUs Ray gave it
@@ -394,16 +403,87 @@ class RayLauncher(Launcher):
         env.update({k: os.environ[k] for k in PASSED_ENV if k in os.environ})
         name = actor_name(handle.backend["cluster"], role, index)
         log_path = os.path.join(spec.log_dir, f"{role}-{index}.log")
+        detached = self.detached if detached is None else detached
         cls = _remote_host(ray).options(
-            name=name, namespace=self.namespace, lifetime="detached" if self.detached else None,
-            max_restarts=self.max_restarts, num_cpus=res.get("CPU", 0), num_gpus=res.get("GPU", 0),
-            scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=bundle),
+            name=name, namespace=handle.backend.get("namespace", self.namespace),
+            lifetime="detached" if detached else None, max_restarts=self.max_restarts,
+            num_cpus=res.get("CPU", 0), num_gpus=res.get("GPU", 0),
+            scheduling_strategy=None if pg is None else PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=bundle),
             runtime_env={"env_vars": env})
         actor = self._handles[name] = cls.remote(handle.backend["cluster"], role, index, argv, log_path,
                                                  self._loopback(handle))
-        handle.logs.setdefault(role, []).append(log_path)
-        handle.pids.setdefault(role, []).append(0)
+        pids, logs = handle.pids.setdefault(role, []), handle.logs.setdefault(role, [])
+        if index == len(pids):
+            pids.append(0)
+            logs.append(log_path)
         return actor
+
+    def _worker_argv(self, handle: ClusterHandle, index: int) -> list[str]:
+        return ["--master", handle.master_address, "--name", f"worker-{index}", "--device", handle.spec.device,
+                "--metrics-port", "0"]
+
+    # -- elasticity (psctl scale) -----------------------------------------------------------------------------
+    elastic = True
+
+    def resize_workers(self, handle: ClusterHandle, workers: int, busy: set[str] | None = None) -> list[str]:
+        """Grow the cluster to ``workers`` worker actors (new ones outside the placement
+        group, detached, so they outlive ``psctl scale``; Ray's autoscaler may add nodes
+        for them); with ``busy`` (node ids serving a job), also shrink it to ``workers``,
+        stopping idle workers from the highest index down, never one in ``busy`` and never the last one. Returns what it did."""
+        b = handle.backend
+        options = b.get("options", {})  # as the cluster was started (this launcher may be another psctl's)
+        self.cpus = {**self.cpus, **options.get("cpus", {})}
+        self.worker_gpus = options.get("worker_gpus", self.worker_gpus)
+        self.max_restarts = options.get("max_restarts", self.max_restarts)
+        ray = connect(b["ray_address"], b.get("namespace", DEFAULT_NAMESPACE))
+        lines, have = [], len(handle.pids.get("worker", []))
+        if workers > have:
+            deadline = time.monotonic() + self.start_timeout
+            pg, first = self._group(handle), 1 + handle.spec.ps  # a worker of the original size gets its bundle back
+            added = [(i, self._actor(ray, handle, pg if i < handle.spec.workers else None,
+                                     first + min(i, handle.spec.workers - 1), "worker", i, self._worker_argv(handle, i),
+                                     detached=True))
+                     for i in range(have, workers)]
+            for i, actor in added:
+                info = self._info(ray, handle, actor, deadline, f"worker-{i}")
+                lines.append(f"started worker-{i} (a Ray actor, pid {info['pid']} on {info['node_ip']})")
+            write_handle(handle)
+            import dataclasses
+
+            self.wait_registered(handle, dataclasses.replace(handle.spec, workers=workers, ps=handle.spec.ps), deadline,
+                                 self.start_timeout, self.poll)
+        elif busy is not None:
+            for i in range(have - 1, max(workers, 1) - 1, -1):
+                actor = self._handles.get(actor_name(b["cluster"], "worker", i))
+                if actor is None:
+                    with contextlib.suppress(ValueError):
+                        actor = ray.get_actor(actor_name(b["cluster"], "worker", i), namespace=b.get("namespace"))
+                info = None
+                if actor is not None:
+                    with contextlib.suppress(Exception):
+                        info = ray.get(actor.info.remote(), timeout=5.0)
+                if info is not None and info["address"] in busy:
+                    break  # serving a job: it and those below it stay
+                if actor is not None:
+                    with contextlib.suppress(Exception):
+                        ray.get(actor.stop.remote(), timeout=30.0)
+                    with contextlib.suppress(Exception):
+                        ray.kill(actor, no_restart=True)
+                self._handles.pop(actor_name(b["cluster"], "worker", i), None)
+                handle.pids["worker"].pop()
+                handle.logs["worker"].pop()
+                lines.append(f"stopped worker-{i} (idle)")
+            write_handle(handle)
+        return lines
+
+    def _group(self, handle: ClusterHandle):
+        """The cluster's placement group, or None (gone, or never made)."""
+        from ray.util.placement_group import get_placement_group
+
+        try:
+            return get_placement_group(handle.backend["placement_group"])
+        except (KeyError, ValueError):
+            return None
 
     def _loopback(self, handle: ClusterHandle) -> bool:
         # A private head is this machine alone: serve on loopback, as the local launcher
@@ -467,14 +547,15 @@ class RayLauncher(Launcher):
 
     def _forget(self, ray, handle: ClusterHandle) -> None:
         from ray.experimental import internal_kv
-        from ray.util.placement_group import get_placement_group, remove_placement_group
+        from ray.util.placement_group import remove_placement_group
 
         with contextlib.suppress(Exception):
             internal_kv._internal_kv_del(f"pstrain/{handle.backend['cluster']}/".encode(), del_by_prefix=True,
                                          namespace=KV_NAMESPACE)
-        if handle.backend.get("placement_group"):
+        pg = self._group(handle)
+        if pg is not None:
             with contextlib.suppress(Exception):
-                remove_placement_group(get_placement_group(handle.backend["placement_group"]))
+                remove_placement_group(pg)
 
     def status(self, handle: ClusterHandle) -> list[ProcessStatus]:
         """Each actor: alive unless Ray has it dead (gone, or out of restarts); one Ray is

@@ -127,7 +127,7 @@ def test_a_registered_launcher_and_its_flags_appear_in_psctl(fake, capsys):
         with pytest.raises(SystemExit):
             build_parser().parse_args([command, "--help"])
         help_text = " ".join(capsys.readouterr().out.split())  # argparse wraps to the terminal
-        assert "fake | local (default local)" in help_text and "--fake-zone" in help_text
+        assert "fake | local | ray (default local)" in help_text and "--fake-zone" in help_text
 
 
 # ---- psctl up / down / train with the fake backend -------------------------------------------------------

