@@ -53,7 +53,7 @@ def train_command(args) -> int:
     try:
         with sigterm_interrupts(), local_cluster(cluster, launcher_from_args(args)) as handle:
             if not args.json:
-                print(f"local cluster: master at {handle.master_address}, {args.ps} ps shards, {args.workers} workers",
+                print(f"{handle.launcher} cluster: master at {handle.master_address}, {args.ps} ps shards, {args.workers} workers",
                       flush=True)
             client = MasterClient(handle.master_address, connect_timeout=connect_timeout(args))
             try:

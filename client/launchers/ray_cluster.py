@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import importlib
 import json
 import logging
@@ -213,7 +214,12 @@ def stop_head(pid: int) -> None:
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pid, signal.SIGKILL)
     deadline = time.monotonic() + 10
-    while pid_alive(pid) and time.monotonic() < deadline:
+    while time.monotonic() < deadline:  # until the whole group is gone
+        try:
+            os.killpg(pid, 0)
+        except (ProcessLookupError, PermissionError):
+            break
+        pid_alive(pid)  # reaps the leader if it is our child
         time.sleep(0.05)
 
 
@@ -231,6 +237,9 @@ def connect(address: str, namespace: str):
         if current.namespace == namespace and (address == "auto" or current.gcs_address == address):
             return ray
         ray.shutdown()
+    # Ray warns that removing a placement group kills its detached actors: that is how
+    # psctl down ends them, on purpose.
+    logging.getLogger("ray.actor").setLevel(logging.ERROR)
     try:
         ray.init(address=address, namespace=namespace, log_to_driver=False, logging_level=logging.WARNING)
     except (ConnectionError, RuntimeError, ValueError) as exc:
@@ -429,31 +438,40 @@ class RayLauncher(Launcher):
         """Grow the cluster to ``workers`` worker actors (new ones outside the placement
         group, detached, so they outlive ``psctl scale``; Ray's autoscaler may add nodes
         for them); with ``busy`` (node ids serving a job), also shrink it to ``workers``,
-        stopping idle workers from the highest index down, never one in ``busy`` and never the last one. Returns what it did."""
+        stopping idle workers (highest index first), never one in ``busy`` and never the
+        last one; a later grow reuses the indices (and bundles) stopped. Returns what it did."""
         b = handle.backend
         options = b.get("options", {})  # as the cluster was started (this launcher may be another psctl's)
         self.cpus = {**self.cpus, **options.get("cpus", {})}
         self.worker_gpus = options.get("worker_gpus", self.worker_gpus)
         self.max_restarts = options.get("max_restarts", self.max_restarts)
         ray = connect(b["ray_address"], b.get("namespace", DEFAULT_NAMESPACE))
-        lines, have = [], len(handle.pids.get("worker", []))
-        if workers > have:
+        removed = set(b.setdefault("removed_workers", []))  # indices psctl scale stopped
+        live = [i for i in range(len(handle.pids.get("worker", []))) if i not in removed]
+        lines = []
+        if workers > len(live):
             deadline = time.monotonic() + self.start_timeout
             pg, first = self._group(handle), 1 + handle.spec.ps  # a worker of the original size gets its bundle back
-            added = [(i, self._actor(ray, handle, pg if i < handle.spec.workers else None,
-                                     first + min(i, handle.spec.workers - 1), "worker", i, self._worker_argv(handle, i),
-                                     detached=True))
-                     for i in range(have, workers)]
+            free = sorted(removed) + list(range(len(handle.pids.get("worker", [])), workers + len(removed)))
+            added = []
+            for i in free[:workers - len(live)]:
+                removed.discard(i)
+                added.append((i, self._actor(ray, handle, pg if i < handle.spec.workers else None,
+                                             first + min(i, handle.spec.workers - 1), "worker", i,
+                                             self._worker_argv(handle, i), detached=True)))
+            b["removed_workers"] = sorted(removed)
             for i, actor in added:
                 info = self._info(ray, handle, actor, deadline, f"worker-{i}")
                 lines.append(f"started worker-{i} (a Ray actor, pid {info['pid']} on {info['node_ip']})")
             write_handle(handle)
-            import dataclasses
-
-            self.wait_registered(handle, dataclasses.replace(handle.spec, workers=workers, ps=handle.spec.ps), deadline,
-                                 self.start_timeout, self.poll)
-        elif busy is not None:
-            for i in range(have - 1, max(workers, 1) - 1, -1):
+            nodes = self.wait_registered(handle, dataclasses.replace(handle.spec, workers=workers), deadline,
+                                         self.start_timeout, self.poll)
+            write_scrape_targets(handle, nodes)
+        elif busy is not None and workers < len(live):
+            stopped: set[str] = set()
+            for i in reversed(live):
+                if len(live) - len(stopped) <= max(workers, 1):
+                    break
                 actor = self._handles.get(actor_name(b["cluster"], "worker", i))
                 if actor is None:
                     with contextlib.suppress(ValueError):
@@ -463,18 +481,30 @@ class RayLauncher(Launcher):
                     with contextlib.suppress(Exception):
                         info = ray.get(actor.info.remote(), timeout=5.0)
                 if info is not None and info["address"] in busy:
-                    break  # serving a job: it and those below it stay
+                    continue  # serving a job
                 if actor is not None:
                     with contextlib.suppress(Exception):
                         ray.get(actor.stop.remote(), timeout=30.0)
                     with contextlib.suppress(Exception):
                         ray.kill(actor, no_restart=True)
                 self._handles.pop(actor_name(b["cluster"], "worker", i), None)
-                handle.pids["worker"].pop()
-                handle.logs["worker"].pop()
+                removed.add(i)
+                stopped.add(info["address"] if info is not None else f"worker-{i}")
                 lines.append(f"stopped worker-{i} (idle)")
+            b["removed_workers"] = sorted(removed)
             write_handle(handle)
+            if stopped:  # the master lists them alive until their heartbeats time out
+                write_scrape_targets(handle, [n for n in self._master_nodes(handle) if n["node_id"] not in stopped])
         return lines
+
+    def _master_nodes(self, handle: ClusterHandle) -> list[dict]:
+        from pstrain.transport.master_client import MasterClient
+
+        client = MasterClient(handle.master_address, timeout=5.0, connect_timeout=5.0)
+        try:
+            return client.nodes()
+        finally:
+            client.close()
 
     def _group(self, handle: ClusterHandle):
         """The cluster's placement group, or None (gone, or never made)."""
@@ -500,9 +530,13 @@ class RayLauncher(Launcher):
 
     # -- stop / status ------------------------------------------------------------------------------------------
     def _actors(self, ray, handle: ClusterHandle):
-        """(role, index, actor or None) of every process in the handle."""
+        """(role, index, actor or None) of every process in the handle (not the workers
+        ``psctl scale`` stopped)."""
+        removed = set(handle.backend.get("removed_workers", []))
         for role in ("master", "ps", "worker"):
             for i in range(len(handle.pids.get(role, []))):
+                if role == "worker" and i in removed:
+                    continue
                 try:
                     actor = ray.get_actor(actor_name(handle.backend["cluster"], role, i),
                                           namespace=handle.backend.get("namespace", DEFAULT_NAMESPACE))
@@ -570,9 +604,10 @@ class RayLauncher(Launcher):
             return dead
         from ray.exceptions import ActorDiedError
 
+        before = {(p.role, p.index): p for p in dead}
         out = []
-        for (role, i, actor), before in zip(self._actors(ray, handle), dead):
-            alive, pid = actor is not None, before.pid
+        for role, i, actor in self._actors(ray, handle):
+            alive, pid = actor is not None, before[(role, i)].pid
             if alive:
                 try:
                     pid = ray.get(actor.info.remote(), timeout=2.0)["pid"]
@@ -580,7 +615,7 @@ class RayLauncher(Launcher):
                     alive = False
                 except Exception:  # noqa: BLE001 - restarting, or busy: Ray still holds it
                     pass
-            out.append(ProcessStatus(role, i, pid, alive, before.log))
+            out.append(ProcessStatus(role, i, pid, alive, before[(role, i)].log))
         return out
 
     def describe(self, handle: ClusterHandle) -> list[dict]:

@@ -4,6 +4,7 @@ actors hosting pstrain's own services, placement, restarts through pstrain's rec
 from __future__ import annotations
 
 import os
+import re
 import signal
 import time
 
@@ -230,13 +231,15 @@ def test_psctl_scale_removes_and_adds_worker_actors_while_the_job_trains(ray_hea
         job = client.submit(job_to_spec(make_job(epochs=60), "scaled"))["id"]
         wait_job(client, job, timeout=120, until=lambda s: s["state"] != "RUNNING" or s["step"] >= 50)
         down = psctl(["scale", job, "--workers", "1", "--state-dir", handle.state_dir], env, timeout=180)
-        assert "stopped worker-1 (idle)" in down.stderr, down.stderr
+        gone = re.search(r"stopped worker-(\d) \(idle\)", down.stderr)
+        assert gone, down.stderr  # whichever process the master emptied
         with pytest.raises(ValueError):
-            ray.get_actor(actor_name(handle.backend["cluster"], "worker", 1), namespace=handle.backend["namespace"])
+            ray.get_actor(actor_name(handle.backend["cluster"], "worker", int(gone.group(1))),
+                          namespace=handle.backend["namespace"])
         one = client.get(job)
         assert one["state"] == "RUNNING" and len({w["node"] for w in one["workers"].values()}) == 1, one
         up = psctl(["scale", job, "--workers", "2", "--state-dir", handle.state_dir], env, timeout=180)
-        assert "started worker-1" in up.stderr, up.stderr
+        assert f"started worker-{gone.group(1)}" in up.stderr, up.stderr  # the stopped index (and bundle) again
         two = wait_job(client, job, timeout=120,
                        until=lambda s: s["state"] != "RUNNING" or len({w["node"] for w in s["workers"].values()}) == 2)
         assert two["state"] == "RUNNING", two
@@ -327,3 +330,26 @@ def test_ray_job_submit_runs_psctl_train_on_an_existing_cluster(ray_head, tmp_pa
         assert "SUCCEEDED" in text and "test: " in text, text[-4000:]
     finally:
         stop_head(pid)
+
+
+def test_psctl_up_without_an_address_starts_a_private_head_and_down_stops_it(ray_head, tmp_path):
+    """No --ray-address: ``psctl up --launcher ray --detach`` starts a Ray head of its own
+    (its own process group, loopback services); ``psctl down`` from another process
+    stops the actors and then that head, leaving no Ray process of it and no temp dir,
+    while the test run's shared head keeps running."""
+    from client.launchers.ray_cluster import _free_port
+    from tests.integration.helpers import ADDRESS_RE, psctl, service_env
+
+    state = tmp_path / "state"
+    env = service_env(state)
+    up = psctl(["up", "--launcher", "ray", "--workers", "1", "--ps", "1", "--port", str(_free_port()), "--detach"],
+               env, timeout=180)
+    assert ADDRESS_RE.search(up.stdout).group(1).startswith("127.0.0.1:"), up.stdout
+    b = load_handle(str(state)).backend
+    head, temp_dir = b["head_pid"], b["head_temp_dir"]
+    assert head > 0 and os.path.isdir(temp_dir) and b["ray_address"] != ray_head.address, b
+    psctl(["down"], env, timeout=120)
+    with pytest.raises(ProcessLookupError):
+        os.killpg(head, 0)
+    assert not os.path.exists(temp_dir) and load_handle(str(state)) is None
+    os.killpg(ray_head.pid, 0)  # the shared head is untouched
