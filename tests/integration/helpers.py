@@ -115,6 +115,17 @@ def write_job(directory, name: str = "digits_job.py", **kw) -> str:
     return path
 
 
+def assert_same_weights(client, baseline_id: str, job_id: str) -> None:
+    """The two jobs' exported weights are bit-identical (same names, same arrays)."""
+    import numpy as np
+
+    _, names, want = client.export(baseline_id)
+    _, names2, got = client.export(job_id)
+    assert names == names2
+    for name, a, b in zip(names, want, got):
+        np.testing.assert_array_equal(a, b, err_msg=name)
+
+
 # ---- clusters -------------------------------------------------------------------------------------------
 def wait_job(client, job_id: str, timeout: float = 120.0, until=TERMINAL, poll: float = 0.1) -> dict:
     """Poll a job until its state is in ``until`` (or a predicate on its status holds)."""

@@ -20,6 +20,7 @@ from client.job import job_to_spec
 from protos import codec, jobcodec
 from tests.integration.helpers import (
     all_gone,
+    assert_same_weights,
     last_json,
     make_job,
     psctl,
@@ -84,14 +85,6 @@ def test_a_malformed_graph_is_refused_naming_the_node(master, corrupt, node, wor
 
 
 # ---- (b) a worker dies mid-run --------------------------------------------------------------------
-def _assert_same_weights(client, baseline_id: str, job_id: str) -> None:
-    _, names, want = client.export(baseline_id)
-    _, names2, got = client.export(job_id)
-    assert names == names2
-    for name, a, b in zip(names, want, got):
-        np.testing.assert_array_equal(a, b, err_msg=name)
-
-
 def _process_of_slot(handle, status: dict, slot: int) -> tuple[int, int]:
     """(index among the launched workers, pid) of the process running job worker ``slot``
     (launch order and registration order may differ)."""
@@ -133,7 +126,7 @@ def test_sync_job_survives_a_killed_worker_bit_identically(tmp_path):
             assert final["workers"]["1"]["owner_epoch"] == 2 and final["workers"]["1"]["state"] == "done"
             restarted = [n for n in client.nodes() if n["name"] == f"worker-{index}"]
             assert sorted((n["alive"], n["restarts"]) for n in restarted) == [(False, 0), (True, 1)], restarted
-            _assert_same_weights(client, baseline["id"], job["id"])
+            assert_same_weights(client, baseline["id"], job["id"])
             assert all(s.alive for s in launcher.status(handle)), launcher.status(handle)
         finally:
             client.close()
@@ -168,7 +161,7 @@ def test_sync_job_survives_a_paused_worker_that_comes_back(tmp_path):
             assert final["state"] == "SUCCEEDED", final
             assert final["error"] is None and final["epoch"] == 100
             assert final["workers"]["0"]["state"] == "done" and final["workers"]["1"]["state"] == "done"
-            _assert_same_weights(client, baseline["id"], job["id"])
+            assert_same_weights(client, baseline["id"], job["id"])
             assert all(s.alive for s in launcher.status(handle)), launcher.status(handle)  # the resumed one too
         finally:
             client.close()

@@ -13,7 +13,7 @@ import pytest
 
 from client.job import job_to_spec
 from client.launchers import ClusterError, ClusterSpec, RayLauncher, load_handle
-from tests.integration.helpers import all_gone, make_job, services_environment, wait_job
+from tests.integration.helpers import all_gone, assert_same_weights, make_job, services_environment, wait_job
 from tests.ray.conftest import SMALL_CPUS
 
 pytestmark = pytest.mark.timeout(600)
@@ -49,14 +49,6 @@ def _info(head, handle, role, index, timeout=60.0):
             if time.monotonic() > deadline:
                 raise
             time.sleep(0.5)
-
-
-def _same_weights(client, a: str, b: str) -> None:
-    _, names, want = client.export(a)
-    _, names2, got = client.export(b)
-    assert names == names2
-    for name, x, y in zip(names, want, got):
-        np.testing.assert_array_equal(x, y, err_msg=name)
 
 
 @pytest.mark.slow
@@ -95,7 +87,7 @@ def test_killed_shard_and_worker_actors_come_back_and_the_job_finishes_bit_ident
         events = "\n".join(final["events"])
         assert "every shard rolled back to version" in events, events
         assert "worker-0" in events or "moved" in events, events
-        _same_weights(client, baseline["id"], job["id"])
+        assert_same_weights(client, baseline["id"], job["id"])
         shards = {n["address"]: n["restarts"] for n in client.nodes() if n["alive"] and n["role"] == "ps"}
         assert shards[shard["address"]] == 1, shards  # the master knew it as the same shard
     finally:
@@ -245,7 +237,7 @@ def test_psctl_scale_removes_and_adds_worker_actors_while_the_job_trains(ray_hea
         assert two["state"] == "RUNNING", two
         final = wait_job(client, job, timeout=300)
         assert final["state"] == "SUCCEEDED", final
-        _same_weights(client, baseline["id"], job)
+        assert_same_weights(client, baseline["id"], job)
     finally:
         client.close()
         from client.launchers import load_handle as reload
