@@ -224,6 +224,8 @@ class Graph:
                 out.append(self.constant(t, dtype=dtypes.weak_scalar_dtype(t, other, where)))
             elif isinstance(t, np.ndarray):
                 out.append(self.constant(t))
+            elif hasattr(t, "__graph_tensor__"):  # e.g. an eager tensor read while tracing (pstrain/eager.py)
+                out.append(t.__graph_tensor__(self))
             else:
                 raise dtypes.DTypeError(f"cannot use {type(t).__name__} {t!r} as an op input", where)
         return out

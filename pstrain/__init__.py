@@ -13,5 +13,26 @@ pyproject.toml, run by ``make test``)::
     graph                          graph IR, op registry, autodiff
 
 This module itself stays import-free so that importing any layer below does not
-load the ones above it.
+load the ones above it; the eager API (``pt.constant``, ``pt.GradientTape``, ...,
+in ``pstrain/eager.py``, which needs only the graph IR) loads on first use.
 """
+
+_EAGER = frozenset({
+    "Tensor", "Variable", "GradientTape", "Function", "constant", "function", "linalg",
+    "float16", "float32", "float64", "int32", "int64", "bool_",
+    "add", "subtract", "multiply", "divide", "pow", "negative", "maximum", "matmul", "reshape", "expand_dims",
+    "transpose", "reduce_sum", "reduce_mean", "reduce_max", "exp", "log", "sqrt", "square", "abs", "sin", "cos",
+    "sigmoid", "tanh", "relu", "softmax", "cast", "concat",
+})
+
+
+def __getattr__(name: str):
+    if name in _EAGER:
+        from pstrain import eager
+
+        return getattr(eager, name)
+    raise AttributeError(f"module 'pstrain' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | _EAGER)

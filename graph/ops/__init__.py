@@ -1,2 +1,2 @@
 """Op definitions; importing this package registers every op."""
-from graph.ops import array, elementwise, losses, nn  # noqa: F401
+from graph.ops import array, elementwise, linalg, losses, nn  # noqa: F401

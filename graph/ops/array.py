@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 
 from graph import dtypes
-from graph.errors import ShapeError
+from graph.errors import GraphError, ShapeError
 from graph.ops._util import (
     broadcast_shapes,
     defop,
@@ -292,3 +292,53 @@ defop(
     num_inputs=3,
     differentiable=False,
 )
+
+
+# ---- concat ------------------------------------------------------------------
+def _concat_axis(specs, attrs, node) -> int:
+    if not specs:
+        raise GraphError("concat needs at least one input", node, "concat")
+    rank = specs[0].rank
+    if rank == 0:
+        raise ShapeError("concat needs inputs of rank >= 1, got a scalar", node, "concat")
+    return norm_axes(int(attrs["axis"]), rank, node, "concat")[0]
+
+
+def _concat_infer(node, specs, attrs):
+    axis = _concat_axis(specs, attrs, node)
+    first = specs[0]
+    dt = first.dtype
+    total = 0
+    for i, s in enumerate(specs):
+        if s.rank != first.rank:
+            raise ShapeError(f"concat input {i} has rank {s.rank} ({fmt_shape(s.shape)}), input 0 has rank "
+                             f"{first.rank} ({fmt_shape(first.shape)})", node, "concat")
+        for d, (a, b) in enumerate(zip(first.shape, s.shape)):
+            if d != axis and a is not None and b is not None and a != b:
+                raise ShapeError(f"concat input {i} {fmt_shape(s.shape)} differs from input 0 {fmt_shape(first.shape)} "
+                                 f"in axis {d}; only axis {axis} may differ", node, "concat")
+        dt = dtypes.promote(dt, s.dtype, node)
+        total = None if total is None or s.shape[axis] is None else total + s.shape[axis]
+    shape = tuple(total if d == axis else first.shape[d] for d in range(first.rank))
+    return TensorSpec(shape, dt)
+
+
+def _concat_ref(ctx, *xs, axis):
+    return np.concatenate(xs, axis=axis)
+
+
+def _concat_grad(g, y, dy):
+    inputs = [g.tensor(n) for n in y.node.inputs]
+    return [g.op("concat_grad", [dy, *inputs], index=i, axis=y.node.attrs["axis"]) for i in range(len(inputs))]
+
+
+def _concat_grad_ref(ctx, dy, *xs, index, axis):
+    start = sum(x.shape[axis] for x in xs[:index])
+    return np.take(dy, np.arange(start, start + xs[index].shape[axis]), axis=axis).astype(xs[index].dtype, copy=False)
+
+
+defop("concat", _concat_infer, _concat_ref, _concat_grad, attrs={"axis": 0},
+      doc="Join tensors along an existing axis; all other dimensions must agree.")
+defop("concat_grad", lambda node, specs, attrs: TensorSpec(specs[1 + attrs["index"]].shape, specs[1 + attrs["index"]].dtype),
+      _concat_grad_ref, attrs={"index": 0, "axis": 0}, differentiable=False,
+      doc="The slice of a concat's gradient that belongs to input ``index``.")

@@ -96,6 +96,29 @@ defop("div", _binary_infer("div"), _div_ref, _div_grad, num_inputs=2)
 defop("maximum", _binary_infer("maximum"), lambda ctx, a, b: np.maximum(a, b), _maximum_grad, num_inputs=2)
 
 
+def _pow_ref(ctx, a, b):
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        return np.power(a, b)
+
+
+def _pow_grad(g, y, dy):
+    a, b = (g.tensor(n) for n in y.node.inputs)
+    # d(a^b)/da = b a^(b-1); d(a^b)/db = a^b log(a), taken as 0 where a <= 0 (as TensorFlow does)
+    return [unbroadcast(g, g.mul(dy, g.mul(b, g.pow(a, g.sub(b, 1.0)))), a),
+            unbroadcast(g, g.pow_grad_exponent(dy, a, y), b)]
+
+
+defop("pow", _binary_infer("pow"), _pow_ref, _pow_grad, num_inputs=2, doc="a ** b, broadcasting.")
+
+
+def _pow_grad_exponent_ref(ctx, dy, a, y):
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return dy * y * np.where(a > 0, np.log(np.where(a > 0, a, 1)), 0).astype(y.dtype)
+
+
+defop("pow_grad_exponent", lambda node, specs, attrs: specs[2], _pow_grad_exponent_ref, num_inputs=3, differentiable=False)
+
+
 def _maximum_grad_ref(ctx, dy, a, b, wrt):
     # Ties split the gradient evenly, as PyTorch does.
     a, b = np.broadcast_arrays(a, b)
@@ -183,6 +206,8 @@ _unary("square", lambda ctx, x: np.square(x), lambda g, y, dy: [g.mul(dy, g.mul(
 _unary("abs", lambda ctx, x: np.abs(x), lambda g, y, dy: [g.mul(dy, g.sign(_x(g, y)))], float_only=False)
 _unary("sign", lambda ctx, x: np.sign(x), _zero_grad, float_only=False)
 _unary("step", lambda ctx, x: (x > 0).astype(x.dtype), _zero_grad, float_only=False)
+_unary("sin", lambda ctx, x: np.sin(x), lambda g, y, dy: [g.mul(dy, g.cos(_x(g, y)))])
+_unary("cos", lambda ctx, x: np.cos(x), lambda g, y, dy: [g.neg(g.mul(dy, g.sin(_x(g, y))))])
 _unary("sigmoid", _sigmoid_ref, lambda g, y, dy: [g.sigmoid_grad(dy, y)])
 _unary("tanh", lambda ctx, x: np.tanh(x), lambda g, y, dy: [g.tanh_grad(dy, y)])
 _unary("relu", lambda ctx, x: np.maximum(x, 0).astype(x.dtype), lambda g, y, dy: [g.relu_grad(dy, y)])
@@ -206,3 +231,17 @@ _grad_op(
     lambda ctx, dy, x, alpha: np.where(x > 0, dy, dy * np.asarray(alpha, dy.dtype)),
     attrs={"alpha": 0.2},
 )
+
+
+# ---- cast --------------------------------------------------------------------
+def _cast_infer(node, specs, attrs):
+    return TensorSpec(specs[0].shape, dtypes.as_dtype(attrs["dtype"], node))
+
+
+def _cast_grad(g, y, dy):
+    x = _x(g, y)  # a float -> float cast passes the gradient back in x's dtype; to or from an integer, none
+    return [g.cast(dy, dtype=str(x.dtype)) if dtypes.is_float(x.dtype) and dtypes.is_float(y.dtype) else None]
+
+
+defop("cast", _cast_infer, lambda ctx, x, dtype: np.asarray(x).astype(dtype), _cast_grad, attrs={"dtype": "float32"},
+      num_inputs=1, doc="x as another dtype (float to int truncates toward zero, as NumPy's astype).")

@@ -98,6 +98,8 @@ UNARY = {
     "relu": (lambda g, x: g.relu(x), torch.relu, _away0),
     "leaky_relu": (lambda g, x: g.leaky_relu(x), lambda x: F.leaky_relu(x, 0.2), _away0),
     "sign": (lambda g, x: g.sign(x), torch.sign, _away0),
+    "sin": (lambda g, x: g.sin(x), torch.sin, lambda rng, s: 3 * rand(rng, s)),
+    "cos": (lambda g, x: g.cos(x), torch.cos, lambda rng, s: 3 * rand(rng, s)),
 }
 covers(*UNARY)
 UNARY_SHAPES = [(), (5,), (3, 4)] + random_shapes(11, 4)
@@ -502,6 +504,79 @@ def test_float32_graph_keeps_float32(case):
 
 
 # ---- coverage ------------------------------------------------------------------------------------------------------
+# ---- cast, concat, linear algebra -------------------------------------------------------
+covers("cast", "concat", "matrix_inverse", "matrix_determinant", "pow")
+
+
+@pytest.mark.parametrize("shapes", [((3, 4), ()), ((3, 4), (4,)), ((2, 3), (2, 3))], ids=str)
+def test_pow(shapes):
+    rng = np.random.default_rng(5)
+    a, b = rand(rng, shapes[0], 0.5, 2.0), rand(rng, shapes[1], -2.0, 2.0)
+    check_op(lambda g, x, y: g.pow(x, y), torch.pow, [a, b])
+
+
+def test_pow_of_a_negative_base_to_an_integer_power_and_its_gradient():
+    a = np.array([-2.0, -0.5, 3.0])
+    check_op(lambda g, x: g.pow(x, 3.0), lambda t: torch.pow(t, 3.0), [a])
+
+
+@pytest.mark.parametrize("to, torch_dtype", [("float32", torch.float32), ("float64", torch.float64)])
+def test_cast_between_floats_passes_the_gradient_back(to, torch_dtype):
+    x = rand(np.random.default_rng(3), (3, 4))
+    check_op(lambda g, t: g.cast(t, dtype=to), lambda t: t.to(torch_dtype).to(torch.float64), [x],
+             rtol=1e-6 if to == "float32" else 1e-9, atol=1e-7 if to == "float32" else 1e-11, fd=to == "float64")
+
+
+def test_cast_to_an_integer_truncates_and_has_no_gradient():
+    g = Graph()
+    x = g.variable(np.array([[-1.7, 0.2, 2.9]]), name="x")
+    y = g.cast(x, dtype="int32")
+    assert y.dtype == np.int32
+    np.testing.assert_array_equal(evaluate(g, [y])[0], [[-1, 0, 2]])
+    z = g.reduce_sum(g.cast(g.cast(x, dtype="int64"), dtype="float64"))
+    assert gradients(z, [x]) == [None]
+
+
+@pytest.mark.parametrize("shapes, axis", [([(2, 3), (4, 3)], 0), ([(2, 3), (2, 1), (2, 2)], 1), ([(2, 2, 3)] * 2, -1),
+                                          ([(5,), (1,)], 0)], ids=str)
+def test_concat(shapes, axis):
+    rng = np.random.default_rng(len(shapes))
+    xs = [rand(rng, s) for s in shapes]
+    check_op(lambda g, *ts: g.concat(*ts, axis=axis), lambda *ts: torch.cat(ts, dim=axis), xs)
+
+
+def test_concat_names_the_input_and_axis_that_disagree():
+    g = Graph()
+    a, b = g.placeholder((2, 3), name="a"), g.placeholder((2, 4), name="b")
+    with pytest.raises(GraphError, match=r"concat input 1 \(2, 4\) differs from input 0 \(2, 3\) in axis 1; only axis 0"):
+        g.concat(a, b, axis=0)
+    with pytest.raises(GraphError, match="rank"):
+        g.concat(a, g.placeholder((2,), name="c"))
+
+
+def _well_conditioned(rng, n):
+    return rand(rng, (n, n)) + n * np.eye(n)
+
+
+@pytest.mark.parametrize("n", [1, 2, 4])
+def test_matrix_inverse(n):
+    check_op(lambda g, x: g.matrix_inverse(x), torch.linalg.inv, [_well_conditioned(np.random.default_rng(n), n)])
+
+
+@pytest.mark.parametrize("n", [1, 2, 4])
+def test_matrix_determinant(n):
+    check_op(lambda g, x: g.matrix_determinant(x), torch.linalg.det, [_well_conditioned(np.random.default_rng(n), n)])
+
+
+def test_a_singular_matrix_has_no_inverse_and_says_so():
+    g = Graph()
+    x = g.constant(np.array([[1.0, 2.0], [2.0, 4.0]]), name="x")
+    with pytest.raises(GraphError, match="the 2x2 matrix is singular: it has no inverse"):
+        evaluate(g, [g.matrix_inverse(x)])
+    with pytest.raises(GraphError, match=r"needs a square matrix \(n, n\), got shape \(2, 3\)"):
+        g.matrix_determinant(g.placeholder((2, 3), name="r"))
+
+
 def test_every_differentiable_op_is_covered():
     differentiable = {n for n, op in all_ops().items() if op.differentiable}
     assert differentiable - COVERED == set(), "add test cases for these ops"
