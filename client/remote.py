@@ -46,14 +46,6 @@ def fit_on_cluster(model, x, y, batch_size, epochs, shuffle, validation_data, ve
     from client.nn.model import History
     from pstrain.transport.master_client import MasterClient
 
-    loss = model._compiled["loss"]
-    if loss != "sparse_categorical_crossentropy":
-        # The dataset loader reads labels as class ids; float targets need a data path
-        # that keeps them (not there yet).
-        raise NotImplementedError(
-            f"fit(cluster=...) supports sparse_categorical_crossentropy models for now, not '{loss}'; "
-            "train in-process (cluster=None) or save the data as an .npz job"
-        )
     path = stage_arrays(x, y, validation_data)
     job = Job(model, dataset=path, batch_size=batch_size, epochs=epochs, shuffle=shuffle, mode=mode)
     client = MasterClient(cluster)

