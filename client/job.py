@@ -24,7 +24,7 @@ import inspect
 import os
 import sys
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -41,13 +41,20 @@ from pstrain.runtime.spec import JobSpec, ModelSpec, TrainConfig
 class Job:
     """A model (compiled) and how to train it.
 
+    ``model`` is a compiled ``nn.Sequential``; or a graph to train (client/graphjob.py):
+    a loss function ``loss_fn(x, y)`` (a ``pt.function`` or a plain function of pt
+    tensors, traced with the dataset's shapes) together with ``variables`` (what it
+    trains), ``optimizer`` and optionally ``prediction`` (``fn(x)``, for
+    ``metrics=["accuracy"]``); or the loss tensor of a ``graph.Graph`` whose
+    placeholders ``features`` and ``labels`` take x and y (``prediction``: a tensor).
+
     ``mode`` is how the parameter servers apply gradients: ``sync`` (one averaged update
     per step), ``async`` (each gradient as it arrives) or ``ssp`` (async, but no worker
     runs more than ``staleness`` versions ahead). ``num_workers`` / ``num_shards`` of 0
     use every registered worker / parameter-server shard.
     """
 
-    model: Sequential
+    model: Any  # Sequential | GraphModel, or what becomes one: a loss function or a graph loss tensor
     dataset: str = "mnist"
     batch_size: int = 32
     epochs: int = 1
@@ -57,12 +64,44 @@ class Job:
     staleness: int = 0
     num_workers: int = 0
     num_shards: int = 0
+    # A graph job's own settings (a Sequential carries these in compile()):
+    variables: Sequence[Any] = ()
+    optimizer: Any = None
+    metrics: Sequence[str] = ()
+    prediction: Any = None
+    features: str = "x"
+    labels: str = "y"
+    graph_seed: int = 0  # a graph job's seed (shuffling, dropout); a Sequential has its own
 
     def __post_init__(self):
-        if not isinstance(self.model, Sequential):
-            raise TypeError(f"Job.model must be an nn.Sequential, got {type(self.model).__name__}")
-        if self.model._compiled is None:
-            raise ValueError("Job.model must be compiled (model.compile(optimizer, loss, metrics))")
+        from client.graphjob import GraphModel
+        from graph.core import Tensor as GraphTensor
+
+        if isinstance(self.model, Sequential):
+            if self.variables or self.optimizer is not None or self.metrics:
+                raise ValueError("Job(variables=, optimizer=, metrics=) are for graph jobs; a Sequential takes them "
+                                 "in model.compile()")
+            if self.model._compiled is None:
+                raise ValueError("Job.model must be compiled (model.compile(optimizer, loss, metrics))")
+        elif isinstance(self.model, GraphTensor):
+            self.model = GraphModel.from_loss_tensor(self.model, self.features, self.labels, self.prediction,
+                                                     optimizer=self.optimizer or "sgd", metrics=self.metrics,
+                                                     seed=self.graph_seed)
+        elif callable(self.model) and not isinstance(self.model, GraphModel):
+            if not self.variables:
+                raise ValueError("Job(loss_fn, variables=[...]): name the variables the loss function trains")
+            data = datasets.load(self.dataset)
+            # y as the loss function sees it: class ids (batch,); float targets of one value
+            # per example as a column (batch, 1), the shape of a one-unit output; else as stored.
+            ids = data.num_classes > 0
+            y_shape = () if ids else ((1,) if data.y_train.ndim == 1 else data.y_train.shape[1:])
+            self.model = GraphModel.from_loss_fn(
+                self.model, self.variables, data.x_train.shape[1:], y_shape,
+                np.int32 if ids else np.float32, prediction_fn=self.prediction,
+                optimizer=self.optimizer or "sgd", metrics=self.metrics, seed=self.graph_seed)
+        elif not isinstance(self.model, GraphModel):
+            raise TypeError(f"Job.model must be an nn.Sequential, a loss function or a graph loss tensor, "
+                            f"got {type(self.model).__name__}")
         if int(self.batch_size) < 1:
             raise ValueError(f"Job.batch_size={self.batch_size!r} must be >= 1")
         if int(self.epochs) < 0:
@@ -111,7 +150,7 @@ def ensure_built(job: Job) -> None:
     """Build the model's graph if it is not built yet, from the dataset's input shape
     when the first layer does not declare one (``input_dim=``)."""
     model = job.model
-    if model.built:
+    if getattr(model, "built", False):
         return
     if not model.layers:
         raise ValueError("the job's model has no layers; add some before submitting it")
@@ -137,6 +176,17 @@ def job_to_spec(job: Job, name: str, device: str | None = None) -> JobSpec:
     """
     ensure_built(job)
     model = job.model
+    if not isinstance(model, Sequential):  # a GraphModel
+        sig = ModelSpec(model.graph, features=model.features, labels=model.labels, loss=model.loss,
+                        prediction=model.prediction, model_config=model.config(), weight_order=model.weight_names())
+        train = TrainConfig(
+            optimizer=model.optimizer.get_config(), batch_size=int(job.batch_size), epochs=int(job.epochs),
+            mode=job.mode, staleness=int(job.staleness), seed=int(job.seed),
+            loss_name=model.accuracy_of if model.metrics else "", metrics=tuple(model.metrics),
+            shuffle=bool(job.shuffle), device=device or model.device,
+            num_workers=int(job.num_workers), num_shards=int(job.num_shards),
+        )
+        return JobSpec(name, sig, train, _dataset_ref(job.dataset))
     plan = model._plan
     compiled = model._compiled
     sig = ModelSpec(
@@ -201,6 +251,13 @@ def save_export(path: str | os.PathLike, config: dict, names: Sequence[str], wei
     ``names`` are in the model's weight order (Keras ``get_weights()`` order); the arrays
     are stored as ``weight_0 .. weight_N`` in that order.
     """
+    from client.graphjob import GRAPH_FORMAT, save_graph_export
+
+    if isinstance(config, dict) and config.get("format") == GRAPH_FORMAT:
+        if len(names) != len(weights):
+            raise ValueError(f"the export has {len(names)} weight names but {len(weights)} arrays")
+        save_graph_export(path, names, weights)
+        return
     _check_export(config, names, weights)
     write_model(path, config, weights)
 
@@ -215,6 +272,8 @@ def run_in_process(job: Job, verbose: int = 1) -> tuple[History, dict]:
         shuffle=job.shuffle, validation_data=val, verbose=verbose,
     )
     test = job.model.evaluate(data.x_test, data.y_test, return_dict=True)
+    if not isinstance(job.model, Sequential) and not job.metrics:
+        test = {k: v for k, v in test.items() if k != "accuracy"}
     if verbose:
         print("test: " + " - ".join(f"{k}: {v:.4f}" for k, v in test.items()), file=sys.stdout)
     return history, test

@@ -91,7 +91,7 @@ class TrainingTask:
                 loss, acc = self._evaluate()
                 self.metrics.validation(loss, acc)
                 self._deliver(lambda: self.report(self._last_step, self._last_epoch, loss,
-                                                  {"val_loss": loss, "val_accuracy": acc}, final=True))
+                                                  self._validation(loss, acc), final=True))
         except TaskCancelled:
             if released.is_set() and not cancelled.is_set():
                 log.info("job %s: worker slot %d released at step %d", self.job, self.index, self._last_step)
@@ -205,6 +205,11 @@ class TrainingTask:
         return self.loop.evaluate(self.data.x_test.astype(dtype, copy=False), self._targets(self.data.y_test, "y_test"),
                                   batch_size=1000)
 
+    def _validation(self, loss: float, accuracy: float) -> dict:
+        """Validation metrics to report: accuracy only where the job counts it (a graph
+        job without metrics=["accuracy"] does not)."""
+        return {"val_loss": loss, "val_accuracy": accuracy} if self.train.loss_name else {"val_loss": loss}
+
     def _targets(self, y, key: str):
         """The dataset's targets as the graph's labels placeholder wants them (class ids,
         one-hot rows, or float rows of its shape); a mismatch names both."""
@@ -247,7 +252,7 @@ class _Reporter(Callback):
         extra = {}
         if self.task.position == 0:  # one worker tracks validation per epoch
             vloss, vacc = self.task._evaluate()
-            extra = {"val_loss": vloss, "val_accuracy": vacc}
+            extra = self.task._validation(vloss, vacc)
             self.metrics.validation(vloss, vacc)
         self._report((epoch + 1) * self.steps_per_epoch, epoch + 1, totals, extra)
         self.task._last_epoch = epoch + 1

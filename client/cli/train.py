@@ -15,6 +15,7 @@ import tempfile
 from client.cli.cluster import launcher_from_args
 from client.cli.common import EXIT_OK, connect_timeout, job_result, load_job, print_json, services_installed, sigterm_interrupts
 from client.cli.jobs import fetch_history, write_plot
+from client.graphjob import GRAPH_FORMAT, GraphModel, save_graph_export
 from client.job import Job, job_to_spec, model_from_export, run_in_process, save_export, steps_per_epoch
 from client.launchers import DEVICES, ClusterSpec, local_cluster
 from client.plot import plot_history
@@ -25,9 +26,12 @@ log = logging.getLogger(__name__)
 
 
 def _test_metrics(job: Job, config: dict, names, weights) -> dict:
-    """Test-split metrics of the exported model, computed here (as nn.load_model would)."""
+    """Test-split metrics of the exported model, computed here (as nn.load_model would);
+    none for a graph job (its validation metrics come from the cluster)."""
     from pstrain.runtime import datasets
 
+    if config.get("format") == GRAPH_FORMAT:
+        return {}
     try:
         data = datasets.load(job.dataset)
     except (OSError, ValueError) as exc:
@@ -94,13 +98,18 @@ def train_command(args) -> int:
 
 
 def train_in_process(job: Job, args) -> int:
+    graph_job = isinstance(job.model, GraphModel)
     if args.device:
-        if job.model.built:
+        if job.model.built and not graph_job:
             raise ValueError("--device must be chosen before the job's model is built; set device= in the job file")
         job.model.device = args.device
     history, test = run_in_process(job, verbose=0 if args.json else 1)
     if args.output:
-        job.model.save(args.output)
+        if graph_job:
+            weights = job.model.get_weights()
+            save_graph_export(args.output, list(weights), list(weights.values()))
+        else:
+            job.model.save(args.output)
         if not args.json:
             print(f"saved {args.output}")
     if args.plot:
@@ -114,6 +123,7 @@ def train_in_process(job: Job, args) -> int:
     last = {k: v[-1] for k, v in history.history.items()}
     metrics = {k: v for k, v in {**last, **{f"test_{k}": v for k, v in test.items()}}.items() if k != "loss"}
     if args.json:
-        print_json({"id": None, "state": "SUCCEEDED", "step": job.model._step, "epoch": job.epochs,
+        steps = len(history.epoch) * (steps_per_epoch(job) or 0) if graph_job else job.model._step
+        print_json({"id": None, "state": "SUCCEEDED", "step": steps, "epoch": job.epochs,
                      "loss": last.get("loss"), "metrics": metrics, "error": None})
     return EXIT_OK

@@ -209,8 +209,9 @@ def from_npz(path: str | os.PathLike, *, flatten: bool = False) -> Dataset:
     """Load ``x_train, y_train, x_test, y_test`` from an ``.npz`` file.
 
     Inputs: uint8 (and other integer) pixels are scaled by 1/255, floats are kept as
-    float32; example shapes are kept unless ``flatten=True``. Labels may be integer class
-    ids, ``(n, 1)`` columns or one-hot rows; they come back as int64 class ids.
+    float32; example shapes are kept unless ``flatten=True``. Integer labels (ids or
+    ``(n, 1)`` columns) and one-hot rows come back as int64 class ids; float or other
+    targets of any shape are kept (``num_classes`` 0).
 
     Example::
 
@@ -262,8 +263,9 @@ def _as_inputs(x: np.ndarray, key: str, where: str) -> np.ndarray:
 
 def _as_labels(y: np.ndarray, key: str, where: str) -> tuple[np.ndarray, int]:
     """Class ids as int64 plus the one-hot width (0 when labels were ids); width -1 when
-    ``y`` is not class ids (non-integer or negative values, several columns that are
-    not one-hot rows): the targets are then kept as they are (``_as_targets``)."""
+    ``y`` is not class ids (stored as floats, negative, several columns that are not
+    one-hot rows): the targets are then kept as they are (``_as_targets``); a model
+    whose labels are class ids still gets integer-valued floats as ids (``fit_targets``)."""
     _as_targets(y, key, where)
     width = 0
     if y.ndim == 2 and y.shape[1] == 1:
@@ -273,7 +275,7 @@ def _as_labels(y: np.ndarray, key: str, where: str) -> tuple[np.ndarray, int]:
         y = y.argmax(axis=1)
     if y.ndim != 1 or y.dtype == np.bool_:
         return y, -1
-    if np.issubdtype(y.dtype, np.floating) and not np.array_equal(y, np.round(y)):
+    if np.issubdtype(y.dtype, np.floating) and not width:  # stored as floats: targets (fit_targets makes ids if asked)
         return y, -1
     if y.size and y.min() < 0:
         return y, -1
