@@ -2,6 +2,8 @@
 loss tensor, trained in-process and on a real local cluster, exported by variable name."""
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -101,7 +103,24 @@ def test_graph_job_errors_name_what_is_wrong(tmp_path):
         Job(model, dataset=path, optimizer="sgd")
 
 
-def test_a_loss_function_job_on_a_cluster_matches_in_process_and_exports_by_name(tmp_path):
+def _eager_regression(path, steps=300, lr=0.1):
+    """The same linear regression written eagerly: a tape and assign_sub, full batches."""
+    with np.load(path) as z:
+        x, y = pt.constant(z["x_train"]), pt.constant(z["y_train"][:, None])
+    w = pt.Variable(np.zeros((5, 1), np.float32), name="w")
+    b = pt.Variable(np.zeros(1, np.float32), name="b")
+    for _ in range(steps):
+        with pt.GradientTape() as tape:
+            loss = pt.reduce_mean(pt.square(x @ w + b - y))
+        dw, db = tape.gradient(loss, [w, b])
+        w.assign_sub(lr * dw)
+        b.assign_sub(lr * db)
+    return {"w": w.numpy(), "b": b.numpy()}
+
+
+def test_a_loss_function_job_on_a_cluster_matches_in_process_and_eager_and_exports_by_name(tmp_path):
+    """1 worker, sync: bit-identical to the in-process run of the same job. 2 workers x
+    2 shards, sync: the weights an eager tape-and-assign_sub loop reaches."""
     from client.launchers import ClusterSpec, local_cluster
     from pstrain.transport.master_client import MasterClient
     from tests.integration.helpers import wait_job
@@ -109,19 +128,25 @@ def test_a_loss_function_job_on_a_cluster_matches_in_process_and_exports_by_name
     path = _regression_npz(tmp_path)
     local = _linear_job(path, epochs=3)
     run_in_process(local, verbose=0)
-    with local_cluster(ClusterSpec(workers=1, ps=2, port=0, state_dir=str(tmp_path / "c"))) as handle:
+    eager = _eager_regression(path)
+    with local_cluster(ClusterSpec(workers=2, ps=2, port=0, state_dir=str(tmp_path / "c"))) as handle:
         client = MasterClient(handle.master_address, connect_timeout=10)
         try:
-            job = client.submit(job_to_spec(_linear_job(path, epochs=3), "linear"))
-            final = wait_job(client, job["id"], timeout=120)
-            assert final["state"] == "SUCCEEDED", final
-            config, names, weights = client.export(job["id"])
+            one = client.submit(job_to_spec(dataclasses.replace(_linear_job(path, epochs=3), num_workers=1), "one"))
+            two = client.submit(job_to_spec(dataclasses.replace(_linear_job(path, epochs=10), num_workers=2), "two"))
+            for job in (one, two):
+                final = wait_job(client, job["id"], timeout=180)
+                assert final["state"] == "SUCCEEDED", final
+            config, names, weights = client.export(one["id"])
+            _, names2, weights2 = client.export(two["id"])
         finally:
             client.close()
-    assert config["format"] == GRAPH_FORMAT and names == ["w", "b"]
+    assert config["format"] == GRAPH_FORMAT and names == names2 == ["w", "b"]
     want = local.model.get_weights()
     for name, got in zip(names, weights):
-        np.testing.assert_allclose(got, want[name], rtol=1e-5, atol=1e-6)
+        np.testing.assert_array_equal(got, want[name], err_msg=name)  # bit-identical
+    for name, got in zip(names2, weights2):
+        np.testing.assert_allclose(got, eager[name], atol=1e-4, err_msg=name)
     save_export(tmp_path / "model.npz", config, names, weights)
     with np.load(tmp_path / "model.npz") as z:
         assert sorted(z.files) == ["b", "w"]

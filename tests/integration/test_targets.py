@@ -80,3 +80,37 @@ def test_an_npz_job_with_float_targets_trains_on_the_cluster(master, tmp_path):
         client.close()
     assert final["state"] == "SUCCEEDED", final
     assert final["metrics"]["val_loss"] < float(np.var(y[:64])), final
+
+
+JOB_FILE = """
+from client import nn
+from client.job import Job
+
+
+def job():
+    m = nn.Sequential([nn.Dense(8, activation="tanh", input_dim=6), nn.Dense({out}, activation={act!r})], seed=5)
+    m.compile(nn.optimizers.SGD(0.05, momentum=0.9), {loss!r}, metrics={metrics!r})
+    return Job(m, dataset={path!r}, batch_size=64, epochs=8)
+"""
+
+
+@pytest.mark.parametrize("kind", ["regression", "binary"])
+def test_psctl_train_takes_float_targets(kind, tmp_path):
+    """A regression (mse, float targets) and a binary classifier (sigmoid + binary
+    cross-entropy, 0/1 float labels) through ``psctl train`` on a 2 x 2 local cluster."""
+    from tests.integration.helpers import last_json, psctl, service_env
+
+    x, y = _data(kind)
+    path = tmp_path / f"{kind}.npz"
+    np.savez(path, x_train=x, y_train=y, x_test=x[:128], y_test=y[:128])
+    out, act, loss = {"regression": (1, None, "mse"), "binary": (1, "sigmoid", "binary_crossentropy")}[kind]
+    jobfile = tmp_path / "job.py"
+    jobfile.write_text(JOB_FILE.format(out=out, act=act, loss=loss, path=str(path),
+                                       metrics=["accuracy"] if kind == "binary" else []))
+    result = last_json(psctl(["train", jobfile, "--workers", "2", "--ps", "2", "--json"], service_env(tmp_path / "h"),
+                             timeout=300).stdout)
+    assert result["state"] == "SUCCEEDED", result
+    if kind == "binary":
+        assert result["metrics"]["test_accuracy"] > 0.9, result
+    else:
+        assert result["metrics"]["test_loss"] < 0.2 * float(np.var(y[:128])), result

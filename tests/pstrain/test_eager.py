@@ -295,3 +295,109 @@ def test_a_function_is_differentiable_under_a_tape():
         value = loss(x, y)
     np.testing.assert_allclose(float(value), float(loss(x, y)))
     np.testing.assert_allclose(tape.gradient(value, w).numpy(), [[6.0], [2.0]])
+
+
+# ---- every eager op and its tape gradient: PyTorch (float64) and central differences -------------------
+def _check_eager(fn, torch_fn, inputs, eps=1e-6):
+    """fn(*pt variables) against torch_fn(*torch tensors): the value, and the tape's
+    gradient of sum(fn) against autograd and against central differences."""
+    inputs = [np.asarray(a, np.float64) for a in inputs]
+    variables = [pt.Variable(a, dtype="float64") for a in inputs]
+    with pt.GradientTape() as tape:
+        out = fn(*variables)
+    grads = tape.gradient(out, variables)
+    ts = [torch.tensor(a, requires_grad=True) for a in inputs]
+    want = torch_fn(*ts)
+    np.testing.assert_allclose(out.numpy(), want.detach().numpy(), rtol=1e-10, atol=1e-12)
+    want.sum().backward()
+    for i, (g_, t) in enumerate(zip(grads, ts)):
+        np.testing.assert_allclose(g_.numpy(), t.grad.numpy(), rtol=1e-9, atol=1e-11, err_msg=f"input {i} vs torch")
+        fd = np.zeros_like(inputs[i])
+        for idx in np.ndindex(*inputs[i].shape):
+            hi = [a.copy() for a in inputs]
+            lo = [a.copy() for a in inputs]
+            hi[i][idx] += eps
+            lo[i][idx] -= eps
+            fd[idx] = (float(np.sum(fn(*map(pt.constant, hi)).numpy())) - float(np.sum(fn(*map(pt.constant, lo)).numpy()))) / (2 * eps)
+        np.testing.assert_allclose(g_.numpy(), fd, rtol=1e-5, atol=1e-6, err_msg=f"input {i} vs central differences")
+
+
+_R = np.random.default_rng(42)
+_M = _R.normal(size=(3, 4))
+_N = _R.normal(size=(4, 2))
+_P = np.abs(_R.normal(size=(3, 4))) + 0.5
+_SQ = _R.normal(size=(3, 3)) + 3 * np.eye(3)
+EAGER_OPS = {
+    "add": (pt.add, torch.add, [_M, _R.normal(size=(4,))]),
+    "subtract": (pt.subtract, torch.sub, [_M, _R.normal(size=(3, 1))]),
+    "multiply": (pt.multiply, torch.mul, [_M, _P]),
+    "divide": (pt.divide, torch.div, [_M, _P]),
+    "pow": (pt.pow, torch.pow, [_P, _R.uniform(-1, 2, size=(4,))]),
+    "matmul": (pt.matmul, torch.matmul, [_M, _N]),
+    "negative": (pt.negative, torch.neg, [_M]),
+    "reshape": (lambda x: pt.reshape(x, (6, 2)), lambda x: x.reshape(6, 2), [_M]),
+    "expand_dims": (lambda x: pt.expand_dims(x, 1), lambda x: x.unsqueeze(1), [_M]),
+    "transpose": (pt.transpose, lambda x: x.T, [_M]),
+    "reduce_sum": (lambda x: pt.reduce_sum(x, axis=1), lambda x: x.sum(1), [_M]),
+    "reduce_mean": (lambda x: pt.reduce_mean(x, axis=0, keepdims=True), lambda x: x.mean(0, keepdim=True), [_M]),
+    "reduce_max": (pt.reduce_max, torch.amax, [_M]),
+    "exp": (pt.exp, torch.exp, [_M]),
+    "log": (pt.log, torch.log, [_P]),
+    "sqrt": (pt.sqrt, torch.sqrt, [_P]),
+    "square": (pt.square, torch.square, [_M]),
+    "abs": (pt.abs, torch.abs, [_M]),
+    "sin": (pt.sin, torch.sin, [_M]),
+    "cos": (pt.cos, torch.cos, [_M]),
+    "sigmoid": (pt.sigmoid, torch.sigmoid, [_M]),
+    "tanh": (pt.tanh, torch.tanh, [_M]),
+    "relu": (pt.relu, torch.relu, [_M]),
+    "softmax": (pt.softmax, lambda x: torch.softmax(x, -1), [_M]),
+    "cast": (lambda x: pt.cast(x, pt.float64), lambda x: x.double(), [_M]),
+    "concat": (lambda a, b: pt.concat([a, b], axis=0), lambda a, b: torch.cat([a, b], 0), [_M, _P]),
+    "linalg.inv": (pt.linalg.inv, torch.linalg.inv, [_SQ]),
+    "linalg.det": (pt.linalg.det, torch.linalg.det, [_SQ]),
+}
+
+
+@pytest.mark.parametrize("name", EAGER_OPS)
+def test_every_eager_op_and_its_tape_gradient(name):
+    fn, torch_fn, inputs = EAGER_OPS[name]
+    _check_eager(fn, torch_fn, inputs)
+
+
+# ---- the course's TensorFlow examples --------------------------------------------------------------------
+def test_course_tensor_declarations_and_dtypes():
+    assert pt.constant(42).dtype == pt.int32 and pt.constant(42.0).dtype == pt.float32
+    assert pt.constant([[1, 2, 3], [4, 5, 6]]).shape == (2, 3)
+    assert pt.constant([1.5, 2], dtype=pt.float64).dtype == pt.float64
+    assert pt.Variable(np.zeros((3, 3))).dtype == pt.float64 and pt.cast(pt.constant([1.7]), pt.int64).numpy()[0] == 1
+
+
+def test_course_reshape_examples_and_the_4x4_error():
+    t = pt.constant(np.arange(12.0).reshape(3, 4))
+    for shape in ((4, 3), (6, 2), (12, 1)):
+        assert pt.reshape(t, shape).shape == shape
+        np.testing.assert_array_equal(pt.reshape(t, shape).numpy(), np.arange(12.0).reshape(shape))
+    with pytest.raises(ShapeError, match="12 elements into 16"):
+        pt.reshape(t, (4, 4))
+
+
+def test_course_broadcasting_expand_dims_and_matmul_errors():
+    np.testing.assert_array_equal((pt.constant(np.ones((3, 3))) + pt.constant([5.0])).numpy(), np.full((3, 3), 6.0))
+    assert pt.expand_dims(pt.constant([1.0, 2.0, 3.0]), 0).shape == (1, 3)
+    assert pt.expand_dims(pt.constant([1.0, 2.0, 3.0]), 1).shape == (3, 1)
+    with pytest.raises(ShapeError, match=r"inner dimensions differ: \(2, 3\) @ \(2, 3\)"):
+        pt.matmul(pt.constant(np.ones((2, 3))), pt.constant(np.ones((2, 3))))
+
+
+def test_course_chain_rule_persistence_and_non_trainable():
+    x = pt.Variable(3.0)
+    with pt.GradientTape(persistent=True) as tape:
+        y = x * x          # dy/dx = 2x = 6
+        z = y * y          # dz/dx = 4x^3 = 108 (chain rule through y)
+    assert float(tape.gradient(z, x)) == 108.0 and float(tape.gradient(y, x)) == 6.0
+    assert float(tape.gradient(z, y)) == 18.0  # dz/dy = 2y
+    frozen = pt.Variable(2.0, trainable=False)
+    with pt.GradientTape() as tape:
+        y = frozen * 3.0
+    assert tape.gradient(y, frozen) is None
