@@ -31,15 +31,19 @@ def evaluate(
     feeds: Mapping[str, np.ndarray] | None = None,
     params: Mapping[str, np.ndarray] | None = None,
     ctx: RunContext | None = None,
+    known: Mapping[str, np.ndarray] | None = None,
 ) -> list[np.ndarray]:
-    """Compute ``fetches``; variables take ``params`` (default: their initial values)."""
+    """Compute ``fetches``; variables take ``params`` (default: their initial values);
+    ``known``: values of nodes already computed (e.g. an eager forward pass), not computed again."""
     ctx = ctx or RunContext()
     feeds = dict(feeds or {})
     params = dict(params or {})
     names = [f.name if isinstance(f, Tensor) else f for f in fetches]
-    values: dict[str, np.ndarray] = {}
+    values: dict[str, np.ndarray] = dict(known or {})
     for name in needed_nodes(g, names):
         node = g.nodes[name]
+        if name in values:
+            continue
         if node.op == "placeholder":
             if name not in feeds:
                 raise GraphError("placeholder was not fed", name, "placeholder")

@@ -41,6 +41,7 @@ from graph.registry import RunContext, TensorSpec, get_op
 float16, float32, float64 = np.dtype("float16"), np.dtype("float32"), np.dtype("float64")
 int32, int64, bool_ = np.dtype("int32"), np.dtype("int64"), np.dtype("bool")
 
+_CALL = "pt.function"  # the op name of a traced call recorded on a tape (see Function.__call__)
 _local = threading.local()  # .tapes: active tapes; .trace: the Trace being built (pt.function)
 _CTX = RunContext(training=True)
 
@@ -327,8 +328,28 @@ class GradientTape:
             return tuple(grads)
         return grads if isinstance(sources, list) else grads[0]
 
+    def _call_gradients(self, target: Tensor, sources: list[Tensor]) -> list[Tensor | None] | None:
+        """The gradients a pt.function call computed with its output (its compiled
+        forward and backward pass), when ``target`` is that output and every source is
+        one of the call's inputs; else None (the general path)."""
+        for op, inputs, attrs, out in reversed(self._records):
+            if out is target:
+                if op != _CALL:
+                    return None
+                made = {id(o) for *_, o in self._records}
+                by_input = {id(t): i for i, (t, _) in enumerate(inputs)}
+                if any(id(s) not in by_input for s in sources):
+                    return None
+                grads = attrs["grads"]
+                return [Tensor(grads[by_input[id(s)]]) if grads[by_input[id(s)]] is not None
+                        and (id(s) in made or self._is_watched(s)) else None for s in sources]
+        return None
+
     def _gradients(self, target: Tensor, sources: list[Tensor]) -> list[Tensor | None]:
-        g, nodes, feeds, leaves = Graph(), {}, {}, {}
+        fast = self._call_gradients(target, sources)
+        if fast is not None:
+            return fast
+        g, nodes, feeds, leaves, known = Graph(), {}, {}, {}, {}
         for op, inputs, attrs, out in self._records:
             ins = []
             for t, value in inputs:
@@ -340,7 +361,11 @@ class GradientTape:
                         node = g.constant(value)
                     nodes[id(t)], leaves[id(t)] = node, node
                 ins.append(nodes[id(t)])
-            nodes[id(out)] = g.op(op, ins, **attrs)
+            if op == _CALL:  # a pt.function call: its traced graph, inlined
+                nodes[id(out)] = attrs["call"].inline(g, ins)
+            else:
+                nodes[id(out)] = g.op(op, ins, **attrs)
+            known[nodes[id(out)].name] = out._value  # computed already: the backward pass reuses it
         if id(target) not in nodes or not dtypes.is_float(target.dtype):
             return [None] * len(sources)
         wanted = [(i, nodes[id(s)]) for i, s in enumerate(sources)
@@ -350,7 +375,7 @@ class GradientTape:
             return out
         grads = gradients_of(nodes[id(target)], [n for _, n in wanted])
         fetch = [(i, d) for (i, _), d in zip(wanted, grads) if d is not None]
-        values = evaluate(g, [d for _, d in fetch], feeds=feeds) if fetch else []
+        values = evaluate(g, [d for _, d in fetch], feeds=feeds, known=known) if fetch else []
         for (i, _), v in zip(fetch, values):
             out[i] = Tensor(v)
         return out
@@ -389,13 +414,17 @@ class _Trace:
 class Function:
     """``pt.function(fn)``: ``fn`` traced into a ``graph.Graph`` once per input signature
     (dtype, and shape past the batch dimension), then run as that graph. Under an
-    active GradientTape it runs op by op instead, so the tape sees every op."""
+    active GradientTape a call runs the graph's compiled forward and backward pass at
+    once (the CPU kernels) and is recorded as one step; a tape asking for the
+    gradient of its output gets those, and one composing it with other ops inlines
+    the graph. A function of several outputs runs op by op under a tape."""
 
     def __init__(self, fn: Callable):
         self.fn = fn
         self.__name__ = getattr(fn, "__name__", "function")
         self.__doc__ = getattr(fn, "__doc__", None)
         self._cache: dict[tuple, tuple[_Trace, list[str], Any]] = {}
+        self._compiled: dict[tuple, _CompiledCall] = {}
 
     @staticmethod
     def _signature(args) -> tuple:
@@ -428,10 +457,14 @@ class Function:
         return [v for v, _ in self.trace(*args)[0].variables.values()]
 
     def __call__(self, *args):
-        if _tapes() or _trace() is not None:
-            return self.fn(*args)  # recorded op by op (or inlined into an outer trace)
+        if _trace() is not None:
+            return self.fn(*args)  # inlined into the outer trace
         args = [a if isinstance(a, Tensor) else constant(a) for a in args]
         trace, names, outputs = self.trace(*args)
+        if _tapes():
+            if not isinstance(outputs, GraphTensor) or not dtypes.is_float(outputs.dtype):
+                return self.fn(*args)  # several outputs, or an integer one: recorded op by op
+            return self._call_recorded(args, trace, names, outputs)
         flat = list(outputs) if isinstance(outputs, (list, tuple)) else [outputs]
         lifted = [trace.lift(o) for o in flat]
         params = {node.name: v._value for v, node in trace.variables.values()}
@@ -440,6 +473,65 @@ class Function:
         if isinstance(outputs, tuple):
             return tuple(result)
         return result if isinstance(outputs, list) else result[0]
+
+
+    def _call_recorded(self, args, trace: "_Trace", names: list[str], output: GraphTensor) -> Tensor:
+        """Run the traced graph's compiled forward and backward pass at once and record
+        the call on every active tape, with the gradients of (the sum of) its output
+        for each argument and variable."""
+        key = self._signature(args)
+        if key not in self._compiled:
+            self._compiled[key] = _CompiledCall(trace, names, output)
+        call = self._compiled[key]
+        variables = [v for v, _ in trace.variables.values()]
+        value, grads = call.run([a._value for a in args], [v._value for v in variables])
+        out = Tensor(value)
+        inputs = list(args) + variables
+        for tape in _tapes():
+            tape._record(_CALL, inputs, {"call": call, "grads": grads}, out)
+        return out
+
+
+class _CompiledCall:
+    """A traced graph plus its backward pass for every float argument and variable,
+    compiled once (an Executor on the CPU kernels, fused where it can)."""
+
+    def __init__(self, trace: "_Trace", names: list[str], output: GraphTensor):
+        import copy
+
+        from graph.autodiff import gradients
+        from pstrain.runtime.executor import Executor
+
+        self.trace, self.names, self.output = trace, names, output.name
+        self.var_nodes = [node.name for _, node in trace.variables.values()]
+        g = copy.deepcopy(trace.graph)
+        for name in self.var_nodes:  # the tape decides what is watched; compute them all
+            g.nodes[name].attrs["trainable"] = True
+        xs = [g.tensor(n) for n in self.names + self.var_nodes]
+        grads = gradients(g.tensor(self.output), xs)
+        self.which = [i for i, d in enumerate(grads) if d is not None]
+        self.executor = Executor(g, [g.tensor(self.output)] + [grads[i] for i in self.which], backend="cpu")
+
+    def run(self, args: list[np.ndarray], variables: list[np.ndarray]) -> tuple[np.ndarray, list]:
+        values = self.executor.run(dict(zip(self.names, args)), dict(zip(self.var_nodes, variables)), _CTX).values
+        host = [np.array(self.executor.backend.to_host(v), copy=True) for v in values]
+        grads: list = [None] * (len(args) + len(variables))
+        for i, v in zip(self.which, host[1:]):
+            grads[i] = v
+        return host[0], grads
+
+    def inline(self, g: Graph, inputs: list[GraphTensor]) -> GraphTensor:
+        """The traced graph's nodes added to ``g``, its arguments and variables taken from
+        ``inputs`` (in the order the call recorded them); returns its output."""
+        mapping = dict(zip(self.names + self.var_nodes, inputs))
+        for name, node in self.trace.graph.nodes.items():
+            if name in mapping:
+                continue
+            if node.op == "constant":
+                mapping[name] = g.constant(node.attrs["value"])
+            else:
+                mapping[name] = g.op(node.op, [mapping[i] for i in node.inputs], **node.attrs)
+        return mapping[self.output]
 
 
 def function(fn: Callable | None = None):
