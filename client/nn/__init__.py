@@ -11,11 +11,11 @@ Usage::
                   loss="sparse_categorical_crossentropy", metrics=["accuracy"])
     model.fit(x_train, y_train, batch_size=128, epochs=5)
 """
-from client.nn import optimizers, regularizers
+from client.nn import activations, losses, optimizers, regularizers
 from client.nn.layers import Activation, BatchNormalization, Dense, Dropout, Flatten, Layer
 from client.nn.model import History, Sequential, load_model
 
 __all__ = [
     "Sequential", "Dense", "Dropout", "BatchNormalization", "Flatten", "Activation", "Layer",
-    "History", "load_model", "optimizers", "regularizers",
+    "History", "load_model", "activations", "losses", "optimizers", "regularizers",
 ]

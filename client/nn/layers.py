@@ -6,6 +6,8 @@ Each layer has ``build(g, input_shape, dtype, rng)`` (creates its variables),
 """
 from __future__ import annotations
 
+import inspect
+
 import numpy as np
 
 from client.nn import activations, initializers, regularizers
@@ -13,17 +15,39 @@ from graph.core import Graph, Tensor
 
 
 class Layer:
+    """The base of every layer. Each takes Keras's base arguments as keywords:
+    ``name``, and (read on a model's first layer) the shape of one example, as
+    ``input_dim=784`` or ``input_shape=(28, 28)``.
+
+    Usage: ``nn.BatchNormalization(input_dim=3)``
+    """
+
     kind = "layer"
 
-    def __init__(self, name: str | None = None, input_dim: int | None = None, input_shape=None):
+    def __init__(self, *, name: str | None = None, input_dim: int | None = None, input_shape=None, **unknown):
+        cls = type(self).__name__
+        if unknown:
+            params = inspect.signature(type(self).__init__).parameters.values()
+            takes = [p.name for p in params if p.name != "self" and p.kind != p.VAR_KEYWORD]
+            takes += [p for p in ("name", "input_dim", "input_shape") if p not in takes]
+            raise TypeError(f"{cls}: unknown argument(s) {', '.join(sorted(unknown))}; it takes {', '.join(takes)}")
         self.name = name
         if input_dim is not None and input_shape is not None:
-            raise ValueError(f"{type(self).__name__}: give input_dim or input_shape, not both")
+            raise ValueError(f"{cls}: give input_dim or input_shape, not both")
         if input_dim is not None:
-            if int(input_dim) <= 0:
-                raise ValueError(f"{type(self).__name__}: input_dim must be a positive integer, got {input_dim!r}")
+            if isinstance(input_dim, bool) or not isinstance(input_dim, (int, np.integer)) or input_dim <= 0:
+                raise ValueError(f"{cls}: input_dim must be a positive integer, got {input_dim!r}")
             input_shape = (int(input_dim),)
-        self.input_shape = None if input_shape is None else tuple(int(d) for d in input_shape)
+        if input_shape is not None:
+            if not isinstance(input_shape, (tuple, list)) or not all(
+                isinstance(d, (int, np.integer)) and not isinstance(d, bool) and d > 0 for d in input_shape
+            ):
+                raise ValueError(
+                    f"{cls}: input_shape must be a tuple of positive integers, one example's shape such as (784,) "
+                    f"or (28, 28), got {input_shape!r}"
+                )
+            input_shape = tuple(int(d) for d in input_shape)
+        self.input_shape = input_shape
         self.weights: list[Tensor] = []  # Keras order
         self.penalties: list[Tensor] = []
         self.logits: Tensor | None = None  # pre-activation output, when a head can fuse it
@@ -44,8 +68,16 @@ class Layer:
         return cfg
 
 
+def _init_config(init, default: str) -> str:
+    """An initializer as a config stores it: an array's values live in the weights."""
+    return init if isinstance(init, str) else default
+
+
 class Dense(Layer):
     """A fully connected layer: ``activation(x @ kernel + bias)``.
+
+    ``activation``: a name, ``nn.activations.LeakyReLU(alpha)`` or a callable on graph
+    tensors (in-process only); the regularizers add their penalties to the loss.
 
     Usage: ``nn.Dense(128, activation="relu", input_dim=784)``
     """
@@ -55,24 +87,24 @@ class Dense(Layer):
     def __init__(
         self,
         units: int,
-        activation: str | None = None,
+        activation=None,
         use_bias: bool = True,
         kernel_initializer="glorot_uniform",
         bias_initializer="zeros",
         kernel_regularizer=None,
-        input_dim: int | None = None,
-        input_shape=None,
-        name: str | None = None,
+        bias_regularizer=None,
+        **kwargs,
     ):
-        super().__init__(name, input_dim, input_shape)
+        super().__init__(**kwargs)
         if not isinstance(units, (int, np.integer)) or units <= 0:
             raise ValueError(f"Dense: units must be a positive integer, got {units!r}")
         self.units = int(units)
-        self.activation = activations.check(activation, f"Dense({units})")
+        self.activation = activations.get(activation, f"Dense({units})")
         self.use_bias = bool(use_bias)
         self.kernel_initializer = kernel_initializer
         self.bias_initializer = bias_initializer
         self.kernel_regularizer = regularizers.get(kernel_regularizer)
+        self.bias_regularizer = regularizers.get(bias_regularizer)
 
     def build(self, g, input_shape, dtype, rng):
         if len(input_shape) != 1:
@@ -81,33 +113,37 @@ class Dense(Layer):
                 f"{', '.join(map(str, input_shape))}); add a Flatten layer first"
             )
         k = initializers.initialize(self.kernel_initializer, (input_shape[0], self.units), dtype, rng, f"layer '{self.name}' kernel")
-        self.weights = [g.variable(k, name=f"{self.name}/kernel")]
+        kernel = g.variable(k, name=f"{self.name}/kernel")
+        self.weights = [kernel]
+        self.penalties = [] if self.kernel_regularizer is None else [self.kernel_regularizer.penalty(g, kernel)]
         if self.use_bias:
             b = initializers.initialize(self.bias_initializer, (self.units,), dtype, rng, f"layer '{self.name}' bias")
-            self.weights.append(g.variable(b, name=f"{self.name}/bias"))
-        if self.kernel_regularizer is not None:
-            self.penalties = [self.kernel_regularizer.penalty(g, self.weights[0])]
+            bias = g.variable(b, name=f"{self.name}/bias")
+            self.weights.append(bias)
+            if self.bias_regularizer is not None:
+                self.penalties.append(self.bias_regularizer.penalty(g, bias))
 
     def call(self, g, x):
         y = g.matmul(x, self.weights[0], name=f"{self.name}/matmul")
         if self.use_bias:
             y = g.add(y, self.weights[1], name=f"{self.name}/bias_add")
         self.logits = y
-        return activations.apply(g, self.activation, y, self.name)
+        return activations.apply(self.activation, y, self.name)
 
     def output_shape(self, input_shape):
         return (self.units,)
 
     def get_config(self):
-        init = lambda i: i if isinstance(i, str) else "glorot_uniform"  # arrays live in the weights
+        reg = lambda r: None if r is None else r.get_config()
         return {
             **super().get_config(),
             "units": self.units,
-            "activation": self.activation,
+            "activation": activations.serialize(self.activation, f"layer '{self.name}'"),
             "use_bias": self.use_bias,
-            "kernel_initializer": init(self.kernel_initializer),
-            "bias_initializer": init(self.bias_initializer),
-            "kernel_regularizer": None if self.kernel_regularizer is None else self.kernel_regularizer.get_config(),
+            "kernel_initializer": _init_config(self.kernel_initializer, "glorot_uniform"),
+            "bias_initializer": _init_config(self.bias_initializer, "zeros"),
+            "kernel_regularizer": reg(self.kernel_regularizer),
+            "bias_regularizer": reg(self.bias_regularizer),
         }
 
 
@@ -117,8 +153,8 @@ class Dropout(Layer):
 
     kind = "dropout"
 
-    def __init__(self, rate: float, seed: int | None = None, name: str | None = None, input_shape=None):
-        super().__init__(name, None, input_shape)
+    def __init__(self, rate: float, seed: int | None = None, **kwargs):
+        super().__init__(**kwargs)
         if not 0.0 <= float(rate) < 1.0:
             raise ValueError(f"Dropout: rate must be in [0, 1), got {rate!r}")
         self.rate = float(rate)
@@ -136,18 +172,41 @@ class Dropout(Layer):
 
 
 class BatchNormalization(Layer):
-    """Batch normalization: batch statistics in training, moving averages at
-    inference; weights are [gamma, beta, moving_mean, moving_variance]."""
+    """Batch normalization, ``gamma * (x - mean) / sqrt(var + epsilon) + beta``: batch
+    statistics in training, moving averages at inference.
+
+    Keras's options: ``center=False`` drops beta (0), ``scale=False`` drops gamma (1);
+    the weights are [gamma, beta, moving_mean, moving_variance], less those dropped.
+
+    Usage: ``nn.BatchNormalization(momentum=0.9, scale=False)``
+    """
 
     kind = "batch_normalization"
 
-    def __init__(self, axis: int = -1, momentum: float = 0.99, epsilon: float = 0.001, name: str | None = None, input_shape=None):
-        super().__init__(name, None, input_shape)
+    def __init__(
+        self,
+        axis: int = -1,
+        momentum: float = 0.99,
+        epsilon: float = 0.001,
+        center: bool = True,
+        scale: bool = True,
+        beta_initializer="zeros",
+        gamma_initializer="ones",
+        moving_mean_initializer="zeros",
+        moving_variance_initializer="ones",
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
         if not 0.0 <= float(momentum) <= 1.0:
             raise ValueError(f"BatchNormalization: momentum must be in [0, 1], got {momentum!r}")
         if float(epsilon) <= 0:
             raise ValueError(f"BatchNormalization: epsilon must be > 0, got {epsilon!r}")
         self.axis, self.momentum, self.epsilon = int(axis), float(momentum), float(epsilon)
+        self.center, self.scale = bool(center), bool(scale)
+        self.beta_initializer, self.gamma_initializer = beta_initializer, gamma_initializer
+        self.moving_mean_initializer = moving_mean_initializer
+        self.moving_variance_initializer = moving_variance_initializer
+        self._inputs: list[Tensor] = []  # gamma, beta, moving_mean, moving_variance of the op
 
     def build(self, g, input_shape, dtype, rng):
         full = (None,) + tuple(input_shape)
@@ -155,18 +214,35 @@ class BatchNormalization(Layer):
         if axis == 0:
             raise ValueError(f"layer '{self.name}': BatchNormalization cannot normalize over the batch axis")
         c = full[axis]
-        self.weights = [
-            g.variable(np.ones(c, dtype), name=f"{self.name}/gamma"),
-            g.variable(np.zeros(c, dtype), name=f"{self.name}/beta"),
-            g.variable(np.zeros(c, dtype), trainable=False, name=f"{self.name}/moving_mean"),
-            g.variable(np.ones(c, dtype), trainable=False, name=f"{self.name}/moving_variance"),
-        ]
+
+        def weight(what, init, trainable=True):
+            value = initializers.initialize(init, (c,), dtype, rng, f"layer '{self.name}' {what}")
+            return g.variable(value, trainable=trainable, name=f"{self.name}/{what}")
+
+        # A dropped gamma or beta is a constant 1 or 0 for the op: no weight, no gradient.
+        gamma = weight("gamma", self.gamma_initializer) if self.scale else g.constant(np.ones(c, dtype), name=f"{self.name}/gamma")
+        beta = weight("beta", self.beta_initializer) if self.center else g.constant(np.zeros(c, dtype), name=f"{self.name}/beta")
+        moving_mean = weight("moving_mean", self.moving_mean_initializer, trainable=False)
+        moving_variance = weight("moving_variance", self.moving_variance_initializer, trainable=False)
+        self._inputs = [gamma, beta, moving_mean, moving_variance]
+        self.weights = [t for t in self._inputs if t.op == "variable"]
 
     def call(self, g, x):
-        return g.batch_norm(x, *self.weights, axis=self.axis, epsilon=self.epsilon, momentum=self.momentum, name=self.name)
+        return g.batch_norm(x, *self._inputs, axis=self.axis, epsilon=self.epsilon, momentum=self.momentum, name=self.name)
 
     def get_config(self):
-        return {**super().get_config(), "axis": self.axis, "momentum": self.momentum, "epsilon": self.epsilon}
+        return {
+            **super().get_config(),
+            "axis": self.axis,
+            "momentum": self.momentum,
+            "epsilon": self.epsilon,
+            "center": self.center,
+            "scale": self.scale,
+            "beta_initializer": _init_config(self.beta_initializer, "zeros"),
+            "gamma_initializer": _init_config(self.gamma_initializer, "ones"),
+            "moving_mean_initializer": _init_config(self.moving_mean_initializer, "zeros"),
+            "moving_variance_initializer": _init_config(self.moving_variance_initializer, "ones"),
+        }
 
 
 class Flatten(Layer):
@@ -182,20 +258,21 @@ class Flatten(Layer):
 
 
 class Activation(Layer):
-    """An activation on its own: ``nn.Activation("relu")``."""
+    """An activation on its own: ``nn.Activation("relu")``, or any activation
+    ``Dense`` takes (``nn.Activation(nn.activations.LeakyReLU(0.1))``)."""
 
     kind = "activation"
 
-    def __init__(self, activation: str, name: str | None = None, input_shape=None):
-        super().__init__(name, None, input_shape)
-        self.activation = activations.check(activation, "Activation")
+    def __init__(self, activation, **kwargs):
+        super().__init__(**kwargs)
+        self.activation = activations.get(activation, "Activation")
 
     def call(self, g, x):
         self.logits = x
-        return activations.apply(g, self.activation, x, self.name)
+        return activations.apply(self.activation, x, self.name)
 
     def get_config(self):
-        return {**super().get_config(), "activation": self.activation}
+        return {**super().get_config(), "activation": activations.serialize(self.activation, f"layer '{self.name}'")}
 
 
 LAYERS = {c.__name__: c for c in (Dense, Dropout, BatchNormalization, Flatten, Activation)}

@@ -21,11 +21,13 @@ from typing import Sequence
 
 import numpy as np
 
+from client.nn import activations, losses, optimizers
 from client.nn import layers as layers_mod
-from client.nn import losses, optimizers
 from client.progress import ProgressBar, write_epoch_header
 from graph.core import Graph
+from graph.registry import RunContext
 from pstrain.runtime import metrics as metrics_mod
+from pstrain.runtime.executor import Executor
 from pstrain.runtime.loop import Callback, EpochTotals, Schedule, TrainingLoop
 from pstrain.runtime.modelfile import FORMAT, read_model, write_model
 from pstrain.runtime.optimizers import Optimizer
@@ -64,21 +66,37 @@ class Sequential:
         self.seed = int(seed) if seed is not None else int(np.random.SeedSequence().entropy % (2**31))
         self.device = device
         self.name = name
-        self._plan: TrainPlan | None = None
-        self._store: ParameterStore | None = None
+        self._input_shape: tuple | None = None  # set by build
+        self._predictor: Executor | None = None  # the forward pass, compiled or not
+        self._store: ParameterStore | None = None  # every weight, from build on
+        self._plan: TrainPlan | None = None  # loss and gradients: built and compiled
         self._runner: StepRunner | None = None
         self._loop: TrainingLoop | None = None
         self._compiled: dict | None = None
         self._step = 0
         for layer in layers:
-            self.add(layer)
+            self._append(layer)
+        if self.layers and self.layers[0].input_shape is not None:
+            self.build(self.layers[0].input_shape)  # the input shape is known: built, as in Keras
 
     # ---- building -----------------------------------------------------------------
     def add(self, layer: layers_mod.Layer) -> None:
+        """Append a layer; the model is built as soon as its input shape is known
+        (the first layer's ``input_dim``/``input_shape``), and a built model is built
+        again with the new layer, keeping the weights it has."""
+        self._append(layer)
+        shape = self._input_shape or self.layers[0].input_shape
+        if shape is None:
+            return
+        try:
+            self.build(shape)
+        except Exception:
+            self.layers.pop()  # a layer that does not fit leaves the model as it was
+            raise
+
+    def _append(self, layer: layers_mod.Layer) -> None:
         if not isinstance(layer, layers_mod.Layer):
             raise TypeError(f"Sequential.add takes a layer (e.g. nn.Dense), got {type(layer).__name__}")
-        if self._plan is not None:
-            raise RuntimeError("cannot add layers after the model is built")
         counts = sum(1 for l in self.layers if l.kind == layer.kind)
         if layer.name is None:
             layer.name = layer.kind if counts == 0 else f"{layer.kind}_{counts}"
@@ -87,27 +105,37 @@ class Sequential:
         self.layers.append(layer)
 
     def compile(self, optimizer="sgd", loss="mse", metrics=None) -> None:
-        """Choose optimizer (name or nn.optimizers.*), loss (Keras name) and metrics."""
-        self._compiled = {
+        """Choose optimizer (name or nn.optimizers.*), loss (Keras name, or a callable
+        ``loss(y_true, y_pred)`` on graph tensors: see nn.losses) and metrics.
+        A built model keeps its weights, as in Keras."""
+        compiled = {
             "optimizer": optimizers.get(optimizer),
-            "loss": losses.check(loss),
+            "loss": losses.get(loss),
             "metrics": metrics_mod.check(metrics),
         }
-        self._plan = self._store = self._runner = self._loop = None
-        if self.layers and self.layers[0].input_shape is not None:
-            self.build(self.layers[0].input_shape)
+        before, self._compiled = self._compiled, compiled
+        try:
+            if self.built:
+                self.build(self._input_shape)
+        except Exception:
+            self._compiled = before  # a loss that does not build leaves the model as it was
+            raise
 
     @property
     def built(self) -> bool:
-        return self._plan is not None
+        """Whether the input shape is known (the first layer's ``input_dim``/``input_shape``,
+        ``build``, or a first fit/predict), as Keras's ``built``: the weights exist and
+        ``predict`` works, compiled or not."""
+        return self._input_shape is not None
 
     def build(self, input_shape: tuple) -> None:
-        """Lower the model to a graph for inputs of shape (batch, *input_shape)."""
+        """Lower the model to a graph for inputs of shape (batch, *input_shape): the
+        forward pass (all predict needs), and once compiled the loss and its gradients.
+        Building again (compile after build) keeps the current weights."""
         if not self.layers:
             raise ValueError("the model has no layers; add some before building")
-        if self._compiled is None:
-            raise RuntimeError("compile the model (model.compile(optimizer, loss)) before using it")
         input_shape = tuple(int(d) for d in input_shape)
+        kept = self._host_parameters() if input_shape == self._input_shape else {}
         g = Graph()
         rng = np.random.default_rng(self.seed)
         x = g.placeholder((None,) + input_shape, self.dtype, name="x")
@@ -116,34 +144,54 @@ class Sequential:
             layer.build(g, shape, self.dtype, rng)
             h = layer.call(g, h)
             shape = layer.output_shape(shape)
-        loss_name = self._compiled["loss"]
+        for name, value in kept.items():
+            if name in g.initial_values and g.initial_values[name].shape == value.shape:
+                g.initial_values[name] = value
+        predictor = Executor(g, [h], self.device)
+        backend = predictor.backend
+        plan = runner = loop = None
+        if self._compiled is None:
+            # Nothing is trainable before compile, so this store takes no gradient and
+            # its optimizer never runs; compile builds the real one.
+            store = ParameterStore(g.initial_values, set(), Optimizer("sgd", backend))
+        else:
+            plan = build_train_plan(g, self._total_loss(g, h), h, features="x", labels="y")
+            runner = StepRunner(plan, backend=backend)
+            store = ParameterStore(g.initial_values, set(plan.grads), Optimizer(self._compiled["optimizer"], backend))
+            accuracy_of = losses.accuracy_rule(self._compiled["loss"], h.shape) if self._compiled["metrics"] else None
+            # Fancy indexing (no reused batch buffers) is the faster gather for fit's batches.
+            loop = TrainingLoop(runner, LocalParameterClient(store), seed=self.seed, accuracy_of=accuracy_of,
+                                reuse_batch_buffers=False)
+            loop.pull()
+        self._predictor, self._store, self._plan, self._runner, self._loop = predictor, store, plan, runner, loop
+        self._input_shape = input_shape
+
+    def _total_loss(self, g: Graph, h):
+        """The data loss on the labels placeholder ``y``, plus every layer's penalties."""
+        loss = self._compiled["loss"]
         head = self.layers[-1]
+        fused = losses.FUSED_HEAD.get(loss) if isinstance(loss, str) else None
         head_act = getattr(head, "activation", None)
-        logits = head.logits if losses.FUSED_HEAD.get(loss_name) == head_act else None
-        label_shape, label_dtype = losses.label_spec(loss_name, h.shape, self.dtype)
+        logits = head.logits if fused is not None and activations.name_of(head_act) == fused else None
+        label_shape, label_dtype = losses.label_spec(loss, h.shape, self.dtype)
         y = g.placeholder(label_shape, label_dtype, name="y")
-        total = losses.build(g, loss_name, h, logits, y)
+        total = losses.build(g, loss, h, logits, y)
         for layer in self.layers:
             for p in layer.penalties:
                 total = g.add(total, p, name="total_loss")
-        self._plan = build_train_plan(g, total, h, features="x", labels="y")
-        backend_runner = StepRunner(self._plan, backend=self.device)
-        self._runner = backend_runner
-        trainable = set(self._plan.grads)
-        self._store = ParameterStore(
-            g.initial_values, trainable, Optimizer(self._compiled["optimizer"], backend_runner.backend)
-        )
-        # Fancy indexing (no reused batch buffers) is the faster gather for fit's batches.
-        self._loop = TrainingLoop(backend_runner, LocalParameterClient(self._store), seed=self.seed,
-                                  accuracy_of=loss_name if self._compiled["metrics"] else None,
-                                  reuse_batch_buffers=False)
-        self._loop.pull()
-        self._input_shape = input_shape
+        return total
+
+    def _require_compiled(self, what: str) -> None:
+        if self._compiled is None:
+            raise RuntimeError(
+                f"model '{self.name}' is not compiled: call model.compile(optimizer, loss) before {what} "
+                "(predict works without it)"
+            )
 
     def _ensure_built(self, x: np.ndarray) -> None:
-        if self._plan is None:
+        if not self.built:
             self.build(x.shape[1:])
-        elif tuple(x.shape[1:]) != self._input_shape:
+        if tuple(x.shape[1:]) != self._input_shape:
             raise ValueError(
                 f"model '{self.name}' expects inputs of shape (batch, {', '.join(map(str, self._input_shape))}), "
                 f"got {tuple(x.shape)}"
@@ -171,11 +219,17 @@ class Sequential:
             y = np.asarray(y, dtype=node.dtype)
             if y.ndim == 1 and len(node.shape) == 2 and node.shape[1] == 1:
                 y = y.reshape(-1, 1)
+            if y.shape[1:] != tuple(node.shape[1:]):
+                raise ValueError(
+                    f"labels have shape {y.shape}; model '{self.name}' needs (batch, {', '.join(map(str, node.shape[1:]))}), "
+                    "the shape of its output"
+                )
         return x, np.ascontiguousarray(y)
 
     # ---- training --------------------------------------------------------------------------
     def train_on_batch(self, x, y) -> float | list[float]:
         """One optimizer step on one batch; returns the loss (and metrics, if compiled with any)."""
+        self._require_compiled("train_on_batch")
         x, y = self._prep(x, y)
         loss, correct = self._train_batch(x, y)
         if self._compiled["metrics"]:
@@ -193,8 +247,10 @@ class Sequential:
         training on a pstrain cluster (sync mode) and loads the trained weights back."""
         if int(batch_size) <= 0 or int(epochs) < 0:
             raise ValueError(f"batch_size must be >= 1 and epochs >= 0, got {batch_size}, {epochs}")
+        self._require_compiled("fit")
         x, y = self._prep(x, y)
         if cluster is not None:
+            self.get_config()  # the cluster gets the model as its config: a callable in it fails here, named
             from client.remote import fit_on_cluster
 
             if validation_data is not None:
@@ -216,6 +272,7 @@ class Sequential:
     # ---- inference -------------------------------------------------------------------------
     def evaluate(self, x, y, batch_size: int = 256, verbose: int = 0, return_dict: bool = False):
         """Loss (and metrics) over a dataset, in inference mode."""
+        self._require_compiled("evaluate")
         x, y = self._prep(x, y)
         loss, accuracy = self._loop.evaluate(x, y, batch_size)
         logs = {"loss": loss, "accuracy": accuracy} if self._compiled["metrics"] else {"loss": loss}
@@ -226,23 +283,30 @@ class Sequential:
         return list(logs.values()) if len(logs) > 1 else logs["loss"]
 
     def predict(self, x, batch_size: int = 256) -> np.ndarray:
-        """Model outputs for ``x`` (probabilities for a softmax head)."""
+        """Model outputs for ``x`` (probabilities for a softmax head), in inference
+        mode; a built model need not be compiled for this."""
         x, _ = self._prep(x)
         params = self._store.pull()
         if len(x) == 0:
-            out_shape = self._plan.graph.nodes[self._plan.prediction].shape[1:]
+            out_shape = self._predictor.graph.nodes[self._predictor.fetches[0]].shape[1:]
             return np.empty((0,) + tuple(out_shape), self.dtype)
-        return np.concatenate(
-            [self._runner.predict_step(x[s : s + batch_size], params).copy() for s in range(0, len(x), batch_size)]
-        )
+        return np.concatenate([self._predict_batch(x[s : s + batch_size], params) for s in range(0, len(x), batch_size)])
+
+    def _predict_batch(self, x: np.ndarray, params) -> np.ndarray:
+        (out,) = self._predictor.run({"x": x}, params, RunContext(training=False)).values
+        return np.array(self._predictor.backend.to_host(out), copy=True)
 
     # ---- weights -------------------------------------------------------------------------------
     def _weight_names(self) -> list[str]:
         self._require_built()
         return [w.name for layer in self.layers for w in layer.weights]
 
+    def _host_parameters(self) -> dict[str, np.ndarray]:
+        """Copies of every variable's current value, by name."""
+        return {n: np.array(self._store.backend.to_host(v), copy=True) for n, v in self._store.pull().items()}
+
     def _require_built(self):
-        if self._plan is None:
+        if not self.built:
             raise RuntimeError("the model is not built yet: give the first layer input_dim= or call fit/build")
 
     def get_weights(self) -> list[np.ndarray]:
@@ -264,7 +328,9 @@ class Sequential:
 
     @property
     def trainable_weights_names(self) -> list[str]:
-        return list(self._plan.grads)
+        self._require_built()
+        graph = self._predictor.graph
+        return [w.name for layer in self.layers for w in layer.weights if graph.nodes[w.name].attrs["trainable"]]
 
     def summary(self) -> str:
         self._require_built()
@@ -282,18 +348,20 @@ class Sequential:
 
     # ---- saving ------------------------------------------------------------------------------------
     def get_config(self) -> dict:
+        """The model as JSON-able values (save, clusters); ValueError, naming it, for
+        a callable activation or loss, which works in this process only."""
         return {
             "format": FORMAT,
             "name": self.name,
             "dtype": str(self.dtype),
             "seed": self.seed,
-            "input_shape": list(self._input_shape) if self._plan is not None else None,
+            "input_shape": list(self._input_shape) if self.built else None,
             "layers": [l.get_config() for l in self.layers],
             "compile": None
             if self._compiled is None
             else {
                 "optimizer": self._compiled["optimizer"].get_config(),
-                "loss": self._compiled["loss"],
+                "loss": losses.serialize(self._compiled["loss"]),
                 "metrics": self._compiled["metrics"],
             },
         }
@@ -340,8 +408,9 @@ def load_model(path: str | os.PathLike, device: str = "cpu") -> Sequential:
     """Load a model written by ``model.save`` (or ``psctl export``)."""
     config, weights = read_model(path)
     model = Sequential([layers_mod.from_config(c) for c in config["layers"]], dtype=config["dtype"], seed=config["seed"], device=device, name=config["name"])
-    comp = config["compile"] or {"optimizer": "sgd", "loss": "mse", "metrics": []}
-    model.compile(optimizers.get(comp["optimizer"]), comp["loss"], comp["metrics"])
+    comp = config["compile"]
+    if comp is not None:  # a model saved uncompiled loads uncompiled, as in Keras
+        model.compile(optimizers.get(comp["optimizer"]), comp["loss"], comp["metrics"])
     if not model.built:
         model.build(tuple(config["input_shape"]))
     model.set_weights(weights)

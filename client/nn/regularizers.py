@@ -1,8 +1,9 @@
-"""Weight penalties (applied to kernels only, never to biases), Keras names.
+"""Weight penalties, Keras names: a Dense layer's kernel_regularizer and
+bias_regularizer add them to the loss (a bias is penalized only when asked).
 
 Usage::
 
-    nn.Dense(64, kernel_regularizer=nn.regularizers.L2(1e-4))
+    nn.Dense(64, kernel_regularizer=nn.regularizers.L2(1e-4), bias_regularizer=nn.regularizers.L1(1e-5))
 """
 from __future__ import annotations
 
