@@ -1,5 +1,5 @@
-"""pstrain: the shared layers under the role packages, and (with the eager-API issue)
-the public front door ``import pstrain as pt``.
+"""pstrain: the shared layers under the role packages, and the public front door
+``import pstrain as pt`` (the eager API).
 
 The layers, top to bottom; imports point down only (import-linter contracts in
 pyproject.toml, run by ``make test``)::
@@ -7,14 +7,15 @@ pyproject.toml, run by ``make test``)::
     client                         Keras API, job files, psctl, launchers
     master | psserver | worker     services: gRPC edge <-> plain types; independent of each other
     pstrain.transport              clients of the services (PS client, master client, membership)
-    protos                         wire format: .proto, codec, tensor frames, shared memory, rpc helpers
+    protos | pstrain.eager         wire format: .proto, codec, frames, shared memory, rpc helpers | eager tensors, tape
     pstrain.runtime                core: plan, executor, step, optimizers, store, placement, data, model file
     pstrain.kernels                kernel backends (reference | cpu | cuda) behind one interface
     graph                          graph IR, op registry, autodiff
 
 This module itself stays import-free so that importing any layer below does not
 load the ones above it; the eager API (``pt.constant``, ``pt.GradientTape``, ...,
-in ``pstrain/eager.py``, which needs only the graph IR) loads on first use.
+in ``pstrain/eager.py``: the graph IR, and the runtime's executor for pt.function) loads
+on first use.
 """
 
 _EAGER = frozenset({
