@@ -38,6 +38,7 @@ class WorkerNode:
         self.metrics = WorkerMetrics()
         self.membership = NodeMembership(config.master, "worker", name=config.name, on_response=self._on_heartbeat)
         self._running: dict[tuple[str, int], tuple[SlotRef, threading.Event, threading.Thread]] = {}
+        self._release_on_start: dict[tuple[str, int], int] = {}  # (job, slot) -> owner epoch asked back early
 
     def _cancel_event(self, job: str) -> threading.Event:
         with self.lock:
@@ -55,9 +56,12 @@ class WorkerNode:
         for slot in resp.release:
             with self.lock:
                 running = self._running.get((slot.job, slot.worker))
-            if running is not None and running[0].owner_epoch == slot.owner_epoch:
-                log.info("job %s: releasing worker slot %d after its current step", slot.job, slot.worker)
-                running[1].set()
+                if running is None or running[0].owner_epoch != slot.owner_epoch:
+                    # Asked back before its task started (it is still queued): release it on start.
+                    self._release_on_start[(slot.job, slot.worker)] = slot.owner_epoch
+                    continue
+            log.info("job %s: releasing worker slot %d after its current step", slot.job, slot.worker)
+            running[1].set()
 
     def cancel_all(self) -> None:
         """Stop every running task (the process is shutting down)."""
@@ -100,6 +104,10 @@ class WorkerNode:
         slot = SlotRef(task.job, task.worker_index, task.owner_epoch)
         released = threading.Event()
         with self.lock:
+            if self._release_on_start.pop(key, None) == task.owner_epoch:
+                log.info("job %s: worker slot %d was asked back before it started; releasing it at once",
+                         task.job, task.worker_index)
+                released.set()
             old = self._running.get(key)
             if old is not None:  # an older assignment of the same slot still winding down
                 old[1].set()
