@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import tempfile
 from dataclasses import dataclass
 
@@ -50,6 +51,7 @@ def ray_head(tmp_path_factory):
 
             ray.shutdown()
         stop_head(pid)
+        shutil.rmtree(temp_dir, ignore_errors=True)  # Ray's session logs and sockets
         for k, v in saved.items():
             if v is None:
                 os.environ.pop(k, None)

@@ -289,6 +289,7 @@ def test_ray_job_submit_runs_psctl_train_on_an_existing_cluster(ray_head, tmp_pa
     --working-dir DIR -- psctl train job.py --launcher ray --ray-address auto`` trains
     the job on that cluster and the Ray job SUCCEEDS. The head is then stopped by its
     process group: ``ray stop`` would also stop the test run's shared head."""
+    import shutil
     import subprocess
     import sys
     import tempfile
@@ -302,9 +303,9 @@ def test_ray_job_submit_runs_psctl_train_on_an_existing_cluster(ray_head, tmp_pa
     bin_dir = os.path.dirname(sys.executable)
     monkeypatch.setenv("PATH", bin_dir + os.pathsep + os.environ.get("PATH", ""))
     port = _free_port()
+    temp_dir = tempfile.mkdtemp(prefix="pst-rj-", dir="/tmp")
     with services_environment():
-        address, pid = start_head(str(tmp_path / "head.log"), tempfile.mkdtemp(prefix="pst-rj-", dir="/tmp"),
-                                  num_cpus=2, timeout=120, dashboard_port=port)
+        address, pid = start_head(str(tmp_path / "head.log"), temp_dir, num_cpus=2, timeout=120, dashboard_port=port)
     try:
         env = service_env(tmp_path / "home")
         cmd = [os.path.join(bin_dir, "ray"), "job", "submit", "--address", f"http://127.0.0.1:{port}",
@@ -322,6 +323,7 @@ def test_ray_job_submit_runs_psctl_train_on_an_existing_cluster(ray_head, tmp_pa
         assert "SUCCEEDED" in text and "test: " in text, text[-4000:]
     finally:
         stop_head(pid)
+        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def test_psctl_up_without_an_address_starts_a_private_head_and_down_stops_it(ray_head, tmp_path):
