@@ -110,13 +110,8 @@ class GraphModel:
                 g.nodes[node.name].attrs["trainable"] = False
         pred = None
         if prediction_fn is not None:
-            from pstrain import eager
-
-            eager._local.trace, before = trace, eager._trace()
-            try:
+            with trace.active():
                 pred = trace.lift(prediction_fn(g.tensor(names[0])))
-            finally:
-                eager._local.trace = before
         return cls(g, out.name, names[0], names[1], prediction=pred.name if pred is not None else None, **kw)
 
     # -- what the master and the exports need ----------------------------------------------------

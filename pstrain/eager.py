@@ -25,6 +25,8 @@ Usage::
 """
 from __future__ import annotations
 
+import contextlib
+import copy
 import threading
 import types
 from typing import Any, Callable, Sequence
@@ -32,6 +34,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from graph import dtypes
+from graph.autodiff import gradients
 from graph.core import Graph
 from graph.core import Tensor as GraphTensor
 from graph.errors import DTypeError, GraphError
@@ -373,18 +376,12 @@ class GradientTape:
         out: list[Tensor | None] = [None] * len(sources)
         if not wanted:
             return out
-        grads = gradients_of(nodes[id(target)], [n for _, n in wanted])
+        grads = gradients(nodes[id(target)], [n for _, n in wanted])
         fetch = [(i, d) for (i, _), d in zip(wanted, grads) if d is not None]
         values = evaluate(g, [d for _, d in fetch], feeds=feeds, known=known) if fetch else []
         for (i, _), v in zip(fetch, values):
             out[i] = Tensor(v)
         return out
-
-
-def gradients_of(y: GraphTensor, xs: list[GraphTensor]):
-    from graph.autodiff import gradients
-
-    return gradients(y, xs)
 
 
 # ---- pt.function -----------------------------------------------------------------------------------------
@@ -395,6 +392,15 @@ class _Trace:
     def __init__(self):
         self.graph = Graph()
         self.variables: dict[int, tuple[Variable, GraphTensor]] = {}
+
+    @contextlib.contextmanager
+    def active(self):
+        """While in the block, pt ops build nodes of this trace's graph instead of running."""
+        _local.trace, before = self, _trace()
+        try:
+            yield self
+        finally:
+            _local.trace = before
 
     def lift(self, x) -> GraphTensor | Any:
         if isinstance(x, GraphTensor) or _scalar(x):
@@ -441,11 +447,8 @@ class Function:
                 shape = (None,) + a.shape[1:] if a.ndim else ()
                 params.append(trace.graph.placeholder(shape, a.dtype.name, name=f"arg{i}"))
                 names.append(params[-1].name)
-            _local.trace, before = trace, _trace()
-            try:
+            with trace.active():
                 outputs = self.fn(*params)
-            finally:
-                _local.trace = before
             self._cache[key] = (trace, names, outputs)
         return self._cache[key]
 
@@ -497,9 +500,7 @@ class _CompiledCall:
     compiled once (an Executor on the CPU kernels, fused where it can)."""
 
     def __init__(self, trace: "_Trace", names: list[str], output: GraphTensor):
-        import copy
 
-        from graph.autodiff import gradients
         from pstrain.runtime.executor import Executor
 
         self.trace, self.names, self.output = trace, names, output.name

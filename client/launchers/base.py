@@ -234,6 +234,11 @@ def tail(path: str, lines: int = 20) -> str:
     return "\n".join(data.splitlines()[-lines:])
 
 
+def indented_tail(path: str, lines: int = 20, empty: str = "(the log is empty)") -> str:
+    """The last ``lines`` lines of a log, indented for an error message."""
+    return "\n".join("    " + line for line in (tail(path, lines) or empty).splitlines())
+
+
 def describe_exit(role: str, index: int, pid: int, code: int | None, log_path: str, lines: int = 20) -> str:
     """A user-facing message for a service that died, with the tail of its log."""
     if code is None:
@@ -242,8 +247,7 @@ def describe_exit(role: str, index: int, pid: int, code: int | None, log_path: s
         how = f"was killed by signal {-code}"
     else:
         how = f"exited with code {code}"
-    text = tail(log_path, lines) or "(the log is empty)"
-    indented = "\n".join("    " + line for line in text.splitlines())
+    indented = indented_tail(log_path, lines)
     return f"{role}-{index} (pid {pid}) {how}; last lines of {log_path}:\n{indented}"
 
 
@@ -360,7 +364,7 @@ class Launcher(abc.ABC):
                 if time.monotonic() > deadline:
                     lacking = [r for r, want in (("ps", spec.ps), ("worker", spec.workers)) if counts[r] < want]
                     tails = "\n".join(
-                        f"  {role}-{i} ({log_path}):\n" + "\n".join("    " + l for l in (tail(log_path, 10) or "(empty)").splitlines())
+                        f"  {role}-{i} ({log_path}):\n" + indented_tail(log_path, 10, "(empty)")
                         for role, i, _, log_path in handle.processes() if role in lacking or role == "master"
                     )
                     raise ClusterError(

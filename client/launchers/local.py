@@ -33,6 +33,7 @@ from client.launchers.base import (
     Launcher,
     ProcessStatus,
     describe_exit,
+    indented_tail,
     remove_handle,
     tail,
     write_handle,
@@ -269,7 +270,7 @@ class LocalProcessLauncher(Launcher):
                 return connectable(address)
             self.check_alive(handle)
             if time.monotonic() > deadline:
-                text = "\n".join("    " + line for line in (tail(log_path) or "(the log is empty)").splitlines())
+                text = indented_tail(log_path)
                 raise ClusterError(
                     f"the master did not print '{READY_PREFIX} master HOST:PORT' within "
                     f"{self.start_timeout:.0f}s; last lines of {log_path}:\n{text}"

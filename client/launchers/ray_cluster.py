@@ -50,6 +50,7 @@ from client.launchers.base import (
     ClusterSpec,
     Launcher,
     ProcessStatus,
+    indented_tail,
     remove_handle,
     tail,
     write_handle,
@@ -205,8 +206,7 @@ def start_head(log_path: str, temp_dir: str, num_cpus: float, num_gpus: int = 0,
         time.sleep(0.2)
     how = f"exited with code {proc.returncode}" if proc.poll() is not None else f"did not start within {timeout:.0f}s"
     stop_head(proc.pid)
-    raise ClusterError(f"the local Ray head {how}; last lines of {log_path}:\n"
-                       + "\n".join("    " + line for line in (tail(log_path) or "(empty)").splitlines()))
+    raise ClusterError(f"the local Ray head {how}; last lines of {log_path}:\n" + indented_tail(log_path, empty="(empty)"))
 
 
 def stop_head(pid: int) -> None:
@@ -245,6 +245,11 @@ def connect(address: str, namespace: str):
     except (ConnectionError, RuntimeError, ValueError) as exc:
         raise ClusterError(f"cannot connect to the Ray cluster at {address!r}: {exc}") from None
     return ray
+
+
+def connect_to(handle: ClusterHandle):
+    """Connect to the Ray cluster and namespace a handle records."""
+    return connect(handle.backend["ray_address"], handle.backend.get("namespace", DEFAULT_NAMESPACE))
 
 
 # ---- the launcher ------------------------------------------------------------------------------------------
@@ -333,10 +338,11 @@ class RayLauncher(Launcher):
             address = self.ray_address
             if address is None:
                 temp_dir = os.path.join(tempfile.gettempdir(), f"pstrain-ray-{cluster}")  # short: Ray's socket paths
-                need = sum(res.get("CPU", 0.0) for _, res in self.bundles(spec))
-                gpus = int(max((res.get("GPU", 0.0) for _, res in self.bundles(spec)), default=0) * spec.workers + 0.999)
+                bundles = [res for _, res in self.bundles(spec)]
+                need = {k: sum(res.get(k, 0.0) for res in bundles) for k in ("CPU", "GPU")}
                 address, pid = start_head(os.path.join(spec.log_dir, "ray-head.log"), temp_dir,
-                                          max(need, os.cpu_count() or 1), gpus, timeout=max(10.0, self.start_timeout))
+                                          max(need["CPU"], os.cpu_count() or 1), int(need["GPU"] + 0.999),
+                                          timeout=max(10.0, self.start_timeout))
                 handle.backend.update(ray_address=address, head_pid=pid, head_temp_dir=temp_dir)
                 write_handle(handle)  # from here on, `psctl down` can clean up whatever happens
             ray = connect(address, self.namespace)
@@ -383,7 +389,7 @@ class RayLauncher(Launcher):
     def _unplaceable(self, ray, bundles: list[tuple[str, dict[str, float]]]) -> str:
         """Which bundles no node can hold, against each node's total resources."""
         nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
-        have = "; ".join(", ".join(f"{k} {v:g}" for k, v in sorted(r.items()) if k in ("CPU", "GPU", "memory") and k != "memory")
+        have = "; ".join(", ".join(f"{k} {v:g}" for k, v in sorted(r.items()) if k in ("CPU", "GPU"))
                          for r in nodes) or "none alive"
         misfits = [f"{label} {res}" for label, res in bundles
                    if not any(all(node.get(k, 0.0) >= v for k, v in res.items()) for node in nodes)]
@@ -404,7 +410,8 @@ class RayLauncher(Launcher):
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
         spec = handle.spec
-        res = self.bundles(spec)[min(bundle, len(self.bundles(spec)) - 1)][1]
+        bundles = self.bundles(spec)
+        res = bundles[min(bundle, len(bundles) - 1)][1]
         if self._loopback(handle):  # this machine only: split its cores as the local launcher does
             env = thread_env(role, spec.workers)
         else:  # a node of a cluster: a worker's threads are the CPUs Ray gave it
@@ -445,7 +452,7 @@ class RayLauncher(Launcher):
         self.cpus = {**self.cpus, **options.get("cpus", {})}
         self.worker_gpus = options.get("worker_gpus", self.worker_gpus)
         self.max_restarts = options.get("max_restarts", self.max_restarts)
-        ray = connect(b["ray_address"], b.get("namespace", DEFAULT_NAMESPACE))
+        ray = connect_to(handle)
         removed = set(b.setdefault("removed_workers", []))  # indices psctl scale stopped
         live = [i for i in range(len(handle.pids.get("worker", []))) if i not in removed]
         lines = []
@@ -552,7 +559,7 @@ class RayLauncher(Launcher):
         stuck = []
         if b.get("ray_address"):
             try:
-                ray = connect(b["ray_address"], b.get("namespace", DEFAULT_NAMESPACE))
+                ray = connect_to(handle)
             except ClusterError as exc:
                 if not b.get("head_pid"):
                     raise
@@ -599,7 +606,7 @@ class RayLauncher(Launcher):
         if b.get("head_pid") and not pid_alive(int(b["head_pid"])):
             return dead
         try:
-            ray = connect(b["ray_address"], b.get("namespace", DEFAULT_NAMESPACE))
+            ray = connect_to(handle)
         except (ClusterError, KeyError):
             return dead
         from ray.exceptions import ActorDiedError
@@ -620,7 +627,7 @@ class RayLauncher(Launcher):
 
     def describe(self, handle: ClusterHandle) -> list[dict]:
         """Every live actor's :meth:`ServiceHost.info` (node, pid, addresses, CUDA devices)."""
-        ray = connect(handle.backend["ray_address"], handle.backend.get("namespace", DEFAULT_NAMESPACE))
+        ray = connect_to(handle)
         out = []
         for _, _, actor in self._actors(ray, handle):
             if actor is not None:
