@@ -98,6 +98,11 @@ class GraphModel:
         trace, names, out = traced.trace(x, y)
         if isinstance(out, (list, tuple)) or not isinstance(out, GraphTensor):
             raise TypeError(f"the loss function must return one scalar tensor, got {type(out).__name__}")
+        if trace.assigns or trace.tapes:
+            what = (f"assigns variable(s) {', '.join(v.name for v, _, _ in trace.assigns.values())}"
+                    if trace.assigns else "opens a GradientTape")
+            raise ValueError(f"the loss function {what}: a job's loss function only computes the loss "
+                             "(the master adds the backward pass, the shards apply the optimizer)")
         g = trace.graph
         read = {id(v) for v, _ in trace.variables.values()}
         unread = [getattr(v, "name", repr(v)) for v in variables if id(v) not in read]

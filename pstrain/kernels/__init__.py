@@ -10,7 +10,8 @@ A backend provides:
   the preallocated ``out``, or ``None`` when the backend has no kernel of its own
   for that op (the executor then falls back to the NumPy reference);
 - ``fused(pattern, **attrs)``: fused kernels the executor's fusion pass asks for
-  (``"dense"`` = matmul + bias + activation), or ``None``;
+  (``"dense"`` = matmul + bias + activation; ``"axpy"`` = ``a ± b * c``, c a scalar:
+  ``k(ctx, out, a, b, c)``, attr ``negate``), or ``None``;
 - ``optimizer_kernels()``: in-place ``sgd(param, grad, velocity, lr, momentum)`` and
   ``adam(param, grad, m, v, lr, beta1, beta2, eps, t)`` updates.
 

@@ -13,6 +13,7 @@ import math
 import numpy as np
 from numba import njit
 
+from graph.ops._util import norm_axes
 from pstrain.kernels.reference import ReferenceBackend
 
 # Activation codes for the fused dense kernel.
@@ -95,6 +96,15 @@ def leaky_relu_grad(dy, x, alpha, out):
 
 
 # ---- reductions ----------------------------------------------------------------------
+@njit(cache=True)
+def axpy(a, b, alpha, out):
+    """out = a + alpha * b, elementwise over same-shaped C-contiguous arrays: one pass
+    (a traced ``v - lr * g`` update). Rounds as ``add(a, mul(b, alpha))`` does."""
+    af, bf, of = a.ravel(), b.ravel(), out.ravel()
+    for i in range(of.size):
+        of[i] = af[i] + alpha * bf[i]
+
+
 @njit(cache=True)
 def column_sum(x, out):
     """out[j] = sum_i x[i, j]  (the bias gradient)."""
@@ -291,6 +301,22 @@ def _reduce(fn):
     return factory
 
 
+def _unreduce(node):
+    """A reduction's gradient broadcast back: the reference's copy and division, with
+    the shapes worked out once."""
+    a = node.attrs
+    axes = norm_axes(a["axis"], len(node.shape), node.name, "unreduce")
+    kept = tuple(1 if i in axes else d for i, d in enumerate(node.shape))
+    count = max(int(np.prod([node.shape[i] for i in axes])) if axes else 1, 1)
+
+    def k(ctx, out, dy, x):
+        np.copyto(out, dy.reshape(kept))
+        if a["mean"]:
+            np.true_divide(out, out.dtype.type(count), out=out)
+
+    return k
+
+
 def _sparse_ce(grad: bool):
     def factory(node):
         if not node.attrs["from_logits"]:
@@ -337,6 +363,7 @@ _KERNELS = {
     "leaky_relu": _with_alpha(leaky_relu),
     "leaky_relu_grad": _with_alpha(leaky_relu_grad),
     "sum_to": _sum_to,
+    "unreduce": _unreduce,
     "reduce_sum": _reduce(np.sum),
     "reduce_mean": _reduce(np.mean),
     "softmax": _softmax,
@@ -356,6 +383,15 @@ class CpuBackend(ReferenceBackend):
         return k if k is not None else super().kernel(node)
 
     def fused(self, pattern, **attrs):
+        if pattern == "axpy":
+            negate = attrs.get("negate", False)
+
+            def k(ctx, out, a, b, c):
+                # -(c * b) is exactly -c * b, and a + -(x) exactly a - x: sub(a, mul(b, c))'s bits
+                alpha = out.dtype.type(-c if negate else c)
+                axpy(np.ascontiguousarray(a), np.ascontiguousarray(b), alpha, out)
+
+            return k
         if pattern != "dense" or attrs.get("act") not in ACTIVATIONS:
             return None
         act = ACTIVATIONS[attrs["act"]]

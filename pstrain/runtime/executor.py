@@ -11,7 +11,9 @@ Usage::
     loss_v, dw_v = ex.run({"x": xb, "y": yb}, params, RunContext(step=3)).values
 
 Returned arrays are the executor's own buffers, overwritten by the next ``run``:
-copy what you keep.
+copy what you keep; or build it with ``own_fetches=True`` and every fetched value is
+a new array each run, the caller's to keep (a kernel writes it where it would have
+written the buffer, so this costs no copy).
 """
 from __future__ import annotations
 
@@ -60,13 +62,16 @@ class _Program:
     param_slots: dict[str, int]
     fetch_slots: list[int]
     state_updates: list  # (node, input slots, {input index: variable name})
+    fresh: list = field(default_factory=list)  # (slot, shape, dtype): a new buffer every run (own_fetches)
 
 
 class Executor:
     """Compiles and runs ``fetches`` of a graph on a backend ("cpu", "cuda", ...)."""
 
-    def __init__(self, graph: Graph, fetches: Sequence[Tensor | str], backend: str | Any = "cpu", fuse: bool = True):
+    def __init__(self, graph: Graph, fetches: Sequence[Tensor | str], backend: str | Any = "cpu", fuse: bool = True,
+                 own_fetches: bool = False):
         self.graph = graph
+        self.own_fetches = own_fetches
         self.fetches = [f.name if isinstance(f, Tensor) else f for f in fetches]
         for f in self.fetches:
             if f not in graph.nodes:
@@ -99,6 +104,8 @@ class Executor:
         for name, slot in prog.param_slots.items():
             value = params.get(name)
             slots[slot] = self.backend.asarray(value if value is not None else self.graph.initial_values[name])
+        for slot, shape, dtype in prog.fresh:
+            slots[slot] = self.backend.empty(shape, dtype)
         for step in prog.steps:
             try:
                 step.kernel(ctx, slots[step.out], *[slots[i] for i in step.inputs])
@@ -111,7 +118,12 @@ class Executor:
                 host_inputs = [self.backend.to_host(slots[i]) for i in in_slots]
                 new = opdef.state_update(ctx, *host_inputs, **node.attrs)
                 updates.update({var: new[i] for i, var in targets.items() if i in new})
-        return RunResult([slots[i] for i in prog.fetch_slots], updates)
+        values = [slots[i] for i in prog.fetch_slots]
+        if self.own_fetches:  # a fed, variable or constant value fetched as it is: a copy
+            made = {slot for slot, _, _ in prog.fresh}
+            values = [v if i in made else self.backend.asarray(np.array(self.backend.to_host(v), copy=True))
+                      for i, v in zip(prog.fetch_slots, values)]
+        return RunResult(values, updates)
 
     def _check_feeds(self, feeds: Mapping[str, Any]) -> dict[str, Any]:
         out = {}
@@ -200,13 +212,16 @@ class Executor:
                 }
                 state_updates.append((node, tuple(slot_of[i] for i in node.inputs), targets))
         log.debug("compiled %d steps (%d fused) for %s", len(steps), len(fused), self.backend.name)
-        return _Program(
-            slots, steps, feed_slots, param_slots, [slot_of[f] for f in self.fetches], state_updates
-        )
+        fetch_slots = [slot_of[f] for f in self.fetches]
+        made = {step.out for step in steps}
+        fresh = [(i, slots[i].shape, slots[i].dtype) for i in dict.fromkeys(fetch_slots)
+                 if self.own_fetches and i in made]
+        return _Program(slots, steps, feed_slots, param_slots, fetch_slots, state_updates, fresh)
 
     def _fusions(self, order, consumers) -> dict[str, tuple]:
-        """Find act(add(matmul(x, w), b)) (or add(matmul(x, w), b)) chains the backend
-        can run as one kernel. Returns {output node: (kernel, skipped nodes, inputs)}."""
+        """Find act(add(matmul(x, w), b)) (or add(matmul(x, w), b)) chains, and a ± b * c
+        with c a scalar, the backend can run as one kernel. Returns {output node:
+        (kernel, skipped nodes, inputs)}."""
         g, fetched = self.graph, set(self.fetches)
         out = {}
 
@@ -243,6 +258,24 @@ class Executor:
         for name, (_, skipped, _) in list(out.items()):
             for s in skipped:
                 out.pop(s, None)
+        taken = set(out) | {s for _, skipped, _ in out.values() for s in skipped}
+        for name in order:  # a ± b * c with c a scalar (a traced SGD update): one pass
+            node = g.nodes[name]
+            if node.op not in ("add", "sub") or name in taken:
+                continue
+            a, m = (g.nodes[i] for i in node.inputs)
+            if m.op != "mul" or m.name in taken or not sole_use(m.name, name):
+                continue
+            x, y = (g.nodes[i] for i in m.inputs)
+            b, c = (x, y) if y.shape == () else (y, x)
+            shape = node.shape
+            if c.shape != () or None in shape or a.shape != shape or b.shape != shape \
+                    or len({a.dtype, b.dtype, c.dtype, node.dtype}) != 1:
+                continue
+            kernel = self.backend.fused("axpy", negate=node.op == "sub")
+            if kernel is not None:
+                out[name] = (kernel, [m.name], (a.name, b.name, c.name))
+                taken.update((name, m.name))
         return out
 
     def _host_fallback(self, node: Node):

@@ -92,6 +92,14 @@ def test_graph_job_errors_name_what_is_wrong(tmp_path):
         Job(lambda x, y: pt.reduce_mean(pt.square(x @ w - y)), variables=[w, unused], dataset=path)
     with pytest.raises(GraphError, match="the loss must be a float scalar"):
         Job(lambda x, y: pt.square(x @ w - y), variables=[w], dataset=path)
+
+    def assigning(x, y):
+        loss = pt.reduce_mean(pt.square(x @ w - y))
+        w.assign_sub(0.1 * w)
+        return loss
+
+    with pytest.raises(ValueError, match="the loss function assigns variable\\(s\\) w: a job's loss function only"):
+        Job(assigning, variables=[w], dataset=path)
     g = Graph()
     a = g.placeholder((None, 5), name="a")
     v = g.variable(np.zeros((5, 1), np.float32), name="v")

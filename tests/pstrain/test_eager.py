@@ -401,3 +401,189 @@ def test_course_chain_rule_persistence_and_non_trainable():
     with pt.GradientTape() as tape:
         y = frozen * 3.0
     assert tape.gradient(y, frozen) is None
+
+
+# ---- values are snapshots ----------------------------------------------------------------------------------
+def test_a_tensor_or_variable_of_an_array_is_a_snapshot_and_the_array_stays_writable():
+    a = np.zeros(3, np.float32)
+    t, v = pt.constant(a), pt.Variable(a)
+    a[0] = 5.0  # the caller's array is still theirs
+    assert t.numpy()[0] == 0.0 and v.numpy()[0] == 0.0
+    v.assign(a)
+    a[1] = 7.0
+    np.testing.assert_array_equal(v.numpy(), [5.0, 0.0, 0.0])
+    view = np.arange(6.0)[::2]  # a strided view: a contiguous copy
+    assert pt.constant(view).numpy().tolist() == [0.0, 2.0, 4.0]
+
+
+# ---- pt.function: a whole training step (tape and assign inside) -------------------------------------------
+def _mlp(seed=0):
+    rng = np.random.default_rng(seed)
+    shapes = [(6, 8), (8,), (8, 3), (3,)]
+    ws = [pt.Variable(rng.normal(0, 0.5, s).astype(np.float32), name=f"w{i}") for i, s in enumerate(shapes)]
+
+    def loss_fn(x, y):
+        h = pt.tanh(x @ ws[0] + ws[1])
+        p = pt.softmax(h @ ws[2] + ws[3])
+        return -pt.reduce_mean(pt.reduce_sum(y * pt.log(p), axis=1))
+
+    def step(x, y):
+        with pt.GradientTape() as tape:
+            loss = loss_fn(x, y)
+        for v, g in zip(ws, tape.gradient(loss, ws)):
+            v.assign_sub(0.1 * g)
+        return loss
+
+    return ws, step
+
+
+def test_a_training_step_as_a_function_matches_the_eager_step():
+    rng = np.random.default_rng(5)
+    batches = [(rng.normal(size=(n, 6)).astype(np.float32), np.eye(3, dtype=np.float32)[rng.integers(0, 3, n)])
+               for n in (16, 16, 9, 16)]
+    eager_ws, eager_step = _mlp()
+    fn_ws, fn_step = _mlp()
+    traced = pt.function(fn_step)
+    for x, y in batches:
+        want = eager_step(pt.constant(x), pt.constant(y))
+        got = traced(pt.constant(x), pt.constant(y))
+        np.testing.assert_allclose(float(got), float(want), rtol=1e-5)
+    for a, b in zip(fn_ws, eager_ws):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-5, atol=1e-6)
+    assert len(traced._cache) == 1  # batch 9 and 16: one trace
+    g = traced.graph_for(pt.constant(batches[0][0]), pt.constant(batches[0][1]))
+    assert sorted(v.name for v in g.variables()) == ["w0", "w1", "w2", "w3"]
+
+
+def test_assignments_in_a_function_take_effect_and_later_reads_see_them():
+    v = pt.Variable([1.0, 2.0], name="v")
+    counter = pt.Variable(0, name="counter", trainable=False)
+
+    @pt.function
+    def bump():
+        v.assign_add([1.0, 1.0])
+        counter.assign_add(1)
+        return v * 2.0  # reads the new value
+
+    np.testing.assert_array_equal(bump().numpy(), [4.0, 6.0])
+    np.testing.assert_array_equal(bump().numpy(), [6.0, 8.0])
+    np.testing.assert_array_equal(v.numpy(), [3.0, 4.0])
+    assert int(counter) == 2 and counter.dtype == pt.int32
+
+    @pt.function
+    def set_from(x):
+        v.assign(x)
+
+    assert set_from(pt.constant([5.0, 6.0], dtype="float64")) is None  # float64 into float32: cast
+    np.testing.assert_array_equal(v.numpy(), [5.0, 6.0])
+    assert v.dtype == pt.float32
+
+
+def test_assignment_errors_in_a_function_name_the_variable_and_change_nothing():
+    v = pt.Variable([1.0, 2.0, 3.0], name="v")
+    other = pt.Variable([0.0], name="other")
+
+    @pt.function
+    def wrong_static():
+        v.assign([1.0, 2.0])
+
+    with pytest.raises(ValueError, match=r"assign: variable 'v' has shape \(3,\); the value has shape \(2,\)"):
+        wrong_static()
+
+    @pt.function
+    def from_batch(x):  # x is (?,): only the call can tell
+        other.assign_add([1.0])
+        v.assign(x)
+
+    from_batch(pt.constant([7.0, 8.0, 9.0]))
+    np.testing.assert_array_equal(v.numpy(), [7.0, 8.0, 9.0])
+    with pytest.raises(ValueError, match=r"assign: variable 'v' has shape \(3,\); the value has shape \(4,\)"):
+        from_batch(pt.constant([1.0, 2.0, 3.0, 4.0]))
+    np.testing.assert_array_equal(v.numpy(), [7.0, 8.0, 9.0])
+    np.testing.assert_array_equal(other.numpy(), [1.0])  # all or nothing: other's update was not stored either
+    i = pt.Variable([1, 2], name="i")
+
+    @pt.function
+    def float_into_int():
+        i.assign(pt.constant([0.5, 1.5]))
+
+    with pytest.raises(DTypeError, match="variable 'i' is int32; cannot assign a float32 value"):
+        float_into_int()
+
+
+def test_a_tape_inside_a_function_follows_the_eager_rules():
+    w, frozen = pt.Variable(3.0, name="w"), pt.Variable(2.0, trainable=False, name="frozen")
+    seen = {}
+
+    @pt.function
+    def grads(x):
+        with pt.GradientTape() as tape:
+            y = x * w * frozen
+        seen["unwatched"] = tape.gradient(y, [x, w, frozen])
+        with pytest.raises(RuntimeError, match="non-persistent GradientTape"):
+            tape.gradient(y, w)
+        with pt.GradientTape(persistent=True) as tape:
+            tape.watch([x, frozen])
+            y = x * w * frozen
+        return tape.gradient(y, w), tape.gradient(y, x), tape.gradient(y, frozen)
+
+    gw, gx, gf = grads(pt.constant([1.0, 2.0]))
+    gx_none, gw_first, gf_none = seen["unwatched"]
+    assert gx_none is None and gf_none is None and gw_first is not None
+    assert float(gw) == 6.0 and float(gf) == 9.0  # d sum(x*w*f)/dw = f*sum(x); /df = w*sum(x)
+    np.testing.assert_array_equal(gx.numpy(), [6.0, 6.0])
+
+
+def test_a_step_function_under_an_outer_tape_runs_as_eager_code_and_is_recorded():
+    ws, step = _mlp(1)
+    traced = pt.function(step)
+    x = pt.constant(np.ones((4, 6), np.float32))
+    y = pt.constant(np.eye(3, dtype=np.float32)[[0, 1, 2, 0]])
+    before = ws[0].numpy()
+    with pt.GradientTape() as outer:
+        loss = traced(x, y)
+    assert not np.array_equal(ws[0].numpy(), before)  # the step's assign_sub ran
+    assert outer.gradient(loss, ws[3]) is not None
+
+
+def test_a_function_under_a_tape_differentiates_only_what_a_tape_watches():
+    w = pt.Variable(np.ones((3, 1), np.float32), name="w")
+    loss = pt.function(lambda x: pt.reduce_sum(pt.square(x @ w)))
+    x = pt.constant(np.ones((2, 3), np.float32))
+    with pt.GradientTape() as tape:
+        value = loss(x)
+    np.testing.assert_allclose(tape.gradient(value, w).numpy(), np.full((3, 1), 12.0))
+    with pt.GradientTape() as tape:
+        tape.watch(x)
+        value = loss(x)
+    np.testing.assert_allclose(tape.gradient(value, x).numpy(), np.full((2, 3), 6.0))
+    assert sorted(wrt for *_, wrt in loss._compiled) == [(0, 1), (1,)]  # x's gradient only when watched
+
+
+# ---- the tape's compiled backward pass ---------------------------------------------------------------------
+def test_the_backward_pass_is_compiled_once_per_tape_shape_and_matches_the_interpreter(monkeypatch):
+    from pstrain import eager
+
+    eager._backward_cache().clear()
+    ws, _ = _mlp(2)
+    rng = np.random.default_rng(3)
+
+    def loss_of(n):
+        x = pt.constant(rng.normal(size=(n, 6)).astype(np.float32))
+        h = pt.tanh(x @ ws[0] + ws[1])
+        return pt.reduce_mean(pt.square(h @ ws[2] + ws[3]))
+
+    for n in (8, 8, 5, 8):
+        with pt.GradientTape(persistent=True) as tape:
+            loss = loss_of(n)
+        got = tape.gradient(loss, ws)
+        want = tape._inlined_gradients(loss, ws)
+        for a, b in zip(got, want):
+            np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-5, atol=1e-7)
+    assert len(eager._backward_cache()) == 2  # batch 8 and batch 5
+    monkeypatch.setattr(eager, "_BACKWARD_CACHE_SIZE", 2)
+    for n in (3, 4):
+        with pt.GradientTape() as tape:
+            loss = loss_of(n)
+        tape.gradient(loss, ws)
+    assert len(eager._backward_cache()) == 2  # least recently used dropped

@@ -67,6 +67,7 @@ ACT_GRADS = ["relu_grad", "sigmoid_grad", "tanh_grad", "leaky_relu_grad"]
 OTHERS = [
     "matmul",
     "sum_to",
+    "unreduce",
     "reduce_sum",
     "reduce_mean",
     "softmax",
@@ -271,6 +272,21 @@ def test_reductions(op, case, keepdims, dtype):
     check_op(op, [x], axis=axis, keepdims=keepdims)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("mean", [False, True])
+@pytest.mark.parametrize("keepdims", [False, True])
+@pytest.mark.parametrize("case", REDUCE_CASES, ids=str)
+def test_unreduce(case, keepdims, mean, dtype):
+    """A reduction's gradient broadcast back: the reference's bits exactly."""
+    shape, axis = case
+    rng = np.random.default_rng(11)
+    x = np.zeros(shape, dtype)  # only its shape matters
+    dy = np.asarray(get_op("reduce_sum").reference(RunContext(), randn(rng, shape, dtype), axis=axis, keepdims=keepdims))
+    got, want = run_both("unreduce", [dy, x], axis=axis, keepdims=keepdims, mean=mean)
+    assert got.shape == shape
+    np.testing.assert_array_equal(got, want)
+
+
 # ---- softmax and cross-entropy ----------------------------------------------------------------------
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize(
@@ -364,6 +380,25 @@ def test_fused_dense_relu_propagates_nan_and_clamps_inf(dtype):
     BACKEND.fused("dense", act="relu")(RunContext(), out, x, w, b)
     np.testing.assert_array_equal(out, dense_reference(x, w, b, "relu"))
     assert np.isnan(out[:, 0]).all() and (out[:, 1] == 0).all() and (out[:, 2] == 1).all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("negate", [False, True])
+@pytest.mark.parametrize("shape", [(), (1,), (7,), (13, 5), (2, 3, 4)], ids=str)
+def test_fused_axpy_has_the_bits_of_mul_then_add_or_sub(shape, negate, dtype):
+    rng = np.random.default_rng(14)
+    a, b = randn(rng, shape, dtype), randn(rng, shape, dtype)
+    c = np.asarray(0.05, dtype)
+    out = np.full(shape, 123.0, dtype)  # stale contents must be overwritten
+    BACKEND.fused("axpy", negate=negate)(RunContext(), out, a, b, c)
+    ctx = RunContext()
+    scaled = get_op("mul").reference(ctx, b, c)
+    want = get_op("sub" if negate else "add").reference(ctx, a, scaled)
+    np.testing.assert_array_equal(out, want)
+    strided = randn(rng, (5, 6), dtype)[:, ::2]  # a non-contiguous input
+    out = np.empty((5, 3), dtype)
+    BACKEND.fused("axpy", negate=negate)(RunContext(), out, strided, strided, c)
+    np.testing.assert_array_equal(out, strided - strided * c if negate else strided + strided * c)
 
 
 def test_fused_returns_none_for_unknown_patterns():

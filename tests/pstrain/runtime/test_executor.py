@@ -322,6 +322,42 @@ def test_hot_loop_allocates_no_intermediate_buffers():
     assert all(prog.slots[i] is s for i, s in before.items())
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_own_fetches_are_new_arrays_every_run(backend):
+    model = mlp(np.float64)
+    ex = Executor(model.g, model.fetches + ["x"], backend, own_fetches=True)
+    first = ex.run(model.feeds, {}).values
+    kept = [np.array(v, copy=True) for v in first]
+    second = ex.run(mlp_feeds(np.float64, 6, 21), {}).values
+    assert not any(a is b or np.shares_memory(a, b) for a, b in zip(first, second))
+    for a, b in zip(first, kept):  # the next run wrote elsewhere
+        np.testing.assert_array_equal(a, b)
+    assert not np.shares_memory(first[-1], model.feeds["x"])  # a fed value fetched: a copy
+    assert_close(second[:-1], evaluate(model.g, model.fetches, mlp_feeds(np.float64, 6, 21)), np.float64)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_an_sgd_update_runs_as_one_axpy_step_with_the_same_bits(dtype):
+    """v - lr * g and v + lr * g, g a gradient: one fused step on the cpu backend, the
+    bits of the unfused mul and sub; a broadcast or shared product is left alone."""
+    model = mlp(dtype)
+    g_ = model.g
+    ws, grads = model.variables[:3], model.fetches[1:4]
+    new = [ws[0] - 0.05 * grads[0], ws[1] + grads[1] * 0.5, ws[2] - g_.constant(np.array([0.1], dtype)) * grads[2]]
+    shared = 0.3 * grads[0]
+    fetches = [t.name for t in new] + [(ws[0] - shared).name, (ws[0] + shared).name]
+    fused = Executor(g_, fetches, "cpu")
+    got = fused.run(model.feeds, {}).values
+    want = Executor(g_, fetches, "cpu", fuse=False).run(model.feeds, {}).values
+    for a, b in zip(got, want):
+        np.testing.assert_array_equal(a, b)
+    ops = {s.node: s.op for s in only_program(fused).steps}
+    assert [ops.get(n) for n in fetches] == ["sub", "add", "sub", "sub", "add"]
+    muls = [n for n, op in ops.items() if op == "mul"]
+    assert len(muls) == 2  # the (1,)-shaped factor's product and the shared one: not fused
+    assert_close(got, evaluate(g_, fetches, model.feeds), dtype)
+
+
 # ---- scalar constants ------------------------------------------------------------------------------------
 # Regression: 0-d constants once became shape (1,) (np.ascontiguousarray), which broke
 # scalar arithmetic on the cpu backend and the gradient of a full reduce_mean.
