@@ -70,14 +70,15 @@ class JobPlan:
             f"folded {len(self.train_report.folded)}, merged {len(self.train_report.merged)}, "
             f"pruned {len(self.train_report.pruned)}",
         ]
-        folded = list(self.forward_report.folded) + list(self.train_report.folded)
+        folded = list(dict.fromkeys(list(self.forward_report.folded) + list(self.train_report.folded)))  # each once
         if folded:
             lines.append("folded constants: " + ", ".join(folded[:20]) + (" ..." if len(folded) > 20 else ""))
         lines += ["", "== worker subgraph (replicated on every worker) =="]
         for node in g.nodes.values():
             if node.op in ("variable",):
                 continue
-            where = "input" if node.op == "placeholder" else "const" if node.op == "constant" else "worker"
+            where = ("input" if node.op == "placeholder" else "folded" if node.name in folded
+                     else "const" if node.op == "constant" else "worker")
             shape = "(" + ", ".join("?" if d is None else str(d) for d in node.shape) + ")"
             lines.append(f"  [{where:6}] {node.name:40} {node.op:34} {shape} {node.dtype}")
         lines += ["", f"== parameter-server shards ({self.mode.value}"

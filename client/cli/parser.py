@@ -78,6 +78,29 @@ def _launcher_options(p: argparse.ArgumentParser) -> None:
         cls.add_arguments(p)
 
 
+# One or two examples that end each command's --help.
+EXAMPLES = {
+    "up": ["psctl up --workers 4 --ps 2 --detach", "psctl up --launcher ray --ray-address auto --detach"],
+    "down": ["psctl down", "psctl down --state-dir /tmp/cluster-a"],
+    "submit": ["psctl submit examples/mnist_mlp.py --mode sync --wait", "psctl submit job.py --mode ssp --staleness 2 --json"],
+    "status": ["psctl status job-000001", "psctl status job-000001 --json"],
+    "cancel": ["psctl cancel job-000001"],
+    "scale": ["psctl scale job-000001 --workers 1", "psctl scale job-000001 --workers 4 --state-dir ~/.pstrain/cluster"],
+    "nodes": ["psctl nodes", "psctl nodes --json --master 10.0.0.5:50051"],
+    "list": ["psctl list", "psctl list --json"],
+    "logs": ["psctl logs job-000001", "psctl logs job-000001 --follow"],
+    "export": ["psctl export job-000001 -o mnist.npz"],
+    "train": ["psctl train examples/mnist_mlp.py --workers 2 --ps 2 --plot curves.png",
+              "psctl train examples/graph_api.py --in-process -o line.npz"],
+    "plot": ["psctl plot job-000001 -o curves.png"],
+    "plan": ["psctl plan examples/mnist_mlp.py --ps 2", "psctl plan examples/eager_regression.py --png plan.png"],
+}
+
+
+def _examples(name: str) -> str:
+    return "examples:\n" + "\n".join(f"  {line}" for line in EXAMPLES[name])
+
+
 def build_parser() -> argparse.ArgumentParser:
     """psctl's argument parser: global options, then one sub-command per command.
 
@@ -89,7 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def command(name, func, help):
-        c = sub.add_parser(name, help=help, description=help)
+        c = sub.add_parser(name, help=help, description=help, epilog=_examples(name),
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
         _global_options(c, argparse.SUPPRESS)
         c.set_defaults(func=func)
         return c

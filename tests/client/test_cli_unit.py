@@ -3,6 +3,7 @@ argument parsing, master address rules, errors without a master, job specs, expo
 models, plan rendering and status formatting. None of these need the services."""
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -350,6 +351,32 @@ def test_plan_without_a_master_plans_locally(tmp_path, capsys):
     assert dot.read_text().count("subgraph cluster_ps") == 3
 
 
+def test_plan_shows_a_loss_jobs_folded_constants_once(tmp_path, capsys):
+    """2.0 * 3.0 written as graph constants in a loss function: the master folds them;
+    the text lists the folded node once and marks it, the DOT draws it dashed."""
+    pytest.importorskip("master.planner")
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(64, 3)).astype(np.float32)
+    np.savez(tmp_path / "d.npz", x_train=x, y_train=x.sum(1), x_test=x[:8], y_test=x[:8].sum(1))
+    jobfile = tmp_path / "fold.py"
+    jobfile.write_text(
+        "import numpy as np\nimport pstrain as pt\nfrom client import nn\nfrom client.job import Job\n"
+        "w = pt.Variable(np.zeros((3, 1), np.float32), name='w')\n"
+        "def loss(x, y):\n"
+        "    return pt.reduce_mean(pt.square(pt.constant(2.0) * pt.constant(3.0) * x @ w - y))\n"
+        f"def job():\n    return Job(loss, variables=[w], optimizer=nn.optimizers.SGD(0.01), dataset={str(tmp_path / 'd.npz')!r})\n"
+    )
+    dot = tmp_path / "plan.dot"
+    code = cli.main(["plan", str(jobfile), "--master", f"127.0.0.1:{_free_port()}", "--connect-timeout", "0.2",
+                     "--dot", str(dot)])
+    text = capsys.readouterr().out
+    assert code == 0
+    assert "folded constants: mul\n" in text and text.count("folded constants") == 1
+    assert re.search(r"\[folded\] mul +constant", text)
+    node = next(line for line in dot.read_text().splitlines() if '"mul\\nconstant' in line)
+    assert "folded constant" in node and "dashed" in node
+
+
 # ---- formatting ----------------------------------------------------------------------------------------------
 def _status(state="RUNNING", step=0, epoch=0, **metrics):
     return {"id": "job-000001", "state": state, "step": step, "epoch": epoch, "loss": None, "metrics": metrics,
@@ -383,3 +410,22 @@ def test_format_nodes_lists_shards_first_with_restarts():
     assert lines[0] == ["ROLE", "INDEX", "NAME", "ADDRESS", "STATE", "LAST", "SEEN", "RESTARTS"]
     assert lines[1] == ["ps", "0", "-", "127.0.0.1:5001", "lost", "12.0s", "ago", "0"]
     assert lines[2] == ["worker", "2", "worker-1", "-", "alive", "0.2s", "ago", "1"]
+
+
+def test_every_command_help_ends_with_examples_that_parse():
+    """Each psctl command's --help ends with one or two examples, and each example is
+    a command line the parser takes."""
+    from client.cli.parser import EXAMPLES
+
+    parser = build_parser()
+    commands = parser._subparsers._group_actions[0].choices
+    assert set(commands) == set(EXAMPLES)
+    for name, sub in commands.items():
+        text = sub.format_help().rstrip()
+        lines = text.splitlines()
+        assert 1 <= len(EXAMPLES[name]) <= 2
+        assert lines[-len(EXAMPLES[name]) - 1:] == ["examples:"] + [f"  {e}" for e in EXAMPLES[name]], name
+        for example in EXAMPLES[name]:
+            argv = example.split()[1:]
+            assert argv[0] == name
+            parser.parse_args(argv)
