@@ -48,7 +48,9 @@ def fit_on_cluster(model, x, y, batch_size, epochs, shuffle, validation_data, ve
 
     path = stage_arrays(x, y, validation_data)
     job = Job(model, dataset=path, batch_size=batch_size, epochs=epochs, shuffle=shuffle, mode=mode)
-    client = MasterClient(cluster)
+    from client.launchers import user_credentials
+
+    client = MasterClient(cluster, credentials=user_credentials(cluster))
     try:
         status = client.submit(job_to_spec(job, model.name))
         data = datasets.load(path)

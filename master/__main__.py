@@ -12,7 +12,15 @@ import sys
 
 from master.config import MasterConfig
 from master.service import serve
-from protos.settings import Service, ServiceStartError, from_sources, metrics_port_error, parse_service_args, run_service
+from protos.settings import (
+    Service,
+    ServiceStartError,
+    add_security_flags,
+    from_sources,
+    metrics_port_error,
+    parse_service_args,
+    run_service,
+)
 
 
 def start(argv=None) -> Service:
@@ -34,11 +42,14 @@ def start(argv=None) -> Service:
                    help="most WatchJob streams open at once (default: half of the RPC threads)")
     p.add_argument("--metrics-port", dest="metrics_port", type=int,
                    help="port of /metrics (0 picks a free one, -1 serves none; default 9464)")
+    p.add_argument("--tokens-file", dest="tokens_file",
+                   help="users' tokens (psctl token create; default: tokens.json beside the database)")
+    add_security_flags(p)
     try:
         config = from_sources(MasterConfig, parse_service_args(p, argv, "master"))
-    except ValueError as exc:
+        server, port, coordinator = serve(config)
+    except ValueError as exc:  # a bad flag, missing credentials, plaintext on a reachable address
         raise ServiceStartError(f"master: error: {exc}") from None
-    server, port, coordinator = serve(config)
     metrics_address = ""
     if config.metrics_port >= 0:
         try:

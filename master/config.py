@@ -35,6 +35,9 @@ class MasterConfig:
     checkpoint_seconds: float = 30.0
     dead_node_ttl: float = 300.0  # a lost node's record is kept this long (ListNodes), unless a job refers to it
     metrics_port: int = 9464  # /metrics on host (0 picks a free port; -1: none)
+    tls_dir: str = ""  # mutual TLS: ca.crt and master.crt/.key (psctl certs init); "" = plaintext
+    insecure: bool = False  # allow plaintext on an address other machines can reach
+    tokens_file: str = ""  # users' tokens (psctl token create; default: tokens.json beside the db)
 
     def __post_init__(self):
         check_port("MasterConfig", "port", self.port)

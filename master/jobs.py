@@ -27,8 +27,10 @@ Usage::
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
 import sqlite3
 import threading
 import time
@@ -41,7 +43,7 @@ from typing import Any
 
 logger = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: jobs.owner
 ID_PREFIX = "job-"
 ID_DIGITS = 6  # ids stay lexically sortable up to job-999999; the store itself orders by number
 
@@ -151,6 +153,7 @@ class JobRecord:
     events: list[dict[str, Any]] = field(default_factory=list)  # {"time", "text"}, oldest first
     workers: dict[int, dict[str, Any]] = field(default_factory=dict)  # index -> {"address", "state", ...}
     plan: dict[str, Any] = field(default_factory=dict)
+    owner: str = ""  # the user who submitted it
 
     def to_dict(self) -> dict[str, Any]:
         """The ``--json`` view: contract fields plus bookkeeping, JSON-ready (no spec bytes).
@@ -169,6 +172,7 @@ class JobRecord:
             "error": self.error,
             "created": self.created,
             "updated": self.updated,
+            "owner": self.owner,
             "events": [dict(e) for e in self.events],
             "workers": {str(i): dict(w) for i, w in sorted(self.workers.items())},
         }
@@ -191,7 +195,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     created     REAL NOT NULL,
     updated     REAL NOT NULL,
     plan        TEXT NOT NULL DEFAULT '{}',
-    history_len INTEGER NOT NULL DEFAULT 0  -- next history seq without scanning the history table
+    history_len INTEGER NOT NULL DEFAULT 0,  -- next history seq without scanning the history table
+    owner       TEXT NOT NULL DEFAULT ''     -- the user who submitted it ('' before version 2: admins only)
 );
 CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs (state);
 CREATE TABLE IF NOT EXISTS job_history (
@@ -215,7 +220,7 @@ CREATE TABLE IF NOT EXISTS job_workers (
 ) WITHOUT ROWID;
 """
 
-_JOB_COLUMNS = "id, name, state, spec, step, epoch, loss, metrics, error, created, updated, plan, history_len"
+_JOB_COLUMNS = "id, name, state, spec, step, epoch, loss, metrics, error, created, updated, plan, history_len, owner"
 
 INTERRUPTED_ERROR = "master restarted while the job was running: {reason}"
 
@@ -246,7 +251,13 @@ class JobStore:
         self._clock = clock
         self._lock = threading.Lock()
         if self.path != ":memory:":
-            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+            Path(self.path).parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            # Job specs are the users' models and data paths: the owner's only. SQLite gives
+            # its -wal and -shm files the database file's mode.
+            os.close(os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600))
+            for suffix in ("", "-wal", "-shm"):
+                with contextlib.suppress(FileNotFoundError):
+                    os.chmod(self.path + suffix, 0o600)
         # isolation_level=None: we issue BEGIN IMMEDIATE ourselves, so each read-check-write
         # holds the write lock from its first read (also against another process on the file).
         self._conn = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=30.0)
@@ -289,6 +300,13 @@ class JobStore:
     def _init_schema(self) -> None:
         # executescript manages its own transaction, so it runs outside _tx.
         with self._lock:
+            version = None
+            if self._conn.execute("SELECT name FROM sqlite_master WHERE name = 'schema_version'").fetchone():
+                row = self._conn.execute("SELECT version FROM schema_version").fetchone()
+                version = row["version"] if row else None
+            if version == 1:  # version 1 -> 2: who submitted each job (older jobs: nobody, so admins only)
+                self._conn.execute("ALTER TABLE jobs ADD COLUMN owner TEXT NOT NULL DEFAULT ''")
+                self._conn.execute("UPDATE schema_version SET version = 2")
             self._conn.executescript(_SCHEMA)
         with self._tx() as db:
             row = db.execute("SELECT version FROM schema_version").fetchone()
@@ -299,7 +317,7 @@ class JobStore:
                     f"job database {self.path} has schema version {row['version']}, but this pstrain "
                     f"understands up to {SCHEMA_VERSION}; upgrade pstrain or point the master at a new database"
                 )
-            # Older versions would be migrated here; version 1 is the first.
+            # Version 1 was migrated above, before the schema script (its jobs table lacks owner).
 
     # -- helpers (call with the lock held, inside _tx)
     def _state_of(self, db: sqlite3.Connection, job_id: str) -> JobState:
@@ -334,6 +352,7 @@ class JobStore:
             updated=row["updated"],
             history=history,
             history_len=row["history_len"],
+            owner=row["owner"],
             events=events,
             workers=workers,
             plan=json.loads(row["plan"]),
@@ -353,7 +372,7 @@ class JobStore:
         return [json.loads(r["entry"]) for r in rows]
 
     # -- public API
-    def create(self, name: str, spec: bytes, plan: dict[str, Any] | None = None) -> JobRecord:
+    def create(self, name: str, spec: bytes, plan: dict[str, Any] | None = None, owner: str = "") -> JobRecord:
         """Store a new PENDING job and return it; ids are ``job-000001``, ``job-000002``, ...
 
         Numbers are never reused, even across restarts of the master.
@@ -369,8 +388,9 @@ class JobStore:
             seq = (row["seq"] if row else 0) + 1
             job_id = f"{ID_PREFIX}{seq:0{ID_DIGITS}d}"
             db.execute(
-                "INSERT INTO jobs (seq, id, name, state, spec, created, updated, plan) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (seq, job_id, name, JobState.PENDING.value, bytes(spec), now, now, plan_json),
+                "INSERT INTO jobs (seq, id, name, state, spec, created, updated, plan, owner) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (seq, job_id, name, JobState.PENDING.value, bytes(spec), now, now, plan_json, str(owner)),
             )
             record = self._get(db, job_id, include_history=False)
         logger.info("created %s (%s)", job_id, name)

@@ -35,6 +35,15 @@ from pstrain.runtime.placement import assemble
 from pstrain.runtime.spec import FinishedJob, HeartbeatReply, JobSpec, Progress, SliceSpec, SlotRef, TaskSpec
 from pstrain.transport import rpc
 from pstrain.transport.ps_client import ParameterServerClient
+from pstrain.transport.security import (
+    Authenticator,
+    Credentials,
+    UserTokens,
+    admin_token_from_env,
+    current_caller,
+    methods_of,
+    service_credentials,
+)
 
 log = logging.getLogger(__name__)
 
@@ -128,8 +137,10 @@ class JobRuntime:
 class Coordinator:
     """Nodes, running jobs and their transitions. Thread-safe (one lock)."""
 
-    def __init__(self, config: MasterConfig, metrics: MasterMetrics | None = None):
+    def __init__(self, config: MasterConfig, metrics: MasterMetrics | None = None,
+                 credentials: Credentials | None = None):
         self.config = config
+        self.credentials = credentials  # what the master presents to its shards (None: the process's)
         self.metrics = metrics or MasterMetrics()
         self.store = JobStore(config.db)
         self.nodes: dict[str, NodeInfo] = {}
@@ -254,7 +265,7 @@ class Coordinator:
     def _ps(self, address: str) -> ParameterServerClient:
         client = self._ps_clients.get(address)
         if client is None:
-            client = self._ps_clients[address] = ParameterServerClient(address, timeout=60)
+            client = self._ps_clients[address] = ParameterServerClient(address, timeout=60, credentials=self.credentials)
         return client
 
     # ---- jobs ---------------------------------------------------------------------------
@@ -263,9 +274,9 @@ class Coordinator:
             alive_ps = sum(1 for n in self.nodes.values() if n.role == "ps" and n.alive)
         return plan_job(spec, spec.train.num_shards or max(alive_ps, 1))
 
-    def submit(self, spec: JobSpec) -> JobRecord:
+    def submit(self, spec: JobSpec, owner: str = "") -> JobRecord:
         plan = self.plan(spec)  # validate before recording anything: bad specs fail INVALID_ARGUMENT
-        rec = self.store.create(spec.name or "job", jobcodec.job_spec_to_bytes(spec), {})
+        rec = self.store.create(spec.name or "job", jobcodec.job_spec_to_bytes(spec), {}, owner=owner)
         with self.lock:
             self._job_states[rec.id] = rec.state
         self.store.add_event(rec.id, "submitted")
@@ -1004,7 +1015,7 @@ class Coordinator:
 def _status(rec: JobRecord) -> master_pb2.JobStatus:
     s = master_pb2.JobStatus(
         id=rec.id, name=rec.name, state=rec.state.value, step=rec.step, epoch=rec.epoch,
-        error=rec.error or "", created=rec.created, updated=rec.updated,
+        error=rec.error or "", created=rec.created, updated=rec.updated, owner=rec.owner,
     )
     if rec.loss is not None:
         s.has_loss, s.loss = True, rec.loss
@@ -1021,6 +1032,13 @@ class TooManyWatchers(RuntimeError):
 rpc.register_error(TooManyWatchers, grpc.StatusCode.RESOURCE_EXHAUSTED)
 
 
+class NotOwner(PermissionError):
+    """A user acting on another user's job."""
+
+
+rpc.register_error(NotOwner, grpc.StatusCode.PERMISSION_DENIED)
+
+
 class MasterServicer(master_pb2_grpc.MasterServicer):
     def __init__(self, coordinator: Coordinator):
         self.c = coordinator
@@ -1029,7 +1047,18 @@ class MasterServicer(master_pb2_grpc.MasterServicer):
 
     @rpc.guarded
     def SubmitJob(self, request, context):
-        return _status(self.c.submit(jobcodec.job_spec_from_proto(request.spec)))
+        caller = current_caller()
+        return _status(self.c.submit(jobcodec.job_spec_from_proto(request.spec), owner=caller.name if caller else ""))
+
+    def _own(self, job_id: str, what: str) -> None:
+        """Only a job's submitter or an admin may ``what`` it (cancel, export, scale)."""
+        caller = current_caller()
+        if caller is None or caller.admin:
+            return
+        owner = self.c.store.get(job_id).owner
+        if caller.name != owner:
+            raise NotOwner(f"user '{caller.name}' may not {what} {job_id}: only its submitter"
+                           f"{f' ({owner})' if owner else ''} or an admin may")
 
     @rpc.guarded
     def GetJob(self, request, context):
@@ -1041,6 +1070,7 @@ class MasterServicer(master_pb2_grpc.MasterServicer):
 
     @rpc.guarded
     def CancelJob(self, request, context):
+        self._own(request.id, "cancel")
         return _status(self.c.cancel(request.id))
 
     def WatchJob(self, request, context):
@@ -1080,6 +1110,7 @@ class MasterServicer(master_pb2_grpc.MasterServicer):
 
     @rpc.guarded
     def ExportModel(self, request, context):
+        self._own(request.id, "export")
         config, names, weights = self.c.export(request.id)
         resp = master_pb2.ExportModelResponse(model_config_json=json.dumps(config), names=names)
         for w in weights:
@@ -1104,6 +1135,7 @@ class MasterServicer(master_pb2_grpc.MasterServicer):
 
     @rpc.guarded
     def ScaleJob(self, request, context):
+        self._own(request.id, "scale")
         return _status(self.c.scale(request.id, request.workers))
 
     @rpc.guarded
@@ -1117,12 +1149,40 @@ class MasterServicer(master_pb2_grpc.MasterServicer):
         ])
 
 
-def serve(config: MasterConfig) -> tuple[grpc.Server, int, Coordinator]:
-    """Start a master; returns (server, bound port, coordinator)."""
-    coordinator = Coordinator(config)
-    server = rpc.make_server(max_workers=config.max_workers)
+# Who may call what: nodes register, heartbeat and report; users do the rest.
+NODE_CALLS = ("RegisterNode", "Heartbeat", "ReportProgress")
+
+
+def authenticator(config: MasterConfig, node_token: str) -> Authenticator:
+    """The master's check: node calls need the cluster's node credentials, user calls a
+    user token (its token file, or the admin token ``PSTRAIN_ADMIN_TOKEN`` / ``_FILE``)."""
+    service = master_pb2.DESCRIPTOR.services_by_name["Master"]
+    methods = methods_of(service, {name: "node" for name in NODE_CALLS}, default="user")
+    return Authenticator(methods, node_token=node_token, users=UserTokens(tokens_path(config), admin_token_from_env()))
+
+
+def tokens_path(config: MasterConfig) -> str:
+    """The users' token file: ``tokens_file``, else tokens.json beside the database."""
+    if config.tokens_file:
+        return config.tokens_file
+    if config.db == ":memory:":
+        return ""
+    return os.path.join(os.path.dirname(os.path.abspath(config.db)), "tokens.json")
+
+
+def serve(config: MasterConfig, credentials: Credentials | None = None) -> tuple[grpc.Server, int, Coordinator]:
+    """Start a master; returns (server, bound port, coordinator). ``credentials``: the
+    cluster's (default: from the environment, see ``service_credentials``)."""
+    creds = credentials or service_credentials("master", config.tls_dir)
+    auth = authenticator(config, creds.node_token)
+    coordinator = Coordinator(config, credentials=creds)
+    server = rpc.make_server(max_workers=config.max_workers, authenticator=auth)
     master_pb2_grpc.add_MasterServicer_to_server(MasterServicer(coordinator), server)
-    port = rpc.bind(server, config.host, config.port)
+    try:
+        port = rpc.bind(server, config.host, config.port, tls=creds.tls, insecure=config.insecure)
+    except BaseException:
+        coordinator.close()
+        raise
     server.start()
-    log.info("master listening on %s:%d", config.host, port)
+    log.info("master listening on %s:%d (%s)", config.host, port, "mutual TLS" if creds.tls else "plaintext")
     return server, port, coordinator

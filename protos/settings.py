@@ -80,6 +80,16 @@ def parse_service_args(parser: argparse.ArgumentParser, argv, role: str) -> argp
     return args
 
 
+def add_security_flags(parser: argparse.ArgumentParser) -> None:
+    """--tls-dir and --insecure, shared by every service (the node token comes from the
+    environment only: a flag would show it to every user of ps)."""
+    parser.add_argument("--tls-dir", dest="tls_dir",
+                        help="mutual TLS: ca.crt and this role's certificate and key (psctl certs init; "
+                             "else $PSTRAIN_TLS_DIR; default: plaintext, loopback only)")
+    parser.add_argument("--insecure", action="store_const", const=True, default=None,
+                        help="serve plaintext on an address other machines can reach (only on a network you trust)")
+
+
 def stop_event(on_stop=None):
     """An Event set by SIGTERM or SIGINT (after calling ``on_stop``, if given)."""
     import signal

@@ -9,9 +9,18 @@ from __future__ import annotations
 import argparse
 import sys
 
-from protos.settings import Service, ServiceStartError, from_sources, metrics_port_error, parse_service_args, run_service
+from protos.settings import (
+    Service,
+    ServiceStartError,
+    add_security_flags,
+    from_sources,
+    metrics_port_error,
+    parse_service_args,
+    run_service,
+)
 from psserver.config import PSConfig
 from psserver.service import serve
+from pstrain.transport.security import service_credentials
 
 
 def start(argv=None) -> Service:
@@ -25,11 +34,13 @@ def start(argv=None) -> Service:
     p.add_argument("--checkpoint-dir", dest="checkpoint_dir")
     p.add_argument("--metrics-port", dest="metrics_port", type=int,
                    help="port of /metrics (0 picks a free one, -1 serves none; default 0)")
+    add_security_flags(p)
     try:
         config = from_sources(PSConfig, parse_service_args(p, argv, "ps"))
-    except ValueError as exc:
+        credentials = service_credentials("ps", config.tls_dir)
+        server, port, servicer = serve(config, credentials)
+    except ValueError as exc:  # a bad flag, missing credentials, plaintext on a reachable address
         raise ServiceStartError(f"psserver: error: {exc}") from None
-    server, port, servicer = serve(config)
     address = f"{config.advertise_host or config.host}:{port}"
     metrics_address = ""
     if config.metrics_port >= 0:
@@ -43,7 +54,7 @@ def start(argv=None) -> Service:
         from pstrain.transport.membership import NodeMembership
 
         heart = NodeMembership(config.master, "ps", address=address, interval=config.heartbeat_interval,
-                               metrics_address=metrics_address)
+                               metrics_address=metrics_address, credentials=credentials)
         try:
             heart.start()
         except (ConnectionError, RuntimeError) as exc:

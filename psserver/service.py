@@ -29,6 +29,7 @@ from psserver.shard import CheckpointConfig, Fenced, PullRefused, RolledBack, Sh
 from pstrain.runtime.optimizers import optimizer_from_config
 from pstrain.runtime.store import PushRejected
 from pstrain.transport import rpc
+from pstrain.transport.security import Authenticator, Credentials, methods_of, service_credentials
 
 log = logging.getLogger(__name__)
 
@@ -334,9 +335,18 @@ def _init_fingerprint(request) -> dict[str, str]:
     }
 
 
-def serve(config: PSConfig) -> tuple[grpc.Server, int, ParameterServerServicer]:
-    """Start a parameter server; returns (server, bound port, servicer)."""
-    server = rpc.make_server(max_workers=config.max_workers)
+def authenticator(node_token: str) -> Authenticator:
+    """Every method of a shard, the raw ones too, is a node call."""
+    methods = methods_of(ps_pb2.DESCRIPTOR.services_by_name["ParameterServer"], {}, default="node")
+    methods.update({f"/{RAW_SERVICE}/{name}": "node" for name in ("Push", "Attach", "Echo")})
+    return Authenticator(methods, node_token=node_token)
+
+
+def serve(config: PSConfig, credentials: Credentials | None = None) -> tuple[grpc.Server, int, ParameterServerServicer]:
+    """Start a parameter server; returns (server, bound port, servicer). ``credentials``:
+    the cluster's (default: from the environment, see ``service_credentials``)."""
+    creds = credentials or service_credentials("ps", config.tls_dir)
+    server = rpc.make_server(max_workers=config.max_workers, authenticator=authenticator(creds.node_token))
     servicer = ParameterServerServicer(config)
     ps_pb2_grpc.add_ParameterServerServicer_to_server(servicer, server)
     # The raw-frame push: bytes in, bytes out, no protobuf message around the tensors.
@@ -346,7 +356,11 @@ def serve(config: PSConfig) -> tuple[grpc.Server, int, ParameterServerServicer]:
             "Attach": grpc.unary_unary_rpc_method_handler(servicer.Attach),
             "Echo": grpc.unary_unary_rpc_method_handler(lambda payload, context: payload),  # transport baseline
         }),))
-    port = rpc.bind(server, config.host, config.port)
+    try:
+        port = rpc.bind(server, config.host, config.port, tls=creds.tls, insecure=config.insecure)
+    except BaseException:
+        servicer.close()
+        raise
     server.start()
-    log.info("parameter server listening on %s:%d", config.host, port)
+    log.info("parameter server listening on %s:%d (%s)", config.host, port, "mutual TLS" if creds.tls else "plaintext")
     return server, port, servicer

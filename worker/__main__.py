@@ -9,7 +9,15 @@ import argparse
 import sys
 import threading
 
-from protos.settings import Service, ServiceStartError, from_sources, metrics_port_error, parse_service_args, run_service
+from protos.settings import (
+    Service,
+    ServiceStartError,
+    add_security_flags,
+    from_sources,
+    metrics_port_error,
+    parse_service_args,
+    run_service,
+)
 from worker.config import WorkerConfig
 from worker.node import WorkerNode
 
@@ -24,6 +32,7 @@ def start(argv=None) -> Service:
     p.add_argument("--advertise-host", dest="advertise_host", help="host others scrape /metrics at")
     p.add_argument("--metrics-port", dest="metrics_port", type=int,
                    help="port of /metrics (0 picks a free one, -1 serves none; default 0)")
+    add_security_flags(p)
     try:
         config = from_sources(WorkerConfig, parse_service_args(p, argv, "worker"))
         node = WorkerNode(config)

@@ -18,6 +18,8 @@ class WorkerConfig:
     host: str = "127.0.0.1"  # the interface /metrics listens on
     advertise_host: str = ""  # the host others scrape (default: host; this machine's name for 0.0.0.0)
     metrics_port: int = 0  # /metrics (0 picks a free port, reported to the master; -1: none)
+    tls_dir: str = ""  # mutual TLS: ca.crt and this role's certificate (psctl certs init); "" = plaintext
+    insecure: bool = False  # allow plaintext on an address other machines can reach
 
     def __post_init__(self):
         if self.device not in DEVICES:

@@ -20,6 +20,7 @@ import threading
 from pstrain.kernels import get_backend
 from pstrain.runtime.spec import SlotRef, TaskSpec
 from pstrain.transport.membership import NodeMembership
+from pstrain.transport.security import service_credentials
 from worker.config import WorkerConfig
 from worker.metrics import WorkerMetrics
 from worker.task import TrainingTask
@@ -36,7 +37,8 @@ class WorkerNode:
         self.finished: dict[str, int] = {}
         self.lock = threading.Lock()
         self.metrics = WorkerMetrics()
-        self.membership = NodeMembership(config.master, "worker", name=config.name, on_response=self._on_heartbeat)
+        self.membership = NodeMembership(config.master, "worker", name=config.name, on_response=self._on_heartbeat,
+                                         credentials=service_credentials("worker", config.tls_dir))
         self._running: dict[tuple[str, int], tuple[SlotRef, threading.Event, threading.Thread]] = {}
         self._release_on_start: dict[tuple[str, int], int] = {}  # (job, slot) -> owner epoch asked back early
 

@@ -128,7 +128,8 @@ class TrainingTask:
         return ShardedParameterClient(self.job, self.index, list(task.shard_addresses), placement,
                                       timeout=600.0, rpc_timeout=660.0, retries=self.push_retries,
                                       on_transfer=self.metrics.transferred, retry_for=self.master_wait,
-                                      stop=cancelled.is_set, owner_epoch=self.owner_epoch)
+                                      stop=cancelled.is_set, owner_epoch=self.owner_epoch,
+                                      credentials=getattr(self.master, "credentials", None))
 
     def _train(self, cancelled: threading.Event) -> None:
         t = self.train

@@ -36,7 +36,8 @@ def launcher_from_args(args: argparse.Namespace) -> Launcher:
 
 def up_command(args) -> int:
     spec = ClusterSpec(workers=args.workers, ps=args.ps, port=args.port, device=args.device,
-                       state_dir=args.state_dir or "", heartbeat_timeout=args.heartbeat_timeout)
+                       state_dir=args.state_dir or "", heartbeat_timeout=args.heartbeat_timeout,
+                       tls_dir=args.tls_dir or os.environ.get("PSTRAIN_TLS_DIR", ""), insecure=args.insecure)
     launcher = launcher_from_args(args)
     with sigterm_interrupts():
         handle = launcher.start(spec)

@@ -22,6 +22,7 @@ import sys
 from typing import Any, Iterator, Mapping, TextIO
 
 from client.job import Job, load_job_file
+from client.launchers import user_credentials
 from client.progress import format_metrics
 from pstrain.transport.master_client import MasterClient, master_address
 
@@ -55,7 +56,9 @@ def connect_timeout(args) -> float:
 def master_client(args, address: str | None = None) -> MasterClient:
     """A client of ``address``, else of the master the flags name (``--master``, else
     ``$PSTRAIN_MASTER``, else 127.0.0.1:50051)."""
-    return MasterClient(address or master_address(getattr(args, "master", None)), connect_timeout=connect_timeout(args))
+    address = address or master_address(getattr(args, "master", None))
+    return MasterClient(address, connect_timeout=connect_timeout(args),
+                        credentials=user_credentials(address, getattr(args, "state_dir", None)))
 
 
 def load_job(args) -> tuple[Job, str]:

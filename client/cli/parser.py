@@ -22,6 +22,7 @@ from client.cli.jobs import (
     submit_command,
 )
 from client.cli.plan import plan_command
+from client.cli.security import certs_init_command, token_create_command
 from client.cli.train import train_command
 from client.job import MODES
 from client.launchers import DEFAULT_LAUNCHER, DEVICES, LAUNCHERS, launcher_class
@@ -69,6 +70,13 @@ def _launcher_name(text: str) -> str:
     return text
 
 
+def _security_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tls-dir", help="mutual TLS between every process and psctl: the directory psctl certs init made "
+                                     "(else $PSTRAIN_TLS_DIR; default: plaintext, loopback only)")
+    p.add_argument("--insecure", action="store_true",
+                   help="let services serve plaintext on addresses other machines reach (a network you trust only)")
+
+
 def _launcher_options(p: argparse.ArgumentParser) -> None:
     # Read from the registry when the parser is built, so a newly registered backend (and
     # its own flags) needs no change here.
@@ -94,6 +102,8 @@ EXAMPLES = {
               "psctl train examples/graph_api.py --in-process -o line.npz"],
     "plot": ["psctl plot job-000001 -o curves.png"],
     "plan": ["psctl plan examples/mnist_mlp.py --ps 2", "psctl plan examples/eager_regression.py --png plan.png"],
+    "certs": ["psctl certs init ~/.pstrain/tls", "psctl certs init ./tls --host master.example.org --days 90"],
+    "token": ["psctl token create alice", "psctl token create ops --admin --state-dir /srv/pstrain"],
 }
 
 
@@ -126,6 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--heartbeat-timeout", type=float, default=5.0, help="seconds before a silent node counts as dead")
     c.add_argument("--start-timeout", type=float, default=120.0, help="seconds to wait for the cluster to come up")
     _launcher_options(c)
+    _security_options(c)
     c.add_argument("--detach", action="store_true", help="return once the cluster is up; stop it with psctl down")
     c.add_argument("--state-dir", help="state file, logs and job database (default $PSTRAIN_HOME or ~/.pstrain/cluster)")
 
@@ -177,6 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--device", choices=DEVICES, help="workers' kernel backend (default: the model's)")
     c.add_argument("--start-timeout", type=float, default=120.0, help="seconds to wait for the cluster to come up")
     _launcher_options(c)
+    _security_options(c)
     c.add_argument("--in-process", action="store_true", help="train in this process, without a cluster")
     c.add_argument("-o", "--output", help="write the trained model (.npz) here")
     c.add_argument("--plot", metavar="FILE", help="write the loss and accuracy curves (PNG) here")
@@ -193,4 +205,20 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--png", help="render the plan graph to this PNG (needs Graphviz)")
     c.add_argument("--dot", help="write the plan graph's Graphviz DOT source here")
     c.add_argument("--json", action="store_true", help="print the plan as JSON")
+
+    c = command("certs", certs_init_command, "make a cluster CA and a certificate per role (mutual TLS)")
+    c.add_argument("action", choices=["init"], help="init: write ca.crt/ca.key and <role>.crt/.key")
+    c.add_argument("directory", help="where to write them (0700; keys 0600)")
+    c.add_argument("--host", action="append", help="an extra DNS name or IP address for every certificate (repeatable)")
+    c.add_argument("--days", type=_positive(int), default=365, help="validity of the role certificates (default 365)")
+    c.add_argument("--role", action="append", choices=["master", "ps", "worker", "user"],
+                   help="only this role (repeatable; default: all four)")
+
+    c = command("token", token_create_command, "create a user token the master accepts")
+    c.add_argument("action", choices=["create"], help="create: print a new token and store its hash")
+    c.add_argument("name", help="the user's name (jobs they submit are theirs)")
+    c.add_argument("--admin", action="store_true", help="may cancel and export anyone's jobs")
+    c.add_argument("--state-dir", help="the cluster's state directory (its tokens.json; default $PSTRAIN_HOME or "
+                                       "~/.pstrain/cluster)")
+    c.add_argument("--tokens-file", help="the master's --tokens-file, when not in the state directory")
     return p

@@ -14,7 +14,7 @@ from typing import Any, Mapping
 
 from client.cli.common import EXIT_OK, CommandError, connect_timeout, load_job, print_json
 from client.job import job_to_spec
-from client.launchers import ClusterSpec
+from client.launchers import ClusterSpec, user_credentials
 from pstrain.transport.master_client import MasterClient, MasterUnavailable, master_address
 
 SHARD_COLORS = ("#fdd49e", "#c7e9c0", "#d4b9da", "#fcbba1", "#fee391", "#ccebc5", "#fbb4ae", "#decbe4")
@@ -140,7 +140,7 @@ def plan_command(args) -> int:
     num_shards = args.num_shards or ClusterSpec.ps
     address = master_address(getattr(args, "master", None))
     local = None
-    client = MasterClient(address, connect_timeout=min(connect_timeout(args), 2.0))
+    client = MasterClient(address, connect_timeout=min(connect_timeout(args), 2.0), credentials=user_credentials(address))
     try:
         text, data, graph = client.plan(spec)
     except MasterUnavailable:

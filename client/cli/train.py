@@ -52,14 +52,16 @@ def train_command(args) -> int:
     spec = job_to_spec(job, name, device=device)
     view = None if args.json else WatchView(job.epochs, steps_per_epoch(job))
     state_dir = tempfile.mkdtemp(prefix="pstrain-train-")
-    cluster = ClusterSpec(workers=args.workers, ps=args.ps, port=0, state_dir=state_dir, device=device)
+    cluster = ClusterSpec(workers=args.workers, ps=args.ps, port=0, state_dir=state_dir, device=device,
+                          tls_dir=args.tls_dir or os.environ.get("PSTRAIN_TLS_DIR", ""), insecure=args.insecure)
     keep_logs = True
     try:
         with sigterm_interrupts(), local_cluster(cluster, launcher_from_args(args)) as handle:
             if not args.json:
                 print(f"{handle.launcher} cluster: master at {handle.master_address}, {args.ps} ps shards, {args.workers} workers",
                       flush=True)
-            client = MasterClient(handle.master_address, connect_timeout=connect_timeout(args))
+            client = MasterClient(handle.master_address, connect_timeout=connect_timeout(args),
+                                  credentials=handle.user_credentials())
             try:
                 status = client.submit(spec)
                 final = follow(client, status["id"], view)

@@ -46,6 +46,7 @@ from client.launchers.base import (
     remove_handle,
     scale_job,
     tail,
+    user_credentials,
     write_handle,
     write_scrape_targets,
 )
@@ -67,7 +68,7 @@ __all__ = [
     "ClusterError", "ClusterHandle", "ClusterSpec", "Launcher", "LocalProcessLauncher", "ProcessStatus", "RayLauncher",
     "connectable", "default_state_dir", "describe_exit", "get_launcher", "launcher_class", "load_handle",
     "local_cluster", "parse_metrics_line", "parse_ready_line", "pid_alive", "register_launcher", "remove_handle",
-    "scale_job", "tail", "thread_env", "write_handle", "write_scrape_targets",
+    "scale_job", "tail", "thread_env", "user_credentials", "write_handle", "write_scrape_targets",
 ]
 
 LAUNCHERS: dict[str, type[Launcher]] = {}  # name -> backend; fill it with register_launcher

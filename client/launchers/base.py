@@ -66,6 +66,8 @@ class ClusterSpec:
     device: str = "cpu"
     heartbeat_timeout: float = 5.0
     checkpoint_dir: str = ""
+    tls_dir: str = ""  # mutual TLS between every process (psctl certs init); "" = plaintext on loopback
+    insecure: bool = False  # plaintext even where other machines can reach the services
 
     def __post_init__(self):
         for name in ("workers", "ps"):
@@ -88,6 +90,8 @@ class ClusterSpec:
         checkpoint_dir = self.checkpoint_dir or os.path.join(state_dir, "checkpoints")
         object.__setattr__(self, "checkpoint_dir", os.path.abspath(os.path.expanduser(checkpoint_dir)))
         object.__setattr__(self, "heartbeat_timeout", float(self.heartbeat_timeout))
+        if self.tls_dir:
+            object.__setattr__(self, "tls_dir", os.path.abspath(os.path.expanduser(self.tls_dir)))
 
     @property
     def log_dir(self) -> str:
@@ -121,6 +125,9 @@ class ClusterHandle:
     # The backend's own state (JSON values): e.g. the Ray launcher's cluster address,
     # namespace and actor names, so that ``psctl down`` from another process finds them.
     backend: dict[str, Any] = field(default_factory=dict)
+    # The cluster's secrets (the state file is 0600): "token", the admin user's token psctl
+    # presents; "node_token", what the cluster's processes present to each other.
+    secrets: dict[str, str] = field(default_factory=dict)
 
     def processes(self) -> Iterator[tuple[str, int, int, str]]:
         """(role, index, pid, log path) for every process, master first."""
@@ -135,7 +142,7 @@ class ClusterHandle:
             "pids": self.pids, "logs": self.logs, "spec": asdict(self.spec) if self.spec else None,
             "metrics_address": self.metrics_address, "launcher": self.launcher,
             "args": self.args, "restarts": self.restarts, "supervisor_pid": self.supervisor_pid,
-            "backend": self.backend,
+            "backend": self.backend, "secrets": self.secrets,
         }
 
     @classmethod
@@ -151,7 +158,46 @@ class ClusterHandle:
             restarts={r: [int(n) for n in d.get("restarts", {}).get(r, [])] for r in ROLES},
             supervisor_pid=int(d.get("supervisor_pid", 0) or 0),
             backend=dict(d.get("backend") or {}),
+            secrets={str(k): str(v) for k, v in (d.get("secrets") or {}).items()},
         )
+
+    # -- credentials --------------------------------------------------------------------------------
+    def make_secrets(self) -> None:
+        """The cluster's tokens, made once: the environment's when set (``PSTRAIN_NODE_TOKEN``,
+        ``PSTRAIN_ADMIN_TOKEN``), else new random ones."""
+        from pstrain.transport.security import admin_token_from_env, new_token, node_token_from_env
+
+        if not self.secrets.get("node_token"):
+            self.secrets["node_token"] = node_token_from_env() or new_token()
+        if not self.secrets.get("token"):
+            self.secrets["token"] = admin_token_from_env() or new_token()
+
+    def service_env(self, role: str) -> dict[str, str]:
+        """What a service of ``role`` needs in its environment to join the cluster."""
+        self.make_secrets()
+        env = {"PSTRAIN_NODE_TOKEN": self.secrets["node_token"]}
+        if role == "master":
+            env["PSTRAIN_ADMIN_TOKEN"] = self.secrets["token"]
+        if self.spec is not None and self.spec.tls_dir:
+            env["PSTRAIN_TLS_DIR"] = self.spec.tls_dir
+        if self.spec is not None and self.spec.insecure:
+            env["PSTRAIN_INSECURE"] = "1"
+        return env
+
+    def user_credentials(self):
+        """What psctl presents to this cluster's master: the admin token (and, with TLS,
+        the user certificate)."""
+        from pstrain.transport.security import Credentials, TLSFiles
+
+        tls_dir = self.spec.tls_dir if self.spec is not None else ""
+        return Credentials(user_token=self.secrets.get("token", ""), tls=TLSFiles(tls_dir, "user") if tls_dir else None)
+
+    def node_credentials(self):
+        """What a node of this cluster presents (benchmarks and tests calling shards)."""
+        from pstrain.transport.security import Credentials, TLSFiles
+
+        tls_dir = self.spec.tls_dir if self.spec is not None else ""
+        return Credentials(node_token=self.secrets.get("node_token", ""), tls=TLSFiles(tls_dir, "worker") if tls_dir else None)
 
 
 @dataclass(frozen=True)
@@ -189,6 +235,42 @@ def load_handle(state_dir: str | None = None) -> ClusterHandle | None:
     except (ValueError, KeyError, TypeError) as exc:
         raise ValueError(f"the cluster state file {path} is unreadable ({exc}); stop any pstrain processes "
                          "by hand and delete it") from None
+
+
+def open_log(path: str):
+    """``path`` opened to append, binary, readable by its owner only (0600)."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    os.fchmod(fd, 0o600)
+    return open(fd, "ab")
+
+
+def make_private_dirs(spec: ClusterSpec) -> None:
+    """The state and log directories, the owner's only (0700): they hold the cluster's
+    tokens, its job database and the services' logs."""
+    for path in (spec.state_dir, spec.log_dir):
+        os.makedirs(path, mode=0o700, exist_ok=True)
+        os.chmod(path, 0o700)
+
+
+def user_credentials(master: str, state_dir: str | None = None):
+    """What a user's call to the master at ``master`` presents: ``PSTRAIN_TOKEN`` (or
+    ``PSTRAIN_TOKEN_FILE``) and ``PSTRAIN_TLS_DIR``'s user certificate when set; else the
+    admin token and TLS directory of the cluster psctl up recorded in ``state_dir``
+    (default: :func:`default_state_dir`), if that cluster's master is the one called (a
+    token is never sent to another master)."""
+    import dataclasses
+
+    from pstrain.transport.security import Credentials
+
+    creds = Credentials.from_env("user")
+    try:
+        handle = load_handle(state_dir)
+    except ValueError:
+        handle = None
+    if handle is None or handle.master_address != master:
+        return creds
+    recorded = handle.user_credentials()  # what is not in the environment, from the state file
+    return dataclasses.replace(creds, user_token=creds.user_token or recorded.user_token, tls=creds.tls or recorded.tls)
 
 
 def write_scrape_targets(handle: ClusterHandle, nodes: list[dict]) -> str:
@@ -349,7 +431,8 @@ class Launcher(abc.ABC):
 
         from pstrain.transport.master_client import MasterClient, MasterUnavailable  # grpc only when a cluster runs
 
-        client = MasterClient(handle.master_address, timeout=5.0, connect_timeout=1.0)
+        client = MasterClient(handle.master_address, timeout=5.0, connect_timeout=1.0,
+                              credentials=handle.user_credentials())
         counts = {"ps": 0, "worker": 0}
         try:
             while True:

@@ -34,6 +34,8 @@ from client.launchers.base import (
     ProcessStatus,
     describe_exit,
     indented_tail,
+    make_private_dirs,
+    open_log,
     remove_handle,
     tail,
     write_handle,
@@ -162,7 +164,7 @@ class LocalProcessLauncher(Launcher):
     # -- start ------------------------------------------------------------------------------------------
     def start(self, spec: ClusterSpec) -> ClusterHandle:
         self.claim_state_dir(spec)
-        os.makedirs(spec.log_dir, exist_ok=True)
+        make_private_dirs(spec)
         os.makedirs(spec.checkpoint_dir, exist_ok=True)
         address = f"{spec.host}:{spec.port}"
         handle = ClusterHandle(master_address=address, state_dir=spec.state_dir, spec=spec, launcher=self.name)
@@ -207,7 +209,8 @@ class LocalProcessLauncher(Launcher):
         log_path = os.path.join(handle.state_dir, "logs", f"{role}-{index}.log")
         env = process_env()
         env.update(thread_env(role, handle.spec.workers))
-        with open(log_path, "ab") as out:
+        env.update(handle.service_env(role))
+        with open_log(log_path) as out:
             proc = subprocess.Popen(
                 [self.python, *args], stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                 env=env, start_new_session=True,

@@ -51,6 +51,8 @@ from client.launchers.base import (
     Launcher,
     ProcessStatus,
     indented_tail,
+    make_private_dirs,
+    open_log,
     remove_handle,
     tail,
     write_handle,
@@ -108,6 +110,7 @@ class ServiceHost:
         self.role, self.index = role, index
         self.log_path = log_path
         _log_to_file(log_path, role)
+        _materialize_tls(role)
         host = "127.0.0.1" if loopback else ray.util.get_node_ip_address()
         argv = _argv_set(argv, "--host", host)
         key = _kv_key(cluster, role, index)
@@ -149,10 +152,38 @@ def _remote_host(ray):
     return _REMOTE_HOST
 
 
+TLS_PEM_VAR = "PSTRAIN_TLS_PEM"  # the role's TLS files (JSON {name: PEM}), through the actor's runtime env
+
+
+def tls_pem_env(tls_dir: str, role: str) -> dict[str, str]:
+    """The CA certificate and ``role``'s certificate and key, as one environment variable:
+    an actor may land on any node, which need not see psctl's files."""
+    files = {}
+    for name in ("ca.crt", f"{role}.crt", f"{role}.key"):
+        with open(os.path.join(tls_dir, name)) as f:
+            files[name] = f.read()
+    return {TLS_PEM_VAR: json.dumps(files)}
+
+
+def _materialize_tls(role: str) -> None:
+    """Write the TLS files the runtime env carries into a private directory (0700, keys
+    0600) on this node, and point the service at it."""
+    payload = os.environ.pop(TLS_PEM_VAR, "")
+    if not payload:
+        return
+    from pstrain.transport.security import write_private
+
+    directory = tempfile.mkdtemp(prefix=f"pstrain-tls-{role}-")
+    for name, text in json.loads(payload).items():
+        write_private(os.path.join(directory, os.path.basename(name)), text)
+    os.environ["PSTRAIN_TLS_DIR"] = directory
+
+
 def _log_to_file(path: str, role: str) -> None:
     """Send this process's log records to ``path`` too (Ray keeps the actor's stdout in
     its own session directory), in the format ``python -m <role>`` uses."""
-    os.makedirs(os.path.dirname(path), exist_ok=True)
+    os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+    open_log(path).close()  # the owner's only, like every log
     handler = logging.FileHandler(path)
     handler.setFormatter(logging.Formatter(f"%(asctime)s %(levelname)s {role} %(name)s: %(message)s"))
     root = logging.getLogger()
@@ -191,8 +222,8 @@ def start_head(log_path: str, temp_dir: str, num_cpus: float, num_gpus: int = 0,
         cmd += ["--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard_port)]
     env = process_env()
     env.setdefault("RAY_AUTH_MODE", "disabled")
-    os.makedirs(os.path.dirname(log_path), exist_ok=True)
-    with open(log_path, "ab") as out:
+    os.makedirs(os.path.dirname(log_path), mode=0o700, exist_ok=True)
+    with open_log(log_path) as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
                                 start_new_session=True)
     deadline = time.monotonic() + timeout
@@ -325,7 +356,7 @@ class RayLauncher(Launcher):
 
     def start(self, spec: ClusterSpec) -> ClusterHandle:
         self.claim_state_dir(spec)
-        os.makedirs(spec.log_dir, exist_ok=True)
+        make_private_dirs(spec)
         os.makedirs(spec.checkpoint_dir, exist_ok=True)
         cluster = uuid.uuid4().hex[:8]
         handle = ClusterHandle(master_address="", state_dir=spec.state_dir, spec=spec, launcher=self.name,
@@ -417,6 +448,9 @@ class RayLauncher(Launcher):
         else:  # a node of a cluster: a worker's threads are the CPUs Ray gave it
             env = thread_env(role, 1, cores=max(1, int(res.get("CPU", 1))))
         env.update({k: os.environ[k] for k in PASSED_ENV if k in os.environ})
+        env.update(handle.service_env(role))  # the cluster's tokens reach the actor only
+        if env.pop("PSTRAIN_TLS_DIR", ""):  # the files themselves: the actor's node may not see psctl's
+            env.update(tls_pem_env(spec.tls_dir, role))
         name = actor_name(handle.backend["cluster"], role, index)
         log_path = os.path.join(spec.log_dir, f"{role}-{index}.log")
         detached = self.detached if detached is None else detached
@@ -507,7 +541,8 @@ class RayLauncher(Launcher):
     def _master_nodes(self, handle: ClusterHandle) -> list[dict]:
         from pstrain.transport.master_client import MasterClient
 
-        client = MasterClient(handle.master_address, timeout=5.0, connect_timeout=5.0)
+        client = MasterClient(handle.master_address, timeout=5.0, connect_timeout=5.0,
+                              credentials=handle.user_credentials())
         try:
             return client.nodes()
         finally:

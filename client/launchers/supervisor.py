@@ -26,7 +26,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
-from client.launchers.base import ClusterError, ClusterHandle, Launcher, describe_exit, load_handle, write_handle
+from client.launchers.base import ClusterError, ClusterHandle, Launcher, describe_exit, load_handle, open_log, write_handle
 from client.launchers.local import process_env
 
 log = logging.getLogger(__name__)
@@ -125,9 +125,9 @@ class Supervisor:
 def start_supervisor(handle: ClusterHandle) -> int:
     """Start ``python -m client.launchers.supervisor`` for a detached cluster; its pid goes
     into the state file so that ``psctl down`` stops it first."""
-    os.makedirs(os.path.join(handle.state_dir, "logs"), exist_ok=True)
+    os.makedirs(os.path.join(handle.state_dir, "logs"), mode=0o700, exist_ok=True)
     log_path = os.path.join(handle.state_dir, "logs", "supervisor.log")
-    with open(log_path, "ab") as out:
+    with open_log(log_path) as out:
         proc = subprocess.Popen([sys.executable, "-m", "client.launchers.supervisor", "--state-dir", handle.state_dir],
                                 stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=process_env(),
                                 start_new_session=True)

@@ -21,6 +21,7 @@ from graph.core import Graph
 from protos import codec, jobcodec, master_pb2, master_pb2_grpc
 from pstrain.runtime.spec import HeartbeatReply, JobSpec, SlotRef
 from pstrain.transport import rpc
+from pstrain.transport.security import Credentials
 
 DEFAULT_MASTER = "127.0.0.1:50051"
 
@@ -49,13 +50,18 @@ def status_to_dict(s: master_pb2.JobStatus) -> dict:
         "updated": s.updated,
         "events": list(s.events),
         "workers": jobcodec.workers_from_proto(s.workers),
+        "owner": s.owner,
     }
 
 
 class MasterClient:
-    def __init__(self, address: str | None = None, timeout: float = 30.0, connect_timeout: float = 5.0):
+    def __init__(self, address: str | None = None, timeout: float = 30.0, connect_timeout: float = 5.0,
+                 credentials: Credentials | None = None):
+        """``credentials``: what calls present (default: this process's, see
+        ``pstrain.transport.security``)."""
         self.address = master_address(address)
-        self.channel = rpc.make_channel(self.address)
+        self.credentials = credentials
+        self.channel = rpc.make_channel(self.address, "master", credentials)
         self.stub = master_pb2_grpc.MasterStub(self.channel)
         self.timeout = timeout
         self.connect_timeout = connect_timeout

@@ -21,14 +21,16 @@ import grpc
 from pstrain.runtime.spec import SlotRef
 from pstrain.transport import rpc
 from pstrain.transport.master_client import MasterClient
+from pstrain.transport.security import Credentials
 
 log = logging.getLogger(__name__)
 
 
 class NodeMembership:
     def __init__(self, master: str, role: str, address: str = "", name: str = "", interval: float = 0.5,
-                 on_response: Callable | None = None, register_timeout: float = 60.0, metrics_address: str = ""):
-        self.client = MasterClient(master, timeout=10.0, connect_timeout=register_timeout)
+                 on_response: Callable | None = None, register_timeout: float = 60.0, metrics_address: str = "",
+                 credentials: Credentials | None = None):
+        self.client = MasterClient(master, timeout=10.0, connect_timeout=register_timeout, credentials=credentials)
         self.role, self.address, self.name = role, address, name
         self.metrics_address = metrics_address  # where this node serves /metrics ("" = nowhere)
         self.interval = interval

@@ -35,6 +35,7 @@ from protos.tensorwire import RAW_SERVICE
 from pstrain.runtime.parameters import Fenced, ParameterClient, RolledBack
 from pstrain.runtime.placement import Placement
 from pstrain.transport import rpc
+from pstrain.transport.security import Credentials
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +89,8 @@ class ShardedParameterClient(ParameterClient):
                  timeout: float = 600.0, rpc_timeout: float = 660.0, retries: int = 5, retry_delay: float = 0.2,
                  on_transfer: Callable[[int, int], None] | None = None,
                  connect: Callable[[str], ParameterServerClient] | None = None, retry_for: float = 0.0,
-                 stop: Callable[[], bool] | None = None, owner_epoch: int = 0):
+                 stop: Callable[[], bool] | None = None, owner_epoch: int = 0,
+                 credentials: Credentials | None = None):
         if len(addresses) != placement.num_shards:
             raise ValueError(f"job '{job}': {len(addresses)} shard addresses for a placement on {placement.num_shards} "
                              "shards; give one address per shard, in shard order")
@@ -98,7 +100,7 @@ class ShardedParameterClient(ParameterClient):
         self.on_transfer = on_transfer
         self.stop = stop  # () -> True once retrying is pointless (the task was cancelled)
         self.bytes_sent = self.bytes_received = 0
-        connect = connect or (lambda address: ParameterServerClient(address, timeout=60.0))
+        connect = connect or (lambda address: ParameterServerClient(address, timeout=60.0, credentials=credentials))
         self.shards = []
         try:
             for address in addresses:
@@ -225,9 +227,9 @@ class ShardedParameterClient(ParameterClient):
 class ParameterServerClient:
     """Client side of the PS protocol for one shard address (workers, master, tests)."""
 
-    def __init__(self, address: str, timeout: float = 30.0):
+    def __init__(self, address: str, timeout: float = 30.0, credentials: Credentials | None = None):
         self.address = address
-        self.channel = rpc.make_channel(address)
+        self.channel = rpc.make_channel(address, "ps", credentials)
         self.stub = ps_pb2_grpc.ParameterServerStub(self.channel)
         self.raw_push = self.channel.unary_unary(f"/{RAW_SERVICE}/Push")  # bytes in, bytes out
         self.raw_echo = self.channel.unary_unary(f"/{RAW_SERVICE}/Echo")  # the same, returning what it gets

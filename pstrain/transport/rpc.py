@@ -3,15 +3,17 @@ errors become gRPC status codes.
 
 Message-size limits are raised on purpose (tensors travel in single messages) and
 enforced: a message over the limit fails with RESOURCE_EXHAUSTED naming its size and
-the limit (``PSTRAIN_MAX_MESSAGE_BYTES`` raises it). TLS and token auth will hook in
-here.
+the limit (``PSTRAIN_MAX_MESSAGE_BYTES`` raises it). Security plugs in here
+(``pstrain.transport.security``): a server checks every call with its
+``Authenticator`` and binds with mutual TLS when it has TLS files (plaintext only on
+loopback, unless told ``insecure``); a channel presents the process's credentials.
 
 Usage::
 
-    server = make_server(max_workers=16)
+    server = make_server(max_workers=16, authenticator=auth)
     add_ParameterServerServicer_to_server(servicer, server)
-    port = server.add_insecure_port("127.0.0.1:0"); server.start()
-    channel = make_channel(f"127.0.0.1:{port}")
+    port = bind(server, "127.0.0.1", 0, tls=None); server.start()
+    channel = make_channel(f"127.0.0.1:{port}", "ps")
 """
 from __future__ import annotations
 
@@ -21,6 +23,18 @@ from concurrent import futures
 from typing import Callable
 
 import grpc
+
+from pstrain.transport.security import (
+    Authenticator,
+    AuthInterceptor,
+    Credentials,
+    SecurityError,
+    TLSFiles,
+    is_loopback,
+    process_credentials,
+    secure_channel,
+    server_credentials,
+)
 
 log = logging.getLogger(__name__)
 
@@ -49,19 +63,35 @@ def _options(limit: int | None) -> list[tuple[str, int]]:
     ]
 
 
-def make_server(max_workers: int = 32, max_message: int | None = None) -> grpc.Server:
-    """A threaded gRPC server with pstrain's message limits."""
-    return grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), options=_options(max_message))
+def make_server(max_workers: int = 32, max_message: int | None = None,
+                authenticator: Authenticator | None = None) -> grpc.Server:
+    """A threaded gRPC server with pstrain's message limits; with an ``authenticator``,
+    every call is checked before its method runs."""
+    interceptors = [AuthInterceptor(authenticator)] if authenticator is not None else []
+    return grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), options=_options(max_message),
+                       interceptors=interceptors)
 
 
-def make_channel(address: str, max_message: int | None = None) -> grpc.Channel:
-    """A channel to ``address`` (host:port) with pstrain's message limits."""
-    return grpc.insecure_channel(address, options=_options(max_message))
+def make_channel(address: str, server_role: str = "ps", credentials: Credentials | None = None,
+                 max_message: int | None = None) -> grpc.Channel:
+    """A channel to the ``server_role`` ("master" or "ps") service at ``address``
+    (host:port) with pstrain's message limits, presenting ``credentials`` (default: the
+    process's): mutual TLS when they hold TLS files."""
+    creds = credentials if credentials is not None else process_credentials()
+    return secure_channel(address, server_role, creds, _options(max_message))
 
 
-def bind(server: grpc.Server, host: str, port: int) -> int:
-    """Bind ``host:port`` (port 0 picks a free one); returns the bound port."""
-    bound = server.add_insecure_port(f"{host}:{port}")
+def bind(server: grpc.Server, host: str, port: int, tls: TLSFiles | None = None, insecure: bool = False) -> int:
+    """Bind ``host:port`` (port 0 picks a free one), with mutual TLS when ``tls`` is
+    given; returns the bound port. Plaintext on a non-loopback address is refused
+    unless ``insecure``."""
+    if tls is not None:
+        bound = server.add_secure_port(f"{host}:{port}", server_credentials(tls))
+    elif is_loopback(host) or insecure:
+        bound = server.add_insecure_port(f"{host}:{port}")
+    else:
+        raise SecurityError(f"refusing to serve plaintext on {host}:{port}, which other machines can reach: give "
+                            "--tls-dir (psctl certs init makes the files) or, on a network you trust, --insecure")
     if bound == 0:
         raise OSError(f"cannot listen on {host}:{port}: the address is in use or not available")
     return bound

@@ -104,6 +104,14 @@ def ports(svc: dict) -> list[tuple[int | None, int]]:
     return out
 
 
+def secrets(svc: dict) -> list[tuple[str, str]]:
+    """(source, target) pairs of a service's secrets (target: the file in /run/secrets)."""
+    out = []
+    for s in svc.get("secrets") or []:
+        out.append((s["source"], s.get("target", s["source"])) if isinstance(s, dict) else (str(s), str(s)))
+    return out
+
+
 def volumes(svc: dict) -> list[tuple[str, str]]:
     """(source, target) pairs, from the short or the long syntax."""
     out = []
@@ -384,7 +392,8 @@ def test_health_checks_restart_policies_and_start_order(compose):
     for name, svc in pstrain_services(compose).items():
         test = " ".join(svc["healthcheck"]["test"])
         if role_module(svc) in ("master", "psserver"):
-            assert "channel_ready_future" in test and "PSTRAIN_PORT" in test, f"{name}: a gRPC health check"
+            # pstrain.transport.health: a (mutual TLS) channel to 127.0.0.1:$PSTRAIN_PORT, ready or not
+            assert test.endswith("python -m pstrain.transport.health"), f"{name}: a gRPC health check"
         if name != "master":
             dep = svc.get("depends_on")
             assert isinstance(dep, dict) and dep.get("master", {}).get("condition") == "service_healthy", (
@@ -398,8 +407,8 @@ def test_state_lives_on_named_volumes_the_image_prepares(compose):
     for name, svc in pstrain_services(compose).items():
         mounts = {target: source for source, target in volumes(svc)}
         for var, value in environment(svc).items():
-            if not (var.startswith("PSTRAIN_") and value.startswith("/")):
-                continue
+            if not (var.startswith("PSTRAIN_") and value.startswith("/")) or value.startswith("/run/secrets"):
+                continue  # (secrets: compose's read-only mounts of deploy/secrets, not state)
             directory = os.path.dirname(value) if var == "PSTRAIN_DB" else value
             on = [t for t in mounts if directory == t or directory.startswith(t.rstrip("/") + "/")]
             assert on, f"service {name}: {var}={value} is not on a volume; it would be lost with the container"
@@ -496,8 +505,10 @@ class LocalCompose:
     127.0.0.1, each fixed port a free local port (consistently: ``master:50051`` is
     wherever the master's 50051 went), each named volume a directory under ``tmp``."""
 
-    def __init__(self, compose: dict, tmp: Path, replicas: dict[str, int]):
-        self.compose, self.tmp = compose, tmp
+    def __init__(self, compose: dict, tmp: Path, replicas: dict[str, int], secrets: Path | None = None):
+        """``secrets``: where ``psctl certs init`` wrote the files compose's secrets name
+        (its ``./deploy/secrets``)."""
+        self.compose, self.tmp, self.secrets = compose, tmp, secrets
         self.instances: list[Instance] = []
         for service, svc in pstrain_services(compose).items():
             for i in range(replicas.get(service, 1)):
@@ -544,6 +555,11 @@ class LocalCompose:
         for source, _ in volumes(inst.svc):
             if source and not source.startswith(("/", ".")):
                 (self.tmp / "volumes" / source).mkdir(parents=True, exist_ok=True)
+        for source, target in secrets(inst.svc):  # compose mounts each at /run/secrets/<target>
+            path = Path(self.translate(inst, "", f"/run/secrets/{target}"))
+            path.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(self.secrets / Path(self.compose["secrets"][source]["file"]).name, path)
+            path.chmod(0o600)
         inst.log.parent.mkdir(parents=True, exist_ok=True)
         with open(inst.log, "wb") as log:
             inst.proc = subprocess.Popen(inst.argv, cwd=ROOT, env=inst.env, stdout=log, stderr=subprocess.STDOUT,
@@ -600,8 +616,13 @@ def local_compose(compose, tmp_path_factory):
     """master, ps-0, ps-1 and two workers from docker-compose.yml, as local processes,
     started in compose's dependency order, waited for as compose waits; always stopped."""
     from pstrain.transport.master_client import MasterClient
+    from pstrain.transport.security import Credentials, TLSFiles
 
-    cluster = LocalCompose(compose, tmp_path_factory.mktemp("compose"), replicas={"worker": 2})
+    tmp = tmp_path_factory.mktemp("compose")
+    certs = subprocess.run([sys.executable, "-m", "client.cli", "certs", "init", str(tmp / "secrets")], cwd=ROOT,
+                           capture_output=True, text=True, timeout=60)
+    assert certs.returncode == 0, certs.stderr
+    cluster = LocalCompose(compose, tmp, replicas={"worker": 2}, secrets=tmp / "secrets")
     master = cluster.first("master")
     client = None
     try:
@@ -610,8 +631,10 @@ def local_compose(compose, tmp_path_factory):
         for inst in cluster.instances:
             if inst is not master:
                 cluster.start(inst)
+        user = Credentials(user_token=(tmp / "secrets" / "admin.token").read_text().strip(),
+                           tls=TLSFiles(str(tmp / "secrets"), "user"))  # what the README tells a user to use
         client = MasterClient(f"127.0.0.1:{master.ports[int(environment(master.svc)['PSTRAIN_PORT'])]}",
-                              connect_timeout=10)
+                              connect_timeout=10, credentials=user)
         want = {"ps": sum(role_module(i.svc) == "psserver" for i in cluster.instances),
                 "worker": sum(role_module(i.svc) == "worker" for i in cluster.instances)}
         deadline = time.monotonic() + 120

@@ -19,12 +19,30 @@ from tests.ray.conftest import SMALL_CPUS
 pytestmark = pytest.mark.timeout(600)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def cluster_tls(tmp_path_factory):
+    """The shared head's node address is not loopback, so its services speak mutual TLS:
+    every cluster here, and psctl, use one CA's certificates (PSTRAIN_TLS_DIR)."""
+    from pstrain.transport.security import make_certificates
+
+    directory = str(tmp_path_factory.mktemp("tls"))
+    make_certificates(directory)
+    saved = os.environ.get("PSTRAIN_TLS_DIR")
+    os.environ["PSTRAIN_TLS_DIR"] = directory
+    yield directory
+    if saved is None:
+        os.environ.pop("PSTRAIN_TLS_DIR", None)
+    else:
+        os.environ["PSTRAIN_TLS_DIR"] = saved
+
+
 def _launcher(head, **kw) -> RayLauncher:
     return RayLauncher(ray_address=head.address, cpus=SMALL_CPUS, start_timeout=kw.pop("start_timeout", 120), **kw)
 
 
 def _start(launcher, state_dir, **spec_kw):
-    spec = ClusterSpec(port=0, state_dir=str(state_dir), **{"workers": 2, "ps": 2, "heartbeat_timeout": 2.0, **spec_kw})
+    spec = ClusterSpec(port=0, state_dir=str(state_dir), **{"workers": 2, "ps": 2, "heartbeat_timeout": 2.0,
+                                                           "tls_dir": os.environ["PSTRAIN_TLS_DIR"], **spec_kw})
     with services_environment():
         return launcher.start(spec)
 
@@ -57,12 +75,14 @@ def test_killed_shard_and_worker_actors_come_back_and_the_job_finishes_bit_ident
     sync job: Ray restarts each (max_restarts); the shard binds its old port, so the
     master restores it from its checkpoint and rolls the job back; the worker registers
     under its name again and its slot comes back. The job ends SUCCEEDED with weights
-    bit-identical to an uninterrupted run on the same cluster."""
+    bit-identical to an uninterrupted run on the same cluster. The services listen on the
+    node's address, so the cluster runs mutual TLS: each actor gets its role's
+    certificate through its runtime env."""
     from pstrain.transport.master_client import MasterClient
 
     launcher = _launcher(ray_head)
     handle = _start(launcher, tmp_path / "c")
-    client = MasterClient(handle.master_address, connect_timeout=10)
+    client = MasterClient(handle.master_address, connect_timeout=10, credentials=handle.user_credentials())
     try:
         baseline = wait_job(client, client.submit(job_to_spec(make_job(epochs=30, num_shards=2), "whole"))["id"],
                             timeout=300)
@@ -166,7 +186,8 @@ def test_a_cuda_worker_gets_a_gpu_and_sees_cuda_visible_devices(ray_head, tmp_pa
     launcher = _launcher(ray_head)
     assert dict(launcher.bundles(ClusterSpec(workers=1, ps=1, device="cuda", state_dir=str(tmp_path))))["worker-0"] \
         == {"CPU": 0.5, "GPU": 1.0}
-    spec = ClusterSpec(workers=1, ps=1, port=0, state_dir=str(tmp_path / "c"), device="cuda")
+    spec = ClusterSpec(workers=1, ps=1, port=0, state_dir=str(tmp_path / "c"), device="cuda",
+                       tls_dir=os.environ["PSTRAIN_TLS_DIR"])
     with services_environment():
         monkeypatch.setenv("NUMBA_ENABLE_CUDASIM", "1")
         handle = launcher.start(spec)
@@ -174,7 +195,7 @@ def test_a_cuda_worker_gets_a_gpu_and_sees_cuda_visible_devices(ray_head, tmp_pa
         info = {(i["role"], i["index"]): i for i in launcher.describe(handle)}
         assert info[("worker", 0)]["cuda_visible_devices"] == "0", info
         assert not info[("ps", 0)]["cuda_visible_devices"], info  # only workers ask for GPUs
-        client = MasterClient(handle.master_address, connect_timeout=10)
+        client = MasterClient(handle.master_address, connect_timeout=10, credentials=handle.user_credentials())
         try:
             assert [n["alive"] for n in client.nodes() if n["role"] == "worker"] == [True]
         finally:
@@ -217,7 +238,7 @@ def test_psctl_scale_removes_and_adds_worker_actors_while_the_job_trains(ray_hea
     launcher = _launcher(ray_head, detached=True)
     handle = _start(launcher, tmp_path / "c")
     env = service_env(tmp_path / "c")
-    client = MasterClient(handle.master_address, connect_timeout=10)
+    client = MasterClient(handle.master_address, connect_timeout=10, credentials=handle.user_credentials())
     try:
         baseline = wait_job(client, client.submit(job_to_spec(make_job(epochs=60), "whole"))["id"], timeout=300)
         job = client.submit(job_to_spec(make_job(epochs=60), "scaled"))["id"]

@@ -1,0 +1,82 @@
+"""A cluster's credentials as a user meets them, with psctl as a subprocess: psctl up
+makes the cluster's tokens and keeps them in its 0600 state file (where psctl finds
+them); a wrong token is refused; psctl token create adds a user whose jobs are theirs;
+the state directory, database and logs are the owner's only; and a whole job trains
+over mutual TLS on a local cluster (psctl certs init, psctl train --tls-dir)."""
+from __future__ import annotations
+
+import json
+import os
+import stat
+
+import pytest
+
+from tests.integration.helpers import last_json, psctl, service_env, stop_leftover, write_job
+
+SECRETS = ("PSTRAIN_TOKEN", "PSTRAIN_TOKEN_FILE", "PSTRAIN_NODE_TOKEN", "PSTRAIN_NODE_TOKEN_FILE", "PSTRAIN_ADMIN_TOKEN",
+           "PSTRAIN_ADMIN_TOKEN_FILE", "PSTRAIN_TLS_DIR")
+
+
+def _user_env(state_dir, **extra):
+    """A user's shell: no tokens in the environment, the cluster's state in ``state_dir``."""
+    env = service_env(state_dir)
+    for name in SECRETS:
+        env.pop(name, None)
+    env.update(extra)
+    return env
+
+
+def _mode(path) -> int:
+    return stat.S_IMODE(os.stat(path).st_mode)
+
+
+@pytest.fixture
+def cluster(tmp_path):
+    state = tmp_path / "cluster"
+    env = _user_env(state)
+    out = psctl(["up", "--workers", "1", "--ps", "1", "--port", "0", "--detach", "--state-dir", state], env, timeout=180)
+    master = next(line.split("=", 1)[1].split()[0] for line in out.stdout.splitlines() if "PSTRAIN_MASTER=" in line)
+    env["PSTRAIN_MASTER"] = master
+    yield state, env
+    psctl(["down", "--state-dir", state], env, check=False)
+    stop_leftover(state)
+
+
+def test_psctl_up_keeps_the_tokens_private_and_psctl_finds_them(cluster, tmp_path):
+    state, env = cluster
+    handle = json.loads((state / "cluster.json").read_text())
+    token, node_token = handle["secrets"]["token"], handle["secrets"]["node_token"]
+    assert len(token) >= 40 and len(node_token) >= 40 and token != node_token
+    assert _mode(state / "cluster.json") == 0o600 and _mode(state) == 0o700 and _mode(state / "logs") == 0o700
+    for name in ("master.db", "master.db-wal"):
+        assert _mode(state / name) == 0o600, name
+    for log in (state / "logs").iterdir():
+        assert _mode(log) == 0o600, log
+        assert token not in log.read_text() and node_token not in log.read_text()
+    assert last_json(psctl(["list", "--json"], env).stdout) == []  # the admin token, from the state file
+    refused = psctl(["list", "--json"], dict(env, PSTRAIN_TOKEN="wrong"), check=False)
+    assert refused.returncode != 0 and "UNAUTHENTICATED: ListJobs needs a user token" in refused.stderr
+    # A new user: their own token, their own jobs.
+    created = psctl(["token", "create", "alice", "--state-dir", state], env)
+    alice = created.stdout.strip()
+    assert "user 'alice'" in created.stderr and _mode(state / "tokens.json") == 0o600
+    job = write_job(tmp_path, epochs=1)
+    submitted = last_json(psctl(["submit", job, "--json"], dict(env, PSTRAIN_TOKEN=alice)).stdout)
+    status = last_json(psctl(["status", submitted["id"], "--json"], env).stdout)
+    assert status["owner"] == "alice"
+    bob = psctl(["token", "create", "bob", "--state-dir", state], env).stdout.strip()
+    denied = psctl(["cancel", submitted["id"]], dict(env, PSTRAIN_TOKEN=bob), check=False)
+    assert denied.returncode != 0 and "PERMISSION_DENIED" in denied.stderr and "only its submitter (alice)" in denied.stderr
+
+
+def test_a_job_trains_over_mutual_tls(tmp_path):
+    tls = tmp_path / "tls"
+    env = _user_env(tmp_path / "home")
+    psctl(["certs", "init", tls], env)
+    assert sorted(os.listdir(tls)) == sorted([f"{r}.{e}" for r in ("ca", "master", "ps", "worker", "user")
+                                              for e in ("crt", "key")] + ["admin.token", "node.token"])
+    assert all(_mode(tls / name) == 0o600 for name in os.listdir(tls) if name.endswith((".key", ".token")))
+    job = write_job(tmp_path, epochs=2)
+    out = psctl(["train", job, "--workers", "2", "--ps", "2", "--tls-dir", tls, "--json"], env, timeout=300)
+    result = last_json(out.stdout)
+    assert result["state"] == "SUCCEEDED" and result["metrics"]["test_accuracy"] > 0.85

@@ -1,0 +1,246 @@
+"""Who may call what, with real servers on 127.0.0.1: every RPC of the master and of a
+shard called without credentials, with a wrong token, and with the wrong kind of
+credential is refused (UNAUTHENTICATED / PERMISSION_DENIED) and changes nothing; a
+user may cancel, scale or export only their own jobs; mutual TLS with the cluster's
+certificates, and a certificate of another CA refused in the handshake; plaintext
+refused on addresses other machines reach; token files and certificates 0600."""
+from __future__ import annotations
+
+import os
+import stat
+
+import grpc
+import pytest
+from google.protobuf import message_factory
+
+from client import nn
+from client.job import Job, job_to_spec
+from master.config import MasterConfig
+from master.service import serve as serve_master
+from protos import master_pb2, ps_pb2
+from protos.tensorwire import RAW_SERVICE
+from psserver.config import PSConfig
+from psserver.service import serve as serve_ps
+from pstrain.transport import rpc
+from pstrain.transport.master_client import MasterClient
+from pstrain.transport.ps_client import ParameterServerClient
+from pstrain.transport.security import (
+    Authenticator,
+    Credentials,
+    SecurityError,
+    TLSFiles,
+    UserTokens,
+    make_certificates,
+    service_credentials,
+)
+
+NODE = Credentials(node_token="node-secret")
+WRONG = Credentials(user_token="not-a-token", node_token="not-the-node-token")
+NOBODY = Credentials()
+
+
+@pytest.fixture(scope="module")
+def spec():
+    model = nn.Sequential([nn.Dense(4, activation="softmax", input_dim=64)], seed=0)
+    model.compile(nn.optimizers.SGD(0.1), "sparse_categorical_crossentropy")
+    return job_to_spec(Job(model, dataset="digits", batch_size=16, epochs=1), name="tiny")
+
+
+@pytest.fixture
+def secured(tmp_path, monkeypatch):
+    """A master and a shard with node token "node-secret"; users: the admin token
+    "admin-secret", alice and bob from the token file."""
+    monkeypatch.setenv("PSTRAIN_ADMIN_TOKEN", "admin-secret")
+    tokens = str(tmp_path / "tokens.json")
+    users = {"alice": UserTokens.add(tokens, "alice"), "bob": UserTokens.add(tokens, "bob")}
+    master, mport, coordinator = serve_master(MasterConfig(port=0, db=str(tmp_path / "m.db"), tokens_file=tokens,
+                                                           metrics_port=-1), NODE)
+    ps, pport, servicer = serve_ps(PSConfig(port=0, metrics_port=-1), NODE)
+    clients = []
+
+    class Cluster:
+        shard = servicer
+        master_address, ps_address = f"127.0.0.1:{mport}", f"127.0.0.1:{pport}"
+        admin = Credentials(user_token="admin-secret")
+        alice, bob = Credentials(user_token=users["alice"]), Credentials(user_token=users["bob"])
+
+        def master(self, creds):
+            c = MasterClient(self.master_address, timeout=5, connect_timeout=5, credentials=creds)
+            clients.append(c)
+            return c
+
+    yield Cluster()
+    for c in clients:
+        c.close()
+    master.stop(grace=None).wait(5)
+    coordinator.close()
+    servicer.close()
+    ps.stop(grace=None).wait(5)
+
+
+def _calls(service, address: str, role: str, creds: Credentials):
+    """(method name, a callable making that call with an empty request) for every method."""
+    channel = rpc.make_channel(address, role, creds)
+    for m in service.methods:
+        request = message_factory.GetMessageClass(m.input_type)()
+        path = f"/{service.full_name}/{m.name}"
+        response = message_factory.GetMessageClass(m.output_type)
+        if m.server_streaming:
+            call = channel.unary_stream(path, request_serializer=type(request).SerializeToString,
+                                        response_deserializer=response.FromString)
+            yield m.name, lambda call=call, request=request: list(call(request, timeout=5))
+        else:
+            call = channel.unary_unary(path, request_serializer=type(request).SerializeToString,
+                                       response_deserializer=response.FromString)
+            yield m.name, lambda call=call, request=request: call(request, timeout=5)
+
+
+def _raw_calls(address: str, creds: Credentials):
+    channel = rpc.make_channel(address, "ps", creds)
+    for name in ("Push", "Attach", "Echo"):
+        yield f"raw {name}", lambda name=name: channel.unary_unary(f"/{RAW_SERVICE}/{name}")(b"", timeout=5)
+
+
+def _refused(call) -> grpc.StatusCode:
+    with pytest.raises(grpc.RpcError) as info:
+        call()
+    return info.value.code()
+
+
+MASTER = master_pb2.DESCRIPTOR.services_by_name["Master"]
+PS = ps_pb2.DESCRIPTOR.services_by_name["ParameterServer"]
+NODE_CALLS = {"RegisterNode", "Heartbeat", "ReportProgress"}
+
+
+def _state(cluster):
+    """Jobs, nodes, and the shard's jobs and segments."""
+    admin = cluster.master(cluster.admin)
+    return ([(j["id"], j["state"]) for j in admin.list()], [(n["node_id"], n["alive"]) for n in admin.nodes()],
+            sorted(cluster.shard.shards), sorted(cluster.shard.segments))
+
+
+def test_every_rpc_without_valid_credentials_is_refused_and_changes_nothing(secured, spec):
+    admin = secured.master(secured.admin)
+    job = admin.submit(spec)
+    before = _state(secured)
+    for creds, expect in ((NOBODY, grpc.StatusCode.UNAUTHENTICATED), (WRONG, grpc.StatusCode.UNAUTHENTICATED)):
+        for name, call in _calls(MASTER, secured.master_address, "master", creds):
+            assert _refused(call) == expect, f"master {name} with {creds}"
+        for name, call in list(_calls(PS, secured.ps_address, "ps", creds)) + list(_raw_calls(secured.ps_address, creds)):
+            assert _refused(call) == expect, f"ps {name} with {creds}"
+    # The wrong kind: a user token on node calls, the node token on user calls.
+    for name, call in _calls(MASTER, secured.master_address, "master", secured.alice):
+        if name in NODE_CALLS:
+            assert _refused(call) == grpc.StatusCode.PERMISSION_DENIED, name
+    # A shard knows no users (only the cluster's node credentials): a user token is no credential there.
+    for name, call in list(_calls(PS, secured.ps_address, "ps", secured.alice)) + list(_raw_calls(secured.ps_address, secured.admin)):
+        assert _refused(call) == grpc.StatusCode.UNAUTHENTICATED, name
+    for name, call in _calls(MASTER, secured.master_address, "master", NODE):
+        if name not in NODE_CALLS:
+            assert _refused(call) == grpc.StatusCode.PERMISSION_DENIED, name
+    assert _state(secured) == before
+    assert admin.get(job["id"])["state"] == "PENDING"
+
+
+def test_refusals_say_what_was_missing(secured):
+    with pytest.raises(grpc.RpcError) as info:
+        secured.master(NOBODY).list()
+    assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert "ListJobs needs a user token (PSTRAIN_TOKEN" in info.value.details()
+    channel = rpc.make_channel(secured.master_address, "master", secured.alice)
+    heartbeat = channel.unary_unary(f"/{MASTER.full_name}/Heartbeat", request_serializer=master_pb2.HeartbeatRequest.SerializeToString,
+                                    response_deserializer=master_pb2.HeartbeatResponse.FromString)
+    with pytest.raises(grpc.RpcError) as info:
+        heartbeat(master_pb2.HeartbeatRequest(node_id="x"), timeout=5)
+    assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert "Heartbeat is a node call; user 'alice' may not make it" in info.value.details()
+
+
+def test_only_the_submitter_or_an_admin_may_cancel_scale_or_export(secured, spec):
+    alice, bob = secured.master(secured.alice), secured.master(secured.bob)
+    job = alice.submit(spec)
+    assert alice.get(job["id"])["owner"] == "alice" and bob.get(job["id"])["state"] == "PENDING"
+    for act in (lambda: bob.cancel(job["id"]), lambda: bob.export(job["id"]), lambda: bob.scale(job["id"], 1)):
+        with pytest.raises(grpc.RpcError) as info:
+            act()
+        assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        assert "user 'bob' may not" in info.value.details() and "only its submitter (alice) or an admin" in info.value.details()
+    assert alice.get(job["id"])["state"] == "PENDING"
+    assert alice.cancel(job["id"])["state"] == "CANCELLED"
+    other = bob.submit(spec)
+    assert secured.master(secured.admin).cancel(other["id"])["state"] == "CANCELLED"  # an admin may
+
+
+def test_a_user_token_created_while_the_master_runs_is_accepted(secured, tmp_path):
+    tokens = str(tmp_path / "tokens.json")
+    carol = Credentials(user_token=UserTokens.add(tokens, "carol"))
+    assert secured.master(carol).list() is not None
+    assert stat.S_IMODE(os.stat(tokens).st_mode) == 0o600
+    with open(tokens) as f:
+        assert carol.user_token not in f.read()  # only digests are stored
+
+
+def test_tokens_are_checked_in_constant_time_against_digests():
+    auth = Authenticator({"/pstrain.Master/ListJobs": "user"}, node_token="n", users=UserTokens("", "adm"))
+    caller, code, _ = auth.check("/pstrain.Master/ListJobs", [("authorization", "Bearer adm")], {})
+    assert caller.admin and code is None
+    caller, code, message = auth.check("/pstrain.Master/Other", [("authorization", "Bearer adm")], {})
+    assert caller is None and code == grpc.StatusCode.PERMISSION_DENIED and "not a method" in message
+
+
+def test_a_service_without_cluster_credentials_does_not_start(monkeypatch):
+    for var in ("PSTRAIN_NODE_TOKEN", "PSTRAIN_NODE_TOKEN_FILE", "PSTRAIN_TLS_DIR"):
+        monkeypatch.delenv(var, raising=False)
+    with pytest.raises(SecurityError, match="no cluster credentials: set PSTRAIN_NODE_TOKEN"):
+        service_credentials("ps")
+
+
+def test_plaintext_on_a_reachable_address_is_refused_unless_insecure():
+    server = rpc.make_server(max_workers=2)
+    with pytest.raises(SecurityError, match="refusing to serve plaintext on 0.0.0.0:0, which other machines can reach"):
+        rpc.bind(server, "0.0.0.0", 0)
+    assert rpc.bind(server, "0.0.0.0", 0, insecure=True) > 0
+    server.stop(None)
+
+
+# ---- mutual TLS --------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tls(tmp_path_factory):
+    good, other = tmp_path_factory.mktemp("tls"), tmp_path_factory.mktemp("other-ca")
+    make_certificates(str(good))
+    make_certificates(str(other))
+    return str(good), str(other)
+
+
+def test_certificates_are_private(tls):
+    good, _ = tls
+    assert stat.S_IMODE(os.stat(good).st_mode) == 0o700
+    for name in os.listdir(good):
+        mode = stat.S_IMODE(os.stat(os.path.join(good, name)).st_mode)
+        assert mode == (0o600 if name.endswith(".key") else mode), name
+
+
+def test_mutual_tls_end_to_end_and_refusals(tls, monkeypatch, tmp_path):
+    good, other = tls
+    monkeypatch.setenv("PSTRAIN_ADMIN_TOKEN", "admin-secret")
+    ps_creds = Credentials(tls=TLSFiles(good, "ps"))  # no node token: the certificate is the credential
+    server, port, servicer = serve_ps(PSConfig(port=0, metrics_port=-1, host="0.0.0.0"), ps_creds)
+    address = f"127.0.0.1:{port}"
+    try:
+        worker = ParameterServerClient(address, timeout=5, credentials=Credentials(tls=TLSFiles(good, "worker")))
+        assert worker.echo(b"hi") == b"hi"  # a node certificate of the cluster's CA
+        worker.close()
+        user_cert = ParameterServerClient(address, timeout=5, credentials=Credentials(tls=TLSFiles(good, "user")))
+        with pytest.raises(grpc.RpcError) as info:
+            user_cert.echo(b"hi")
+        assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED  # a user certificate is no node
+        user_cert.close()
+        for creds in (Credentials(tls=TLSFiles(other, "worker")), Credentials(node_token="x")):
+            stranger = ParameterServerClient(address, timeout=3, credentials=creds)
+            with pytest.raises(grpc.RpcError) as info:  # refused in the handshake, before any RPC runs
+                stranger.echo(b"hi")
+            assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+            stranger.close()
+    finally:
+        servicer.close()
+        server.stop(grace=None).wait(5)
