@@ -53,6 +53,7 @@ BASELINE_EPOCHS = 2  # timed baseline epochs after each configuration's cluster 
 TARGET_CLUSTER = 0.6  # 1 x 1 sync >= 0.6x in-process samples/s
 TARGET_RAY = 0.9  # Ray launcher >= 0.9x the local launcher's samples/s, same configuration
 TARGET_PUSH_PULL = 1.2  # push+pull <= 1.2x echo of the same bytes
+TARGET_TLS = 1.3  # push+pull over mutual TLS <= 1.3x plaintext
 
 
 def progress(text: str) -> None:
@@ -127,7 +128,7 @@ def bench_cluster(workers: int, shards: int, mode: str, epochs: int, n: int, lau
     with tempfile.TemporaryDirectory(prefix="pstrain-bench-") as state_dir:
         cluster = ClusterSpec(workers=workers, ps=shards, port=0, state_dir=state_dir)
         with local_cluster(cluster, get_launcher(launcher, **options)) as handle:
-            master = MasterClient(handle.master_address)
+            master = MasterClient(handle.master_address, credentials=handle.user_credentials())
             try:
                 job = master.submit(spec)
                 history, status = [], job
@@ -208,10 +209,11 @@ def median_ms(samples: list[float]) -> float:
     return statistics.median(samples) * 1e3
 
 
-def bench_push_pull(warmup: int, iters: int) -> dict:
+def bench_push_pull(warmup: int, iters: int, tls_dir: str = "") -> dict:
     """Median seconds of one push+pull against a real shard process of a local cluster,
     each way a worker can send it, beside echoes of the same bytes; every kind of call
-    in turn within each iteration, so machine noise hits them alike."""
+    in turn within each iteration, so machine noise hits them alike. ``tls_dir``: the
+    cluster runs mutual TLS with those certificates."""
     from client.launchers import ClusterSpec, local_cluster
     from pstrain.transport.master_client import MasterClient
     from pstrain.transport.ps_client import ParameterServerClient
@@ -224,13 +226,14 @@ def bench_push_pull(warmup: int, iters: int) -> dict:
     samples = {kind: [] for kind in KINDS}
     costs = {}
     with tempfile.TemporaryDirectory(prefix="pstrain-bench-") as state_dir:
-        with local_cluster(ClusterSpec(workers=1, ps=1, port=0, state_dir=state_dir)) as handle:
-            master = MasterClient(handle.master_address)
+        with local_cluster(ClusterSpec(workers=1, ps=1, port=0, state_dir=state_dir, tls_dir=tls_dir)) as handle:
+            master = MasterClient(handle.master_address, credentials=handle.user_credentials())
             try:
                 address = next(n["address"] for n in master.nodes() if n["role"] == "ps")
             finally:
                 master.close()
-            frames, shared = ParameterServerClient(address), ParameterServerClient(address)
+            node = handle.node_credentials()  # this process acts as the cluster's worker
+            frames, shared = ParameterServerClient(address, credentials=node), ParameterServerClient(address, credentials=node)
             try:
                 # The shard is ours alone: the master knows nothing of this job.
                 frames.init_shard(job, 0, variables, trainable, json.dumps(optimizer), "sync", 0, [0])
@@ -364,87 +367,10 @@ def push_pull_breakdown(warmup: int, iters: int) -> list[tuple[str, float]]:
 
 
 # ---- output ---------------------------------------------------------------------------------------
-def verdict(ok: bool) -> str:
-    return "PASS" if ok else "MISS"
+def print_training(rows: dict, configs: list, epochs: int, n: int, threads: int) -> dict:
+    """Part 1's table; returns {configuration: Ray / local (best, median, worst)}."""
+    from client.launchers import thread_env
 
-
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="2 epochs per cluster job (1 timed), 50 push+pull iterations")
-    p.add_argument("--skip-torch", action="store_true", help="skip PyTorch (not installed)")
-    p.add_argument("--launchers", default=",".join(LAUNCHERS), metavar="NAMES",
-                   help="launchers to measure, comma-separated (default local,ray; ray runs "
-                        f"{', '.join(config_name(*c) for c in RAY_CONFIGS)} only; local alone skips the Ray rows)")
-    p.add_argument("--configs", default=",".join(config_name(*c) for c in CONFIGS), metavar="NAMES",
-                   help="cluster configurations to run, comma-separated (default all: "
-                        f"{', '.join(config_name(*c) for c in CONFIGS)})")
-    args = p.parse_args(argv)
-    launchers = [name.strip() for name in args.launchers.split(",") if name.strip()]
-    if not launchers or set(launchers) - set(LAUNCHERS):
-        p.error(f"--launchers={args.launchers!r}; allowed: a comma-separated subset of {', '.join(LAUNCHERS)}")
-    by_name = {config_name(*c): c for c in CONFIGS}
-    wanted = {name.strip() for name in args.configs.split(",") if name.strip()}
-    if not wanted or wanted - set(by_name):
-        p.error(f"--configs={args.configs!r}; allowed: a comma-separated subset of {', '.join(by_name)}")
-    configs = [c for c in CONFIGS if config_name(*c) in wanted]
-    # The services must run the real kernels, not numba's CUDA simulator a test shell may have set.
-    os.environ.pop("NUMBA_ENABLE_CUDASIM", None)
-    ray_note = None
-    if "ray" in launchers:
-        os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # Ray 2.60's token auth would refuse the private head
-        ray_note = ray_missing()
-        if ray_note:
-            progress(f"skipping the Ray launcher rows: {ray_note}")
-            launchers.remove("ray")
-    epochs = 2 if args.quick else 6
-    warmup, iters = (10, 50) if args.quick else (20, 200)
-
-    from client import datasets
-    from client.launchers import ClusterError, thread_env
-
-    # A lone worker's thread count: what the launcher gives a 1-worker cluster, and what
-    # this process's OpenBLAS/Numba pools already use (both follow the same environment).
-    threads = int(thread_env("worker", 1)["OMP_NUM_THREADS"])
-    data = datasets.load("mnist")
-    n = len(data.x_train)
-
-    in_process = in_process_epoch(data)
-    torch_run = None if args.skip_torch else torch_epoch(data, threads)
-    rows: dict[str, list[float]] = {}  # table order: each configuration's local row, then its Ray row
-    ray_failed: dict[str, str] = {}  # configuration -> why its Ray cluster did not start
-    baselines = {"in-process model.fit": [], "pytorch (same threads)": [], "in-process, no validation": []}
-    for workers, shards, mode in configs:
-        # The Ray launcher right after the local one: both see the same stretch of load.
-        for launcher in [name for name in LAUNCHERS if name in launchers
-                         and (name == "local" or (workers, shards, mode) in RAY_CONFIGS)]:
-            progress(f"cluster {workers} worker(s) x {shards} shard(s), {mode}, {launcher} launcher, {epochs} epochs ...")
-            label = row_label(workers, shards, mode, launcher)
-            try:
-                rows[label] = bench_cluster(workers, shards, mode, epochs, n, launcher)
-            except ClusterError as exc:
-                if launcher == "local":
-                    raise
-                # The Ray cluster did not start (no `ray` command, head or actors too slow):
-                # report it and keep the rest of the run.
-                ray_failed[config_name(workers, shards, mode)] = str(exc).splitlines()[0]
-                progress(f"  the Ray cluster did not start: {exc}")
-                continue
-            progress(f"  {launcher}: epochs {', '.join(f'{r:,.0f}' for r in rows[label])} samples/s")
-        # Baseline epochs between cluster jobs: load on a shared machine drifts, and this
-        # spreads the baselines over the same stretch of time as the cluster runs.
-        for _ in range(BASELINE_EPOCHS):
-            baselines["in-process model.fit"].append(epoch_rate(lambda: in_process(True), n))
-            baselines["in-process, no validation"].append(epoch_rate(lambda: in_process(False), n))
-            if torch_run is not None:
-                baselines["pytorch (same threads)"].append(epoch_rate(torch_run, n))
-        progress("  baselines "
-                 + "; ".join(f"{k} {', '.join(f'{r:,.0f}' for r in v[-BASELINE_EPOCHS:])}" for k, v in baselines.items() if v)
-                 + f" samples/s; load {os.getloadavg()[0]:.1f}")
-    progress("push+pull vs echo ...")
-    exchange = bench_push_pull(warmup, iters)
-    progress("push+pull breakdown ...")
-    breakdown = push_pull_breakdown(warmup, iters)
-    rows.update((k, v) for k, v in baselines.items() if v)
     reference = max(rows["in-process model.fit"])
 
     print(f"== 1. training throughput: MNIST MLP 784-256-128-10, global batch {BATCH}, SGD(0.05, momentum 0.9), "
@@ -477,7 +403,98 @@ def main(argv=None) -> int:
         print("-" * len(header))
         for config, (best, median, worst) in ray_vs_local.items():
             print(f"{'ray / local, ' + config:<28} {best:>9.2f}x {median:>9.2f}x {worst:>9.2f}x")
+    return ray_vs_local
 
+
+def verdict(ok: bool) -> str:
+    return "PASS" if ok else "MISS"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="2 epochs per cluster job (1 timed), 50 push+pull iterations")
+    p.add_argument("--exchange-only", action="store_true", help="only part 2: one push+pull, plaintext and TLS")
+    p.add_argument("--skip-torch", action="store_true", help="skip PyTorch (not installed)")
+    p.add_argument("--launchers", default=",".join(LAUNCHERS), metavar="NAMES",
+                   help="launchers to measure, comma-separated (default local,ray; ray runs "
+                        f"{', '.join(config_name(*c) for c in RAY_CONFIGS)} only; local alone skips the Ray rows)")
+    p.add_argument("--configs", default=",".join(config_name(*c) for c in CONFIGS), metavar="NAMES",
+                   help="cluster configurations to run, comma-separated (default all: "
+                        f"{', '.join(config_name(*c) for c in CONFIGS)})")
+    args = p.parse_args(argv)
+    launchers = [name.strip() for name in args.launchers.split(",") if name.strip()]
+    if not launchers or set(launchers) - set(LAUNCHERS):
+        p.error(f"--launchers={args.launchers!r}; allowed: a comma-separated subset of {', '.join(LAUNCHERS)}")
+    by_name = {config_name(*c): c for c in CONFIGS}
+    wanted = {name.strip() for name in args.configs.split(",") if name.strip()}
+    if not wanted or wanted - set(by_name):
+        p.error(f"--configs={args.configs!r}; allowed: a comma-separated subset of {', '.join(by_name)}")
+    configs = [] if args.exchange_only else [c for c in CONFIGS if config_name(*c) in wanted]
+    # The services must run the real kernels, not numba's CUDA simulator a test shell may have set.
+    os.environ.pop("NUMBA_ENABLE_CUDASIM", None)
+    ray_note = None
+    if "ray" in launchers:
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # Ray 2.60's token auth would refuse the private head
+        ray_note = ray_missing()
+        if ray_note:
+            progress(f"skipping the Ray launcher rows: {ray_note}")
+            launchers.remove("ray")
+    epochs = 2 if args.quick else 6
+    warmup, iters = (10, 50) if args.quick else (20, 200)
+
+    from client import datasets
+    from client.launchers import ClusterError, thread_env
+
+    # A lone worker's thread count: what the launcher gives a 1-worker cluster, and what
+    # this process's OpenBLAS/Numba pools already use (both follow the same environment).
+    threads = int(thread_env("worker", 1)["OMP_NUM_THREADS"])
+    data = datasets.load("mnist")
+    n = len(data.x_train)
+
+    in_process = in_process_epoch(data)
+    torch_run = None if args.skip_torch or not configs else torch_epoch(data, threads)
+    rows: dict[str, list[float]] = {}  # table order: each configuration's local row, then its Ray row
+    ray_failed: dict[str, str] = {}  # configuration -> why its Ray cluster did not start
+    baselines = {"in-process model.fit": [], "pytorch (same threads)": [], "in-process, no validation": []}
+    for workers, shards, mode in configs:
+        # The Ray launcher right after the local one: both see the same stretch of load.
+        for launcher in [name for name in LAUNCHERS if name in launchers
+                         and (name == "local" or (workers, shards, mode) in RAY_CONFIGS)]:
+            progress(f"cluster {workers} worker(s) x {shards} shard(s), {mode}, {launcher} launcher, {epochs} epochs ...")
+            label = row_label(workers, shards, mode, launcher)
+            try:
+                rows[label] = bench_cluster(workers, shards, mode, epochs, n, launcher)
+            except ClusterError as exc:
+                if launcher == "local":
+                    raise
+                # The Ray cluster did not start (no `ray` command, head or actors too slow):
+                # report it and keep the rest of the run.
+                ray_failed[config_name(workers, shards, mode)] = str(exc).splitlines()[0]
+                progress(f"  the Ray cluster did not start: {exc}")
+                continue
+            progress(f"  {launcher}: epochs {', '.join(f'{r:,.0f}' for r in rows[label])} samples/s")
+        # Baseline epochs between cluster jobs: load on a shared machine drifts, and this
+        # spreads the baselines over the same stretch of time as the cluster runs.
+        for _ in range(BASELINE_EPOCHS):
+            baselines["in-process model.fit"].append(epoch_rate(lambda: in_process(True), n))
+            baselines["in-process, no validation"].append(epoch_rate(lambda: in_process(False), n))
+            if torch_run is not None:
+                baselines["pytorch (same threads)"].append(epoch_rate(torch_run, n))
+        progress("  baselines "
+                 + "; ".join(f"{k} {', '.join(f'{r:,.0f}' for r in v[-BASELINE_EPOCHS:])}" for k, v in baselines.items() if v)
+                 + f" samples/s; load {os.getloadavg()[0]:.1f}")
+    progress("push+pull vs echo ...")
+    exchange = bench_push_pull(warmup, iters)
+    progress("push+pull vs echo, mutual TLS ...")
+    from pstrain.transport.security import make_certificates
+
+    with tempfile.TemporaryDirectory(prefix="pstrain-bench-tls-") as tls_dir:
+        make_certificates(tls_dir)
+        secured = bench_push_pull(warmup, iters, tls_dir=tls_dir)
+    progress("push+pull breakdown ...")
+    breakdown = push_pull_breakdown(warmup, iters)
+    rows.update((k, v) for k, v in baselines.items() if v)
+    ray_vs_local = print_training(rows, configs, epochs, n, threads) if configs else {}
     print()
     print(f"== 2. one push+pull: {exchange['tensors']} tensors, {exchange['bytes']:,} bytes each way, 1 worker x 1 shard, "
           f"sync; median of {iters} after {warmup} warm-up, every kind in turn each iteration ==")
@@ -494,6 +511,11 @@ def main(argv=None) -> int:
     print(f"{'frames / raw echo':<42} {med['frames'] / med['raw_echo']:>7.2f}x")
     print(f"{'shared memory / raw echo':<42} {med['shm'] / med['raw_echo']:>7.2f}x")
     print("Workers use shared memory with shards on their host (the local cluster) and frames otherwise.")
+    tls_med = {k: median_ms(v) for k, v in secured["samples"].items()}
+    print("The same on a cluster running mutual TLS (psctl certs init; every call also carries the node token check):")
+    for kind, label in KINDS.items():
+        print(f"{label + ', TLS':<42} {tls_med[kind]:>8.3f}   {tls_med[kind] / med[kind]:>5.2f}x plaintext")
+    tls_ratio = tls_med["frames"] / med["frames"]
     print("Pieces of one push+pull in this process, without transport (median ms):")
     for label, ms in breakdown:
         print(f"  {label:<68} {ms:>8.3f}")
@@ -501,7 +523,7 @@ def main(argv=None) -> int:
     print()
     print("== 3. targets ==")
     if row_label(1, 1, "sync") in rows:
-        one_sync = max(rows[row_label(1, 1, "sync")]) / reference
+        one_sync = max(rows[row_label(1, 1, "sync")]) / max(rows["in-process model.fit"])
         print(f"{verdict(one_sync >= TARGET_CLUSTER)}  1w x 1ps sync at batch {BATCH}: {one_sync:.2f}x in-process samples/s, "
               f"best epochs (target >= {TARGET_CLUSTER}x)")
     for config, (best, _, _) in ray_vs_local.items():
@@ -513,6 +535,8 @@ def main(argv=None) -> int:
         print(f"skipped  Ray launcher within 10% of the local launcher: {ray_note}")
     print(f"{verdict(ratio <= TARGET_PUSH_PULL)}  push+pull over gRPC (raw frames): {ratio:.2f}x the Echo RPC of the same "
           f"bytes, medians (target <= {TARGET_PUSH_PULL}x; against a bytes-only echo {med['frames'] / med['raw_echo']:.2f}x)")
+    print(f"{verdict(tls_ratio <= TARGET_TLS)}  push+pull over gRPC with mutual TLS: {tls_ratio:.2f}x plaintext, medians "
+          f"(target <= {TARGET_TLS}x; shared memory {tls_med['shm'] / med['shm']:.2f}x)")
     return 0
 
 

@@ -59,7 +59,8 @@ def one_run(client, handle, launcher, epochs: int, mode: str, kill_step: int, ro
     job_id = client.submit(job(epochs, mode))["id"]
     while status(client, job_id)["state"] == "PENDING":
         time.sleep(0.02)
-    shard0 = ParameterServerClient(status(client, job_id)["workers"] and _shard_address(handle, 0))
+    shard0 = ParameterServerClient(status(client, job_id)["workers"] and _shard_address(handle, 0),
+                                   credentials=handle.node_credentials())
     try:
         while (version := _version(shard0, job_id)) < kill_step:
             time.sleep(0.005)
@@ -155,7 +156,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="pstrain-recovery-") as state:
         spec = ClusterSpec(workers=2, ps=2, port=0, state_dir=state, heartbeat_timeout=args.heartbeat_timeout)
         with local_cluster(spec, launcher, supervise=False) as handle:
-            client = MasterClient(handle.master_address, connect_timeout=10)
+            client = MasterClient(handle.master_address, connect_timeout=10, credentials=handle.user_credentials())
             try:
                 for run in range(args.runs):
                     kill_step = rng.randrange(150, 600)

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import grpc
 import numpy as np
 
+from master import limits
 from master.config import MasterConfig
 from master.jobs import InvalidTransition, JobFinished, JobRecord, JobState, JobStore
 from master.metrics import MasterMetrics
@@ -149,6 +150,7 @@ class Coordinator:
         self.changed = threading.Condition(self.lock)
         self._ps_clients: dict[str, object] = {}
         self._starting: set[str] = set()
+        self._waiting: dict[str, tuple[float, str]] = {}  # PENDING job -> (since, what it waits for), monitor thread only
         self._next_index: dict[str, int] = {}  # role -> index of the next node to register
         self._stalled = threading.Event()  # set by the ticker when this process did not run for a while
         self._last_tick = time.monotonic()
@@ -269,13 +271,17 @@ class Coordinator:
         return client
 
     # ---- jobs ---------------------------------------------------------------------------
-    def plan(self, spec: JobSpec) -> JobPlan:
+    def plan(self, spec: JobSpec, request_bytes: int | None = None) -> JobPlan:
+        return self._plan(limits.check_job(spec, self.config, request_bytes))
+
+    def _plan(self, spec: JobSpec) -> JobPlan:
         with self.lock:
             alive_ps = sum(1 for n in self.nodes.values() if n.role == "ps" and n.alive)
         return plan_job(spec, spec.train.num_shards or max(alive_ps, 1))
 
-    def submit(self, spec: JobSpec, owner: str = "") -> JobRecord:
-        plan = self.plan(spec)  # validate before recording anything: bad specs fail INVALID_ARGUMENT
+    def submit(self, spec: JobSpec, owner: str = "", request_bytes: int | None = None) -> JobRecord:
+        spec = limits.check_job(spec, self.config, request_bytes)  # before any work: over a limit is INVALID_ARGUMENT
+        plan = self._plan(spec)  # validate before recording anything: bad specs fail INVALID_ARGUMENT
         rec = self.store.create(spec.name or "job", jobcodec.job_spec_to_bytes(spec), {}, owner=owner)
         with self.lock:
             self._job_states[rec.id] = rec.state
@@ -1008,8 +1014,34 @@ class Coordinator:
             self._place_orphans(rt)
 
     def _schedule_pending(self) -> None:
-        for rec in self.store.list(states=[JobState.PENDING]):
-            self._try_start(rec.id, jobcodec.job_spec_from_bytes(rec.spec))
+        pending = self.store.list(states=[JobState.PENDING])
+        for rec in pending:
+            spec = jobcodec.job_spec_from_bytes(rec.spec)
+            if not self._try_start(rec.id, spec):
+                self._wait_or_fail(rec.id, spec)
+        self._waiting = {r.id: self._waiting[r.id] for r in pending if r.id in self._waiting}
+
+    def _wait_or_fail(self, job_id: str, spec: JobSpec) -> None:
+        """A PENDING job short of registered workers or shards: say so once per change, and
+        fail it once it has waited ``pending_timeout`` (queueing for busy ones is not timed)."""
+        with self.lock:
+            if job_id in self._starting or job_id in self.runtimes:
+                return
+            alive = [n.role for n in self.nodes.values() if n.alive]
+        what = limits.waiting_for(spec.train.num_workers, spec.train.num_shards, alive.count("worker"), alive.count("ps"))
+        if not what:
+            self._waiting.pop(job_id, None)
+            return
+        now = time.monotonic()
+        since, before = self._waiting.get(job_id, (now, ""))
+        self._waiting[job_id] = (since, what)
+        if what != before:
+            self.store.add_event(job_id, f"waiting for {what}")
+        timeout = self.config.pending_timeout
+        if timeout and now - since >= timeout:
+            self._waiting.pop(job_id, None)
+            self._fail(job_id, f"not started: it waited {timeout:g}s for {what}; start more nodes, ask for fewer "
+                               "(train num_workers / num_shards), or raise --pending-timeout / PSTRAIN_PENDING_TIMEOUT")
 
 
 def _status(rec: JobRecord) -> master_pb2.JobStatus:
@@ -1048,7 +1080,10 @@ class MasterServicer(master_pb2_grpc.MasterServicer):
     @rpc.guarded
     def SubmitJob(self, request, context):
         caller = current_caller()
-        return _status(self.c.submit(jobcodec.job_spec_from_proto(request.spec), owner=caller.name if caller else ""))
+        size = request.ByteSize()
+        limits.check_request(size, len(request.spec.model.graph.nodes), self.c.config)  # before decoding the graph
+        return _status(self.c.submit(jobcodec.job_spec_from_proto(request.spec), owner=caller.name if caller else "",
+                                     request_bytes=size))
 
     def _own(self, job_id: str, what: str) -> None:
         """Only a job's submitter or an admin may ``what`` it (cancel, export, scale)."""
@@ -1103,7 +1138,9 @@ class MasterServicer(master_pb2_grpc.MasterServicer):
 
     @rpc.guarded
     def GetPlan(self, request, context):
-        plan = self.c.plan(jobcodec.job_spec_from_proto(request.spec))
+        size = request.ByteSize()
+        limits.check_request(size, len(request.spec.model.graph.nodes), self.c.config)  # before decoding the graph
+        plan = self.c.plan(jobcodec.job_spec_from_proto(request.spec), request_bytes=size)
         resp = master_pb2.GetPlanResponse(text=plan.text, plan_json=json.dumps(plan.to_dict()))
         resp.graph.CopyFrom(codec.graph_to_proto(plan.graph))
         return resp

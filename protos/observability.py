@@ -13,11 +13,16 @@ from __future__ import annotations
 
 import collections
 import functools
+import hashlib
+import hmac
 import inspect
+import os
 import socket
 import threading
+from socketserver import ThreadingMixIn
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client import CollectorRegistry, make_wsgi_app
 
 KEEP_ENDED_JOBS = 10  # ended jobs whose series are still exported
 
@@ -55,12 +60,68 @@ class ServiceMetrics:
 
     def serve(self, host: str, port: int, advertise_host: str = "") -> str:
         """Serve /metrics on ``host:port`` (0 picks a free port); returns the address
-        others scrape: ``advertise_host`` or ``host`` (this machine's name for a wildcard)."""
-        server, _ = start_http_server(port, addr=host, registry=self.registry)
+        others scrape: ``advertise_host`` or ``host`` (this machine's name for a wildcard).
+        Only /metrics answers; with ``PSTRAIN_METRICS_TOKEN`` (or ``_FILE``) set, only to
+        ``Authorization: Bearer <token>``."""
+        server = serve_metrics(self.registry, host, port, metrics_token())
         self.http_server = server
         if not advertise_host and host in ("", "0.0.0.0", "::", "[::]"):
             advertise_host = socket.gethostname()
         return f"{advertise_host or host}:{server.server_port}"
+
+
+def metrics_token() -> str:
+    """The bearer token /metrics requires ("" = none): ``PSTRAIN_METRICS_TOKEN`` or the
+    file ``PSTRAIN_METRICS_TOKEN_FILE`` names."""
+    token = os.environ.get("PSTRAIN_METRICS_TOKEN", "")
+    path = os.environ.get("PSTRAIN_METRICS_TOKEN_FILE", "")
+    if not token and path:
+        try:
+            with open(path) as f:
+                token = f.read()
+        except OSError as exc:
+            raise ValueError(f"cannot read the metrics token from {path}: {exc.strerror}") from None
+    return token.strip()
+
+
+class _MetricsServer(ThreadingMixIn, WSGIServer):
+    daemon_threads = True
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, *args) -> None:  # scrapes every few seconds: not worth a log line each
+        pass
+
+
+def metrics_app(registry: CollectorRegistry, token: str = ""):
+    """The WSGI app behind /metrics: the registry's exposition at /metrics only, and with
+    ``token``, only to ``Authorization: Bearer <token>`` (compared in constant time)."""
+    exposition = make_wsgi_app(registry)
+    digest = hashlib.sha256(token.encode()).digest() if token else b""
+
+    def app(environ, start_response):
+        if environ.get("PATH_INFO", "") not in ("/metrics", "/metrics/"):
+            start_response("404 Not Found", [("Content-Type", "text/plain")])
+            return [b"pstrain serves /metrics only\n"]
+        if digest:
+            given = environ.get("HTTP_AUTHORIZATION", "")
+            presented = given[len("Bearer "):].strip() if given.startswith("Bearer ") else ""
+            if not hmac.compare_digest(hashlib.sha256(presented.encode()).digest(), digest):
+                start_response("401 Unauthorized", [("Content-Type", "text/plain"), ("WWW-Authenticate", "Bearer")])
+                return [b"/metrics needs Authorization: Bearer <the metrics token>\n"]
+        return exposition(environ, start_response)
+
+    return app
+
+
+def serve_metrics(registry: CollectorRegistry, host: str, port: int, token: str = "") -> WSGIServer:
+    """Start the /metrics HTTP server in a daemon thread; returns it (``server_port``)."""
+    server_class = _MetricsServer
+    if ":" in host:  # an IPv6 address
+        server_class = type("_MetricsServer6", (_MetricsServer,), {"address_family": socket.AF_INET6})
+    server = make_server(host, port, metrics_app(registry, token), server_class, handler_class=_QuietHandler)
+    threading.Thread(target=server.serve_forever, name="pstrain-metrics", daemon=True).start()
+    return server
 
 
 def track_in_flight(servicer, gauge):

@@ -20,7 +20,7 @@ from protos.settings import (
 )
 from psserver.config import PSConfig
 from psserver.service import serve
-from pstrain.transport.security import service_credentials
+from pstrain.transport.security import is_loopback, service_credentials
 
 
 def start(argv=None) -> Service:
@@ -34,6 +34,8 @@ def start(argv=None) -> Service:
     p.add_argument("--checkpoint-dir", dest="checkpoint_dir")
     p.add_argument("--metrics-port", dest="metrics_port", type=int,
                    help="port of /metrics (0 picks a free one, -1 serves none; default 0)")
+    p.add_argument("--metrics-host", dest="metrics_host",
+                   help="interface /metrics listens on (default 127.0.0.1; 0.0.0.0 for a Prometheus elsewhere)")
     add_security_flags(p)
     try:
         config = from_sources(PSConfig, parse_service_args(p, argv, "ps"))
@@ -45,10 +47,11 @@ def start(argv=None) -> Service:
     metrics_address = ""
     if config.metrics_port >= 0:
         try:
-            metrics_address = servicer.metrics.serve(config.host, config.metrics_port, config.advertise_host)
+            metrics_address = servicer.metrics.serve(config.metrics_host, config.metrics_port,
+                                                     "" if is_loopback(config.metrics_host) else config.advertise_host)
         except OSError as exc:
             server.stop(grace=None)
-            raise ServiceStartError(metrics_port_error("psserver", config.host, config.metrics_port, exc)) from None
+            raise ServiceStartError(metrics_port_error("psserver", config.metrics_host, config.metrics_port, exc)) from None
     heart = None
     if config.master:
         from pstrain.transport.membership import NodeMembership

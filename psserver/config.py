@@ -17,7 +17,8 @@ class PSConfig:
     max_workers: int = 32
     pull_timeout: float = 120.0  # the longest a pull (or push+pull) waits here, whatever the client asks
     heartbeat_interval: float = 0.5
-    metrics_port: int = 0  # /metrics on host (0 picks a free port, reported to the master; -1: none)
+    metrics_port: int = 0  # /metrics on metrics_host (0 picks a free port, reported to the master; -1: none)
+    metrics_host: str = "127.0.0.1"  # the interface /metrics listens on: loopback unless told otherwise
     tls_dir: str = ""  # mutual TLS: ca.crt and this role's certificate (psctl certs init); "" = plaintext
     insecure: bool = False  # allow plaintext on an address other machines can reach
 

@@ -113,6 +113,8 @@ class ServiceHost:
         _materialize_tls(role)
         host = "127.0.0.1" if loopback else ray.util.get_node_ip_address()
         argv = _argv_set(argv, "--host", host)
+        if role != "worker":  # (a worker's --host is its /metrics interface already)
+            argv = _argv_set(argv, "--metrics-host", host)  # scraped from other nodes, like the gRPC port
         key = _kv_key(cluster, role, index)
         pinned = json.loads(internal_kv._internal_kv_get(key, namespace=KV_NAMESPACE) or b"{}")
         if pinned.get("port"):

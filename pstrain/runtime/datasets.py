@@ -112,6 +112,36 @@ def load(name_or_path: str | os.PathLike, cache_dir: str | os.PathLike | None = 
         f"or the path of an .npz file with arrays {', '.join(ARRAY_KEYS)}")
 
 
+class DatasetUnavailable(ValueError):
+    """A job's dataset path that could not be read (see ``load_for_job``)."""
+
+
+def load_for_job(name_or_path: str) -> Dataset:
+    """Load a job's dataset on a worker: a named one, or an ``.npz`` path.
+
+    A path that cannot be read as a dataset file (missing, a directory, unreadable, not an
+    ``.npz``, or without the four arrays) raises ``DatasetUnavailable`` with one message
+    whatever the reason, so the job's error does not tell its submitter which files exist
+    on the worker's host; the reason goes to this process's debug log.
+
+    Example::
+
+        ds = load_for_job("/var/cache/pstrain/data.npz")
+    """
+    builtin = _BUILTINS.get(name_or_path)
+    if builtin is not None:
+        return builtin(None)
+    path = Path(name_or_path).expanduser()
+    try:
+        arrays = _read_npz(path)
+    except Exception as exc:  # noqa: BLE001 - every reason gives the same message
+        logger.debug("dataset %r: %s", name_or_path, exc)
+        raise DatasetUnavailable(
+            f"dataset {name_or_path!r} is not a named dataset ({', '.join(NAMES)}) nor a readable .npz file "
+            f"with arrays {', '.join(ARRAY_KEYS)} on this worker") from None
+    return _from_arrays(arrays, str(path), flatten=False)
+
+
 # -- mnist -------------------------------------------------------------------------------
 
 def mnist(cache_dir: str | os.PathLike | None = None) -> Dataset:
@@ -219,6 +249,11 @@ def from_npz(path: str | os.PathLike, *, flatten: bool = False) -> Dataset:
         ds = from_npz("tiny.npz", flatten=True)
     """
     path = Path(path).expanduser()
+    return _from_arrays(_read_npz(path), str(path), flatten)
+
+
+def _read_npz(path: Path) -> dict[str, np.ndarray]:
+    """The four arrays of an ``.npz`` file; FileNotFoundError or ValueError saying why not."""
     if not path.is_file():
         raise FileNotFoundError(f"dataset file {str(path)!r} does not exist")
     try:
@@ -232,8 +267,10 @@ def from_npz(path: str | os.PathLike, *, flatten: bool = False) -> Dataset:
             raise ValueError(
                 f"dataset file {str(path)!r} is missing array(s) {', '.join(missing)}; it "
                 f"needs {', '.join(ARRAY_KEYS)} (found: {', '.join(npz.files) or 'none'})")
-        arrays = {k: npz[k] for k in ARRAY_KEYS}
-    where = str(path)
+        return {k: npz[k] for k in ARRAY_KEYS}
+
+
+def _from_arrays(arrays: dict[str, np.ndarray], where: str, flatten: bool) -> Dataset:
     x_train, x_test = (_as_inputs(arrays[k], k, where) for k in ("x_train", "x_test"))
     if flatten:
         x_train, x_test = x_train.reshape(len(x_train), -1), x_test.reshape(len(x_test), -1)
@@ -380,6 +417,7 @@ _BUILTINS: dict[str, Callable[[str | os.PathLike | None], Dataset]] = {
     "digits": lambda cache_dir: digits(),
     "synthetic": lambda cache_dir: synthetic(),
 }
+NAMES = tuple(sorted(_BUILTINS))  # the named datasets; anything else is a path
 
 
 # -- shuffling and sharding --------------------------------------------------------------

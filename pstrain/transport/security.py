@@ -148,20 +148,14 @@ _process_lock = threading.Lock()
 
 
 def process_credentials() -> Credentials:
-    """This process's credentials: set by :func:`set_process_credentials` (a service at
-    start, psctl from the cluster file), else read from the environment once."""
+    """What a channel made without explicit credentials presents: the environment's
+    (``PSTRAIN_TOKEN``, ``PSTRAIN_NODE_TOKEN``, ``PSTRAIN_TLS_DIR``), read once. Services
+    and psctl pass theirs explicitly; this is for scripts and tests."""
     global _process
     with _process_lock:
         if _process is None:
             _process = Credentials.from_env()
         return _process
-
-
-def set_process_credentials(creds: Credentials | None) -> None:
-    """What every channel this process makes presents (None: read the environment again)."""
-    global _process
-    with _process_lock:
-        _process = creds
 
 
 class _Metadata(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor):

@@ -13,11 +13,9 @@ import grpc
 import numpy as np
 import pytest
 
-from client import nn
-from client.job import Job, job_to_spec
 from master.config import MasterConfig
 from master.service import serve
-from protos import codec, jobcodec, master_pb2
+from protos import codec, master_pb2
 from psserver.config import PSConfig
 from psserver.service import serve as serve_ps
 from pstrain.runtime.spec import SlotRef
@@ -30,22 +28,6 @@ HEARTBEAT_INTERVAL = 0.2
 
 
 # ---- fixtures ----------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def spec_bytes() -> bytes:
-    model = nn.Sequential(
-        [nn.Dense(8, activation="relu", input_dim=64), nn.Dense(10, activation="softmax")], seed=0
-    )
-    model.compile(optimizer=nn.optimizers.SGD(learning_rate=0.1), loss="sparse_categorical_crossentropy",
-                  metrics=["accuracy"])
-    return jobcodec.job_spec_to_bytes(job_to_spec(Job(model, dataset="digits", batch_size=16, epochs=1), name="tiny"))
-
-
-@pytest.fixture
-def spec(spec_bytes) -> master_pb2.JobSpec:
-    """A fresh, valid JobSpec (a copy each test may corrupt)."""
-    return master_pb2.JobSpec.FromString(spec_bytes)
-
-
 class Master:
     """A master on port 0 over a db file; ``restart()`` stops it and starts a new one."""
 

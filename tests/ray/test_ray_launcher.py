@@ -240,8 +240,9 @@ def test_psctl_scale_removes_and_adds_worker_actors_while_the_job_trains(ray_hea
     env = service_env(tmp_path / "c")
     client = MasterClient(handle.master_address, connect_timeout=10, credentials=handle.user_credentials())
     try:
-        baseline = wait_job(client, client.submit(job_to_spec(make_job(epochs=60), "whole"))["id"], timeout=300)
-        job = client.submit(job_to_spec(make_job(epochs=60), "scaled"))["id"]
+        # Long enough to outlive two psctl runs (each connects to Ray) on a loaded machine.
+        baseline = wait_job(client, client.submit(job_to_spec(make_job(epochs=200), "whole"))["id"], timeout=300)
+        job = client.submit(job_to_spec(make_job(epochs=200), "scaled"))["id"]
         wait_job(client, job, timeout=120, until=lambda s: s["state"] != "RUNNING" or s["step"] >= 50)
         down = psctl(["scale", job, "--workers", "1", "--state-dir", handle.state_dir], env, timeout=180)
         gone = re.search(r"stopped worker-(\d) \(idle\)", down.stderr)
