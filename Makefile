@@ -3,6 +3,7 @@
 # make install : only install (runtime deps) into .venv
 # make bench   : the throughput benchmarks (in-process vs PyTorch and NumPy; the local cluster)
 # make protos  : regenerate protos/*_pb2.py from protos/*.proto
+# make fuzz    : the fuzz harnesses in tests/fuzz, each for PSTRAIN_FUZZ_SECONDS (default 300; make test runs them 15 s)
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -55,6 +56,12 @@ bench: install-test
 
 protos: install-test
 	$(PY) -m protos.generate
+
+# A longer run of the harnesses `make test` runs briefly; a crash names its reproducer.
+PSTRAIN_FUZZ_SECONDS ?= 300
+.PHONY: fuzz
+fuzz: install-test
+	PSTRAIN_FUZZ_SECONDS=$(PSTRAIN_FUZZ_SECONDS) $(PY) -m pytest -q tests/fuzz/test_fuzz.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -90,11 +90,24 @@ def load_nodes(records: Sequence[Mapping[str, Any]], initial_values: Mapping[str
                 raise GraphError("constant has no value", name, op)
             spec = TensorSpec(v.shape, v.dtype)
         else:
-            spec = opdef.infer(name, [g.nodes[i].spec for i in r["inputs"]], attrs)
+            spec = _infer(opdef, name, [g.nodes[i].spec for i in r["inputs"]], attrs)
         _check_declared(name, op, declared, spec)
         g.nodes[name] = Node(name, op, list(r["inputs"]), attrs, np.dtype(spec.dtype), tuple(spec.shape))
         g._counts.setdefault(name, 0)
     return g
+
+
+def _infer(opdef, name: str, specs: list[TensorSpec], attrs: dict) -> TensorSpec:
+    """The op's shape rule, with any error as a GraphError naming the node: the rules
+    trust their attrs (the builder gives sane ones), and a decoded graph's are untrusted."""
+    try:
+        return opdef.infer(name, specs, attrs)
+    except GraphError:
+        raise
+    except (TypeError, ValueError, LookupError, ArithmeticError) as exc:
+        shown = {k: v for k, v in attrs.items() if not isinstance(v, np.ndarray)}
+        raise GraphError(f"attrs {shown} do not fit this op and its inputs ({type(exc).__name__}: {exc})",
+                         name, opdef.name) from exc
 
 
 def _check_declared(name, op, declared: TensorSpec, inferred: TensorSpec) -> None:

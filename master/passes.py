@@ -109,8 +109,13 @@ def freeze(value: Any) -> Any:
 
 
 # ---- constant folding -----------------------------------------------------------------
+# The largest value folding makes: a bigger constant would bloat the graph every worker gets
+# (and computing it could exhaust the master's memory: a submitted (N,1) + (1,N) is N*N).
+FOLD_MAX_BYTES = 16 * 2**20
+
+
 def fold_constants(
-    g: Graph, keep: Collection[str] = (), *, max_bytes: int | None = None
+    g: Graph, keep: Collection[str] = (), *, max_bytes: int | None = FOLD_MAX_BYTES
 ) -> tuple[Graph, list[str]]:
     """Replace every node computable from constants alone by a constant of the same
     name, dtype and shape; returns the new graph and the folded names.
@@ -119,7 +124,7 @@ def fold_constants(
     checked against. Random ops, ops with a state update and ops that read the
     RunContext (``CONTEXT_OPS``) are never folded, nor is a node whose reference
     raises (its error is left for run time) or, with ``max_bytes``, a node whose
-    value would be larger than that. Folding keeps names, so nodes in ``keep``
+    value would be larger than that (judged from its declared shape before computing it). Folding keeps names, so nodes in ``keep``
     survive as they are required to; the argument is accepted for symmetry.
 
     Example: in ``x + 2 * 3``, the ``mul`` node becomes the constant 6.
@@ -150,6 +155,11 @@ def fold_constants(
 
 def _evaluate(node: Node, opdef: OpDef, args: list, ctx: RunContext, max_bytes: int | None) -> np.ndarray | None:
     """The node's value, or None when it should not be folded."""
+    if max_bytes is not None:
+        if any(d is None for d in node.shape):
+            return None
+        if int(np.prod(node.shape, dtype=np.float64)) * np.dtype(node.dtype).itemsize > max_bytes:
+            return None  # refused before computing: the value alone could exhaust the master's memory
     try:
         with np.errstate(all="ignore"):  # inf/nan from folding are what run time gives too
             value = np.asarray(opdef.reference(ctx, *args, **node.attrs), dtype=node.dtype)

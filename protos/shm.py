@@ -33,7 +33,7 @@ import secrets
 import stat
 
 SHM_DIR = "/dev/shm"
-_NAME = re.compile(r"^pstrain-[A-Za-z0-9_.-]{1,200}$")
+_NAME = re.compile(r"pstrain-[A-Za-z0-9_.-]{1,200}")
 _HEADER = 64
 _TOKEN = 16
 
@@ -70,7 +70,7 @@ class Segment:
 
     @staticmethod
     def path(name: str) -> str:
-        if not isinstance(name, str) or not _NAME.match(name):
+        if not isinstance(name, str) or not _NAME.fullmatch(name):  # (match would take a trailing newline)
             raise SegmentUnavailable(f"{name!r} is not a pstrain shared-memory segment name (pstrain-[A-Za-z0-9_.-]+)")
         return os.path.join(SHM_DIR, name)
 
@@ -99,6 +99,9 @@ class Segment:
     def attach(cls, name: str, token: bytes, request_capacity: int) -> Segment:
         """Map another process's segment; SegmentUnavailable if it is not the one the caller means."""
         path = cls.path(name)
+        if isinstance(request_capacity, bool) or not isinstance(request_capacity, int) or request_capacity < 0:
+            # A negative one would put the reply area over the header (see __init__).
+            raise SegmentUnavailable(f"request_capacity={request_capacity!r} is not a size in bytes (an integer >= 0)")
         try:
             fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW)
         except OSError as exc:

@@ -8,7 +8,8 @@ fields cost two copies each way.
     meta, tensors = unpack(frame)        # read-only views into ``frame``
 
 Layout: b"PST1", uint32 header length, UTF-8 JSON header
-``{"meta": {...}, "tensors": [[name, dtype, shape], ...]}``, then the buffers.
+``{"meta": {...}, "tensors": [[name, dtype, shape], ...]}`` (strict JSON: no NaN or
+infinities, integers within int64), then the buffers.
 """
 from __future__ import annotations
 
@@ -66,8 +67,29 @@ def _parts(meta: Mapping, arrays: Mapping[str, np.ndarray]) -> tuple[bytes, list
             a = a.copy(order="C")
         specs.append([name, dtype_name, list(a.shape)])
         buffers.append(memoryview(a).cast("B") if a.size else memoryview(b""))
-    header = json.dumps({"meta": dict(meta), "tensors": specs}, separators=(",", ":")).encode()
+    try:
+        header = json.dumps({"meta": dict(meta), "tensors": specs}, separators=(",", ":"), allow_nan=False).encode()
+    except ValueError as exc:  # unpack refuses NaN and infinities (they are not JSON): fail here, naming them
+        raise ValueError(f"tensor frame meta {dict(meta)!r} cannot travel: {exc}") from None
     return MAGIC + _LEN.pack(len(header)) + header, buffers
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"number {text} is out of range")
+    return value
+
+
+def _int64(text: str) -> int:
+    value = int(text)
+    if not -(2**63) <= value < 2**63:
+        raise ValueError(f"integer {text} is out of the int64 range")
+    return value
+
+
+def _not_json(name: str):
+    raise ValueError(f"{name} is not a JSON number")
 
 
 def unpack(data: bytes) -> tuple[dict, dict[str, np.ndarray]]:
@@ -80,16 +102,25 @@ def unpack(data: bytes) -> tuple[dict, dict[str, np.ndarray]]:
     if 8 + hlen > len(view):
         raise ValueError(f"tensor frame truncated: header of {hlen} bytes, frame of {len(view)}")
     try:
-        header = json.loads(bytes(view[8 : 8 + hlen]))
+        # Strict JSON, numbers within float and int64: NaN, infinities and huge integers would
+        # get past the service's range checks or overflow its conversions.
+        header = json.loads(bytes(view[8 : 8 + hlen]), parse_float=_finite, parse_int=_int64, parse_constant=_not_json)
         meta, specs = header["meta"], header["tensors"]
-    except (ValueError, KeyError, TypeError) as exc:
+    except (ValueError, KeyError, TypeError, RecursionError) as exc:  # RecursionError: absurdly deep nesting
         raise ValueError(f"tensor frame header is not valid: {exc}") from None
+    if not isinstance(meta, dict) or not isinstance(specs, list):
+        raise ValueError(f"tensor frame header is not valid: 'meta' must be a JSON object and 'tensors' a list, "
+                         f"got {type(meta).__name__} and {type(specs).__name__}")
     offset, out = 8 + hlen, {}
     for spec in specs:
         try:
             name, dtype_name, shape = spec
             dtype = _BY_NAME.get(dtype_name)
-            shape = tuple(int(d) for d in shape)
+            if not isinstance(name, str) or not isinstance(shape, list):
+                raise TypeError("expected [name, dtype, [dims]]")
+            if not all(isinstance(d, int) and not isinstance(d, bool) for d in shape):
+                raise TypeError("dimensions must be integers")
+            shape = tuple(shape)
         except (ValueError, TypeError) as exc:
             raise ValueError(f"tensor frame: bad tensor spec {spec!r}: {exc}") from None
         if dtype is None or any(d < 0 for d in shape):

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import re
 import threading
@@ -110,7 +111,8 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
         """How long a pull may wait: what the client asked (0: the most), never more than
         the server's ``pull_timeout``, so no client can hold a server thread longer."""
         cap = self.config.pull_timeout
-        return cap if not asked or asked <= 0 else min(float(asked), cap)
+        asked = float(asked)
+        return cap if not math.isfinite(asked) or asked <= 0 else min(asked, cap)
 
     @rpc.guarded
     def InitShard(self, request, context):
@@ -188,6 +190,8 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
         if link is None:
             # The frame's bytes never change, so a sync barrier may keep views of them.
             return self._push(shard, meta, tensors, len(frame), immutable=True)
+        if not isinstance(link, dict):
+            raise ValueError(f"job '{job}': the frame's shm link must be an object, got {type(link).__name__}")
         segment = self._segment(job, str(link.get("name")))
         size = int(link.get("size", -1))
         if not 0 <= size <= segment.request_capacity:
@@ -202,6 +206,9 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
         grads = {k[2:]: v for k, v in tensors.items() if k.startswith("g:")}
         assigns = {k[2:]: v for k, v in tensors.items() if k.startswith("a:")}
         worker, step, epoch = int(meta["worker"]), int(meta["step"]), int(meta.get("owner_epoch", 0))
+        # Everything the pull needs is read before the push changes anything: a bad value
+        # refuses the whole call, never half of it.
+        min_version, wait = int(meta.get("min_version", 0)), self._wait(float(meta.get("timeout") or 0))
         ack = shard.push(worker, step, grads, assigns, float(meta.get("weight", 1.0)), immutable=immutable,
                          owner_epoch=epoch, checkpoint=bool(meta.get("checkpoint")))
         reply = {"version": ack.version, "duplicate": ack.duplicate}
@@ -220,10 +227,7 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
                         pass
                 return tensorwire.pack(reply, params)
 
-            _, out = shard.pull_encoded(
-                worker, step + 1, int(meta.get("min_version", 0)), self._wait(float(meta.get("timeout") or 0)), encode,
-                owner_epoch=epoch,
-            )
+            _, out = shard.pull_encoded(worker, step + 1, min_version, wait, encode, owner_epoch=epoch)
         _check_response_size(shard, len(out))
         self.metrics.transferred(shard.job, received, len(out) + reply.get("shm_reply", 0))
         return out
@@ -234,6 +238,8 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
         shard (protos/shm.py); FAILED_PRECONDITION when this process cannot map it."""
         meta, _ = tensorwire.unpack(frame)
         job, link = str(meta.get("job", "")), meta.get("shm") or {}
+        if not isinstance(link, dict):
+            raise SegmentUnavailable(f"job '{job}': malformed shared-memory offer {link!r}")
         self._shard(job)
         try:
             token = bytes.fromhex(str(link.get("token", "")))

@@ -665,17 +665,18 @@ def test_compose_command_lines_form_a_cluster_and_train(local_compose):
     expected = sorted(f"127.0.0.1:{i.ports[int(environment(i.svc)['PSTRAIN_PORT'])]}"
                       for i in cluster.instances if role_module(i.svc) == "psserver")
     assert addresses == expected
-    job = load_job_file(ROOT / "examples" / "digits_mlp.py", epochs=2)
-    status = client.submit(job_to_spec(job, name="compose-digits"))
-    deadline = time.monotonic() + 180
+    # The MNIST example, as the README's compose section submits it, over mutual TLS.
+    job = load_job_file(ROOT / "examples" / "mnist_mlp.py")
+    status = client.submit(job_to_spec(job, name="compose-mnist"))
+    deadline = time.monotonic() + 400
     while status["state"] not in TERMINAL:
         cluster.check_alive()
-        assert time.monotonic() < deadline, f"the job did not finish within 180s: {status}"
+        assert time.monotonic() < deadline, f"the job did not finish within 400s: {status}"
         time.sleep(0.2)
         status = client.get(status["id"])
     assert status["state"] == "SUCCEEDED", status
     assert status["epoch"] >= 1 and status["loss"] == status["loss"], status
-    assert status["metrics"].get("accuracy", 0) > 0.5, status
+    assert status["metrics"].get("val_accuracy", 0) >= 0.975, status  # the test split, evaluated at the end
 
 
 @pytest.mark.slow

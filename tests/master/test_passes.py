@@ -456,3 +456,15 @@ def test_optimize_names_unknown_outputs_and_kept_nodes():
         optimize(g, ["nope"])
     with pytest.raises(GraphError, match="kept node 'gone'"):
         optimize(g, ["s"], keep={"gone"})
+
+
+def test_folding_refuses_a_huge_value_before_computing_it():
+    """(N,1) + (1,N) of submitted constants is N*N: judged from the declared shape, it is
+    left unfolded (the master never allocates 40 GB); a small one still folds."""
+    g = Graph()
+    n = 100_000
+    big = g.add(g.constant(np.zeros((n, 1), np.float32)), g.constant(np.zeros((1, n), np.float32)))
+    small = g.add(g.constant(np.ones((3, 1), np.float32)), g.constant(np.ones((1, 3), np.float32)))
+    out, folded = fold_constants(g, set())
+    assert folded == [small.name]
+    assert out.nodes[big.name].op == "add" and out.nodes[small.name].op == "constant"

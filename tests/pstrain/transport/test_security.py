@@ -221,26 +221,41 @@ def test_certificates_are_private(tls):
 
 
 def test_mutual_tls_end_to_end_and_refusals(tls, monkeypatch, tmp_path):
+    """A master and a shard on mutual TLS, listening on every interface: a node
+    certificate of the cluster's CA is a node credential; a certificate of another CA
+    (or none) is refused in the handshake on every method of both services; the
+    cluster's user certificate without a token opens the connection but makes no call."""
     good, other = tls
     monkeypatch.setenv("PSTRAIN_ADMIN_TOKEN", "admin-secret")
-    ps_creds = Credentials(tls=TLSFiles(good, "ps"))  # no node token: the certificate is the credential
-    server, port, servicer = serve_ps(PSConfig(port=0, metrics_port=-1, host="0.0.0.0"), ps_creds)
-    address = f"127.0.0.1:{port}"
+    master, mport, coordinator = serve_master(MasterConfig(port=0, db=str(tmp_path / "m.db"), metrics_port=-1,
+                                                           host="0.0.0.0"), Credentials(tls=TLSFiles(good, "master")))
+    server, port, servicer = serve_ps(PSConfig(port=0, metrics_port=-1, host="0.0.0.0"),
+                                      Credentials(tls=TLSFiles(good, "ps")))  # no node token: certificates only
+    maddress, address = f"127.0.0.1:{mport}", f"127.0.0.1:{port}"
     try:
         worker = ParameterServerClient(address, timeout=5, credentials=Credentials(tls=TLSFiles(good, "worker")))
         assert worker.echo(b"hi") == b"hi"  # a node certificate of the cluster's CA
         worker.close()
-        user_cert = ParameterServerClient(address, timeout=5, credentials=Credentials(tls=TLSFiles(good, "user")))
-        with pytest.raises(grpc.RpcError) as info:
-            user_cert.echo(b"hi")
-        assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED  # a user certificate is no node
-        user_cert.close()
-        for creds in (Credentials(tls=TLSFiles(other, "worker")), Credentials(node_token="x")):
-            stranger = ParameterServerClient(address, timeout=3, credentials=creds)
-            with pytest.raises(grpc.RpcError) as info:  # refused in the handshake, before any RPC runs
-                stranger.echo(b"hi")
-            assert info.value.code() == grpc.StatusCode.UNAVAILABLE
-            stranger.close()
+        admin = MasterClient(maddress, timeout=5, connect_timeout=5,
+                             credentials=Credentials(user_token="admin-secret", tls=TLSFiles(good, "user")))
+        assert admin.list() == []  # the user certificate and a user token
+        admin.close()
+        user_cert = Credentials(tls=TLSFiles(good, "user"))
+        for service, where, role in ((MASTER, maddress, "master"), (PS, address, "ps")):
+            for name, call in _calls(service, where, role, user_cert):
+                assert _refused(call) == grpc.StatusCode.PERMISSION_DENIED, f"{role} {name} with a user certificate"
+        for creds in (Credentials(tls=TLSFiles(other, "worker")), Credentials(tls=TLSFiles(other, "user"),
+                                                                             user_token="admin-secret"),
+                      Credentials(node_token="x")):
+            for service, where, role in ((MASTER, maddress, "master"), (PS, address, "ps")):
+                calls = list(_calls(service, where, role, creds))
+                if role == "ps":
+                    calls += list(_raw_calls(where, creds))
+                for name, call in calls:  # refused in the handshake, before any RPC runs
+                    assert _refused(call) == grpc.StatusCode.UNAVAILABLE, f"{role} {name} with {creds}"
+        assert servicer.shards == {} and coordinator.store.list() == []  # nothing reached either service
     finally:
         servicer.close()
         server.stop(grace=None).wait(5)
+        master.stop(grace=None).wait(5)
+        coordinator.close()

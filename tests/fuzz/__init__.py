@@ -1,0 +1,1 @@
+"""Fuzz harnesses (atheris) and property tests (hypothesis) for the wire surface; see test_fuzz.py."""
