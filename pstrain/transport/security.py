@@ -199,7 +199,8 @@ def secure_channel(address: str, server_role: str, creds: Credentials, options: 
 # ---- what a server accepts ------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Caller:
-    """Who made a call: ``kind`` "node" or "user"; ``name``: the user or node role."""
+    """Who made a call: ``kind`` "node", "user", or "certificate" (the cluster's user
+    certificate alone, which names no user); ``name``: the user or node role."""
 
     kind: str
     name: str
