@@ -187,17 +187,17 @@ class ClusterHandle:
     def user_credentials(self):
         """What psctl presents to this cluster's master: the admin token (and, with TLS,
         the user certificate)."""
-        from pstrain.transport.security import Credentials, TLSFiles
-
-        tls_dir = self.spec.tls_dir if self.spec is not None else ""
-        return Credentials(user_token=self.secrets.get("token", ""), tls=TLSFiles(tls_dir, "user") if tls_dir else None)
+        return self._credentials("user", user_token=self.secrets.get("token", ""))
 
     def node_credentials(self):
         """What a node of this cluster presents (benchmarks and tests calling shards)."""
+        return self._credentials("worker", node_token=self.secrets.get("node_token", ""))
+
+    def _credentials(self, role: str, **tokens):
         from pstrain.transport.security import Credentials, TLSFiles
 
         tls_dir = self.spec.tls_dir if self.spec is not None else ""
-        return Credentials(node_token=self.secrets.get("node_token", ""), tls=TLSFiles(tls_dir, "worker") if tls_dir else None)
+        return Credentials(tls=TLSFiles(tls_dir, role) if tls_dir else None, **tokens)
 
 
 @dataclass(frozen=True)

@@ -63,6 +63,7 @@ class _Program:
     fetch_slots: list[int]
     state_updates: list  # (node, input slots, {input index: variable name})
     fresh: list = field(default_factory=list)  # (slot, shape, dtype): a new buffer every run (own_fetches)
+    fresh_slots: frozenset = frozenset()  # those slots
 
 
 class Executor:
@@ -120,8 +121,7 @@ class Executor:
                 updates.update({var: new[i] for i, var in targets.items() if i in new})
         values = [slots[i] for i in prog.fetch_slots]
         if self.own_fetches:  # a fed, variable or constant value fetched as it is: a copy
-            made = {slot for slot, _, _ in prog.fresh}
-            values = [v if i in made else self.backend.asarray(np.array(self.backend.to_host(v), copy=True))
+            values = [v if i in prog.fresh_slots else self.backend.asarray(np.array(self.backend.to_host(v), copy=True))
                       for i, v in zip(prog.fetch_slots, values)]
         return RunResult(values, updates)
 
@@ -216,7 +216,8 @@ class Executor:
         made = {step.out for step in steps}
         fresh = [(i, slots[i].shape, slots[i].dtype) for i in dict.fromkeys(fetch_slots)
                  if self.own_fetches and i in made]
-        return _Program(slots, steps, feed_slots, param_slots, fetch_slots, state_updates, fresh)
+        return _Program(slots, steps, feed_slots, param_slots, fetch_slots, state_updates, fresh,
+                        frozenset(slot for slot, _, _ in fresh))
 
     def _fusions(self, order, consumers) -> dict[str, tuple]:
         """Find act(add(matmul(x, w), b)) (or add(matmul(x, w), b)) chains, and a ± b * c

@@ -23,6 +23,7 @@ from pstrain.runtime import datasets
 from pstrain.runtime.spec import JobSpec, ModelSpec, TrainConfig
 from pstrain.transport import rpc
 from pstrain.transport.master_client import MasterClient
+from tests.master.helpers import wait_for
 
 TINY_NODES, TINY_VARIABLE_BYTES = 22, 2440  # the tiny model below: 64*8 + 8 + 8*10 + 10 float32
 
@@ -51,16 +52,6 @@ def refused(call, msg) -> str:
         call(msg)
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, info.value.details()
     return info.value.details()
-
-
-def wait_for(predicate, timeout=10.0, interval=0.05):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"condition not met within {timeout}s")
 
 
 def chain_spec(adds: int) -> JobSpec:
@@ -239,7 +230,7 @@ def test_a_job_short_of_workers_says_so_then_fails_after_the_pending_timeout(mas
     client, _ = masters(pending_timeout=1.0)
     job = client.submit_message(spec)
     started = time.monotonic()
-    failed = wait_for(lambda: (s := client.get(job["id"]))["state"] == "FAILED" and s)
+    failed = wait_for(lambda: (s := client.get(job["id"]))["state"] == "FAILED" and s, timeout=10.0)
     assert time.monotonic() - started >= 0.9
     what = "3 workers (0 registered) and 1 parameter-server shard (0 registered)"
     assert failed["events"].count(f"waiting for {what}") == 1, failed["events"]
@@ -253,11 +244,11 @@ def test_the_waiting_event_is_added_only_when_the_numbers_change(masters, spec):
     client.register("ps", address="127.0.0.1:1", name="ps0")
     client.register("worker", name="w0")
     job = client.submit_message(spec)
-    wait_for(lambda: "waiting for 3 workers (1 registered)" in client.get(job["id"])["events"])
+    wait_for(lambda: "waiting for 3 workers (1 registered)" in client.get(job["id"])["events"], timeout=10.0)
     time.sleep(0.8)  # a few monitor passes
     client.register("worker", name="w1")
     events = wait_for(lambda: (e := client.get(job["id"])["events"]) and "waiting for 3 workers (2 registered)" in e
-                      and e)
+                      and e, timeout=10.0)
     waiting = [e for e in events if e.startswith("waiting for")]
     assert waiting == ["waiting for 3 workers (1 registered)", "waiting for 3 workers (2 registered)"]
     assert client.get(job["id"])["state"] == "PENDING"

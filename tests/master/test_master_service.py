@@ -22,6 +22,7 @@ from pstrain.runtime.spec import SlotRef
 from pstrain.transport.master_client import MasterClient
 from pstrain.transport.ps_client import ParameterServerClient
 from pstrain.transport.rpc import describe as rpc_describe
+from tests.master.helpers import wait_for
 
 HEARTBEAT_TIMEOUT = 1.0
 HEARTBEAT_INTERVAL = 0.2
@@ -128,16 +129,6 @@ def heartbeats(master):
     hb = Heartbeats(master.client())
     yield hb
     hb.close()
-
-
-def wait_for(predicate, timeout=5.0, interval=0.05):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"condition not met within {timeout}s")
 
 
 def nodes_of(spec) -> dict:
