@@ -35,7 +35,6 @@ import logging
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -59,6 +58,7 @@ from client.launchers.base import (
     write_scrape_targets,
 )
 from client.launchers.local import pid_alive, process_env, remove_shared_memory, thread_env
+from pstrain.transport.ports import unused_port
 
 log = logging.getLogger(__name__)
 
@@ -194,12 +194,6 @@ def _log_to_file(path: str, role: str) -> None:
 
 
 # ---- a private head ---------------------------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _ray_binary() -> str:
     here = os.path.join(os.path.dirname(sys.executable), "ray")
     found = here if os.path.exists(here) else shutil.which("ray")
@@ -215,11 +209,11 @@ def start_head(log_path: str, temp_dir: str, num_cpus: float, num_gpus: int = 0,
     would); returns (address, pid). Its ports are picked free, not Ray's fixed
     defaults, so it can run beside another head. ``dashboard_port``: serve the
     dashboard (and so Ray Jobs) on 127.0.0.1 at that port (0: no dashboard)."""
-    cmd = [_ray_binary(), "start", "--head", "--block", "--port", str(_free_port()),
+    cmd = [_ray_binary(), "start", "--head", "--block", "--port", str(unused_port()),
            "--num-cpus", str(max(1, int(num_cpus + 0.999))), "--num-gpus", str(num_gpus),
            "--include-dashboard", "true" if dashboard_port else "false", "--disable-usage-stats",
            "--temp-dir", temp_dir, "--object-store-memory", str(HEAD_OBJECT_STORE_BYTES),
-           "--ray-client-server-port", str(_free_port()), "--dashboard-agent-listen-port", str(_free_port())]
+           "--ray-client-server-port", str(unused_port()), "--dashboard-agent-listen-port", str(unused_port())]
     if dashboard_port:
         cmd += ["--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard_port)]
     env = process_env()

@@ -5,7 +5,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 
@@ -32,6 +31,7 @@ from client.cli.train import train_command
 from client.job import Job, job_to_spec, load_job_file, model_from_export, save_export
 from graph.core import Graph
 from protos import codec, jobcodec
+from pstrain.transport.ports import unused_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 MNIST_JOB = os.path.join(ROOT, "examples", "mnist_mlp.py")
@@ -39,12 +39,6 @@ MNIST_JOB = os.path.join(ROOT, "examples", "mnist_mlp.py")
 
 def parse(*argv):
     return build_parser().parse_args(list(argv))
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _small_model(input_dim=8, seed=0) -> nn.Sequential:
@@ -167,7 +161,7 @@ def test_submit_to_a_master_that_is_down_fails_cleanly(tmp_path):
     env.pop("PSTRAIN_MASTER", None)
     out = subprocess.run(
         [sys.executable, "-m", "client.cli", "submit", str(_write_job(tmp_path)),
-         "--master", f"127.0.0.1:{_free_port()}", "--connect-timeout", "0.5"],
+         "--master", f"127.0.0.1:{unused_port()}", "--connect-timeout", "0.5"],
         capture_output=True, text=True, cwd=ROOT, env=env, timeout=120,
     )
     assert out.returncode == EXIT_UNAVAILABLE
@@ -180,14 +174,14 @@ def test_submit_to_a_master_that_is_down_fails_cleanly(tmp_path):
     (["submit", "/nonexistent/job.py"], "does not exist"),
 ])
 def test_errors_are_one_line_without_traceback(argv, message, capsys):
-    code = cli.main(["--master", f"127.0.0.1:{_free_port()}", "--connect-timeout", "0.2"] + argv)
+    code = cli.main(["--master", f"127.0.0.1:{unused_port()}", "--connect-timeout", "0.2"] + argv)
     err = capsys.readouterr().err
     assert code != 0 and message in err and "Traceback" not in err
 
 
 def test_bad_job_overrides_name_the_field(tmp_path, capsys):
     assert cli.main(["submit", str(_write_job(tmp_path)), "--mode", "ssp", "--workers", "0", "--connect-timeout", "0.2",
-                     "--master", f"127.0.0.1:{_free_port()}"]) == EXIT_UNAVAILABLE  # valid overrides reach the master
+                     "--master", f"127.0.0.1:{unused_port()}"]) == EXIT_UNAVAILABLE  # valid overrides reach the master
     code = cli.main(["plan", str(_write_job(tmp_path, "Job(m, dataset='synthetic', mode='sometimes')"))])
     assert code == EXIT_USAGE and "Job.mode='sometimes'" in capsys.readouterr().err
 
@@ -342,7 +336,7 @@ def test_render_png_writes_a_png(tmp_path):
 def test_plan_without_a_master_plans_locally(tmp_path, capsys):
     pytest.importorskip("master.planner")
     dot = tmp_path / "plan.dot"
-    code = cli.main(["plan", MNIST_JOB, "--ps", "3", "--master", f"127.0.0.1:{_free_port()}",
+    code = cli.main(["plan", MNIST_JOB, "--ps", "3", "--master", f"127.0.0.1:{unused_port()}",
                      "--connect-timeout", "0.2", "--dot", str(dot), "--json"])
     out = capsys.readouterr()
     assert code == 0 and "planning locally for 3 ps shards" in out.err
@@ -367,7 +361,7 @@ def test_plan_shows_a_loss_jobs_folded_constants_once(tmp_path, capsys):
         f"def job():\n    return Job(loss, variables=[w], optimizer=nn.optimizers.SGD(0.01), dataset={str(tmp_path / 'd.npz')!r})\n"
     )
     dot = tmp_path / "plan.dot"
-    code = cli.main(["plan", str(jobfile), "--master", f"127.0.0.1:{_free_port()}", "--connect-timeout", "0.2",
+    code = cli.main(["plan", str(jobfile), "--master", f"127.0.0.1:{unused_port()}", "--connect-timeout", "0.2",
                      "--dot", str(dot)])
     text = capsys.readouterr().out
     assert code == 0

@@ -32,6 +32,7 @@ from pathlib import Path
 import pytest
 
 from protos.settings import env_name, env_variables
+from pstrain.transport.ports import unused_port
 from tests.deploy.dashboard_exprs import (
     COMPOSE_FILE,
     DASHBOARD_DIR,
@@ -459,16 +460,9 @@ def test_prometheus_and_grafana_are_provisioned(compose):
 
 # ---- (d) the compose services' command lines, run locally ------------------------------------------
 def free_ports(n: int) -> list[int]:
-    socks = []
-    try:
-        for _ in range(n):
-            s = socket.socket()
-            s.bind(("", 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
+    # Outside the ephemeral range: a port the kernel picked for us and we closed again can
+    # be taken by any outgoing connection before the service binds it.
+    return [unused_port("0.0.0.0") for _ in range(n)]
 
 
 @dataclass

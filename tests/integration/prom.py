@@ -21,7 +21,6 @@ import contextlib
 import json
 import os
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
@@ -29,6 +28,8 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from typing import Callable, Iterator
+
+from pstrain.transport.ports import unused_port
 
 SCRAPE_JOB = "pstrain"
 
@@ -86,12 +87,6 @@ class PrometheusServer:
             return f.read()[-4000:]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextlib.contextmanager
 def prometheus_server(targets: list[str], scrape_interval: str = "1s", start_timeout: float = 60.0,
                       directory: str | None = None, targets_file: str | None = None) -> Iterator[PrometheusServer]:
@@ -113,7 +108,7 @@ def prometheus_server(targets: list[str], scrape_interval: str = "1s", start_tim
         }
         with open(config_path, "w") as f:
             json.dump(config, f, indent=2)
-        port = _free_port()
+        port = unused_port()
         log_path = os.path.join(root, "prometheus.log")
         with open(log_path, "wb") as log:
             proc = subprocess.Popen(

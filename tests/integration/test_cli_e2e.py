@@ -116,11 +116,9 @@ def test_plan_prints_per_shard_bytes(up, where):
     if where == "master":
         master = up.address
     else:  # nobody listens there: psctl plans in-process and says so
-        import socket
+        from pstrain.transport.ports import unused_port
 
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            master = f"127.0.0.1:{s.getsockname()[1]}"
+        master = f"127.0.0.1:{unused_port()}"
     out = psctl(["--master", master, "plan", MNIST_EXAMPLE, "--ps", 2], up.env, timeout=120)
     assert ("planning locally" in out.stderr) == (where == "local"), out.stderr
     assert "== parameter-server shards (sync; optimizer sgd) ==" in out.stdout

@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import re
 import signal
-import socket
 import time
 
 import grpc
@@ -18,6 +17,7 @@ import pytest
 
 from client.job import job_to_spec
 from protos import codec, jobcodec
+from pstrain.transport.ports import unused_port
 from tests.integration.helpers import (
     all_gone,
     assert_same_weights,
@@ -290,14 +290,8 @@ def _wait_through_restart(client, job_id: str, timeout: float) -> dict:
 
 
 # ---- (c) no master ----------------------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_submit_without_a_master_fails_clearly(tmp_path, digits_jobfile):
-    address = f"127.0.0.1:{_free_port()}"
+    address = f"127.0.0.1:{unused_port()}"
     env = service_env(tmp_path)
     started = time.monotonic()
     out = psctl(["--master", address, "submit", digits_jobfile, "--wait"], env, timeout=60, check=False)
@@ -311,7 +305,7 @@ def test_submit_without_a_master_fails_clearly(tmp_path, digits_jobfile):
 @pytest.mark.parametrize("command", [["list"], ["status", "job-000001"], ["cancel", "job-000001"]],
                          ids=["list", "status", "cancel"])
 def test_other_commands_without_a_master_fail_clearly(tmp_path, command):
-    address = f"127.0.0.1:{_free_port()}"
+    address = f"127.0.0.1:{unused_port()}"
     out = psctl(["--master", address, "--connect-timeout", "1", *command], service_env(tmp_path), timeout=60,
                 check=False)
     assert out.returncode == 3 and "cannot reach the pstrain master" in out.stderr, out.stderr

@@ -316,7 +316,8 @@ def test_ray_job_submit_runs_psctl_train_on_an_existing_cluster(ray_head, tmp_pa
     import sys
     import tempfile
 
-    from client.launchers.ray_cluster import _free_port, start_head, stop_head
+    from client.launchers.ray_cluster import start_head, stop_head
+    from pstrain.transport.ports import unused_port
     from tests.integration.helpers import service_env, write_job
 
     workdir = tmp_path / "job"
@@ -324,7 +325,7 @@ def test_ray_job_submit_runs_psctl_train_on_an_existing_cluster(ray_head, tmp_pa
     write_job(workdir, name="job.py", epochs=2)
     bin_dir = os.path.dirname(sys.executable)
     monkeypatch.setenv("PATH", bin_dir + os.pathsep + os.environ.get("PATH", ""))
-    port = _free_port()
+    port = unused_port()
     temp_dir = tempfile.mkdtemp(prefix="pst-rj-", dir="/tmp")
     with services_environment():
         address, pid = start_head(str(tmp_path / "head.log"), temp_dir, num_cpus=2, timeout=120, dashboard_port=port)
@@ -353,12 +354,12 @@ def test_psctl_up_without_an_address_starts_a_private_head_and_down_stops_it(ray
     (its own process group, loopback services); ``psctl down`` from another process
     stops the actors and then that head, leaving no Ray process of it and no temp dir,
     while the test run's shared head keeps running."""
-    from client.launchers.ray_cluster import _free_port
+    from pstrain.transport.ports import unused_port
     from tests.integration.helpers import ADDRESS_RE, psctl, service_env
 
     state = tmp_path / "state"
     env = service_env(state)
-    up = psctl(["up", "--launcher", "ray", "--workers", "1", "--ps", "1", "--port", str(_free_port()), "--detach"],
+    up = psctl(["up", "--launcher", "ray", "--workers", "1", "--ps", "1", "--port", str(unused_port()), "--detach"],
                env, timeout=180)
     assert ADDRESS_RE.search(up.stdout).group(1).startswith("127.0.0.1:"), up.stdout
     b = load_handle(str(state)).backend
