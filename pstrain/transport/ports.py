@@ -15,7 +15,9 @@ import threading
 
 _LOCK = threading.Lock()
 _GIVEN: set[int] = set()  # handed out by this process (not bound yet, perhaps)
-_LOWEST = 10000  # below are the well-known and registered services people run on purpose
+# Below 20000: well-known and registered services people run on purpose, and Ray's
+# worker ports (10002-19999 by default; `ray start` refuses a component port among them).
+_LOWEST = 20000
 
 
 def ephemeral_range() -> tuple[int, int]:

@@ -35,3 +35,8 @@ def test_without_room_below_the_range_the_kernel_chooses(monkeypatch):
     port = unused_port()
     with socket.socket() as s:
         s.bind(("127.0.0.1", port))
+
+
+def test_ports_stay_clear_of_rays_default_worker_ports():
+    # `ray start --head` refuses a component port inside its worker port range (10002-19999).
+    assert all(not 10002 <= unused_port() <= 19999 for _ in range(50))
