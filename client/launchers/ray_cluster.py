@@ -23,6 +23,10 @@ How it maps onto Ray:
   restarted worker registers under its name again and gets its slots back.
 * **Metrics** stay pstrain's own /metrics endpoints; ``<state_dir>/prometheus-targets.json``
   lists them all for a Prometheus ``file_sd_configs`` entry.
+* **A private head runs Ray's token auth** with a token of its own (``ray-auth.token`` in
+  the state directory, 0600): Ray's ports listen on the machine's address, and without
+  it anyone who reaches them could run code as this user. ``psctl`` commands find the
+  token through the state file; joining an existing cluster uses its own setting.
 """
 from __future__ import annotations
 
@@ -33,6 +37,7 @@ import importlib
 import json
 import logging
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -40,7 +45,7 @@ import sys
 import tempfile
 import time
 import uuid
-from typing import Any
+from typing import Any, Mapping
 
 from client.launchers.base import (
     STOP_ORDER,
@@ -70,6 +75,8 @@ DEFAULT_CPUS = {"master": 0.5, "ps": 0.5, "worker": 1.0}
 # beside the package), and Numba's CUDA simulator (a --device cuda cluster without a GPU).
 PASSED_ENV = ("NUMBA_CACHE_DIR", "NUMBA_ENABLE_CUDASIM")
 HEAD_OBJECT_STORE_BYTES = 512 * 2**20  # a private head's object store (/dev/shm, beside pstrain's segments)
+RAY_TOKEN_FILE = "ray-auth.token"  # a private head's Ray auth token, in the cluster's state directory
+RAY_AUTH_VARS = ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")
 
 
 def actor_name(cluster: str, role: str, index: int) -> str:
@@ -202,13 +209,50 @@ def _ray_binary() -> str:
     return found
 
 
+def write_ray_token(path: str) -> str:
+    """A new random Ray auth token in ``path`` (created 0600, replacing any); returns the path."""
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(secrets.token_hex(32))
+    return path
+
+
+def ray_auth_env(token_path: str | None, env: Mapping[str, str] = os.environ) -> dict[str, str | None]:
+    """Ray's auth variables for a process that uses a cluster: with ``token_path`` (a
+    private head's), token auth with that file; else ``env``'s own, with the mode
+    ``disabled`` where it sets none (Ray 2.60 would otherwise turn token auth on for a
+    head it starts and then refuse drivers without the token). None: unset."""
+    if token_path:
+        return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": None, "RAY_AUTH_TOKEN_PATH": token_path}
+    out = {k: env.get(k) for k in RAY_AUTH_VARS}
+    out["RAY_AUTH_MODE"] = out["RAY_AUTH_MODE"] or "disabled"
+    return out
+
+
+def _apply(env: dict, values: Mapping[str, str | None]) -> bool:
+    """Set (or, for None, remove) ``values`` in ``env``; whether anything changed."""
+    changed = False
+    for k, v in values.items():
+        if env.get(k) != v:
+            changed = True
+            if v is None:
+                env.pop(k, None)
+            else:
+                env[k] = v
+    return changed
+
+
 def start_head(log_path: str, temp_dir: str, num_cpus: float, num_gpus: int = 0, timeout: float = 60.0,
-               dashboard_port: int = 0) -> tuple[str, int]:
+               dashboard_port: int = 0, auth_token_path: str | None = None) -> tuple[str, int]:
     """Start a Ray head on this machine (``ray start --head --block`` in its own process
     group, so :func:`stop_head` ends exactly it, not every Ray here as ``ray stop``
     would); returns (address, pid). Its ports are picked free, not Ray's fixed
     defaults, so it can run beside another head. ``dashboard_port``: serve the
-    dashboard (and so Ray Jobs) on 127.0.0.1 at that port (0: no dashboard)."""
+    dashboard (and so Ray Jobs) on 127.0.0.1 at that port (0: no dashboard).
+    ``auth_token_path``: run Ray's token auth with the token in that file (every
+    driver then needs it: :func:`connect` with the same path)."""
     cmd = [_ray_binary(), "start", "--head", "--block", "--port", str(unused_port()),
            "--num-cpus", str(max(1, int(num_cpus + 0.999))), "--num-gpus", str(num_gpus),
            "--include-dashboard", "true" if dashboard_port else "false", "--disable-usage-stats",
@@ -217,7 +261,7 @@ def start_head(log_path: str, temp_dir: str, num_cpus: float, num_gpus: int = 0,
     if dashboard_port:
         cmd += ["--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard_port)]
     env = process_env()
-    env.setdefault("RAY_AUTH_MODE", "disabled")
+    _apply(env, ray_auth_env(auth_token_path, env))
     os.makedirs(os.path.dirname(log_path), mode=0o700, exist_ok=True)
     with open_log(log_path) as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
@@ -251,19 +295,42 @@ def stop_head(pid: int) -> None:
 
 
 # ---- connecting --------------------------------------------------------------------------------------------
-def connect(address: str, namespace: str):
+# The caller's own Ray auth variables while a private head's are in this process's
+# environment (restored when it next connects to another cluster).
+_callers_ray_auth: dict[str, str | None] | None = None
+
+
+def _use_ray_auth(token_path: str | None) -> bool:
+    """Put the Ray auth variables for a cluster in this process's environment (see
+    ray_auth_env); whether they changed."""
+    global _callers_ray_auth
+    if token_path:
+        if _callers_ray_auth is None:
+            _callers_ray_auth = {k: os.environ.get(k) for k in RAY_AUTH_VARS}
+        return _apply(os.environ, ray_auth_env(token_path))
+    own, _callers_ray_auth = _callers_ray_auth, None
+    return _apply(os.environ, ray_auth_env(None, own if own is not None else os.environ))
+
+
+def connect(address: str, namespace: str, auth_token_path: str | None = None):
     """Connect this process to the Ray cluster at ``address`` (``auto``: RAY_ADDRESS or
-    the cluster ``ray start`` made here); reuses a connection to the same cluster."""
+    the cluster ``ray start`` made here); reuses a connection to the same cluster.
+    ``auth_token_path``: the cluster's Ray auth token (a private head's)."""
     try:
         import ray
     except ImportError:
         raise ClusterError("the ray launcher needs Ray: pip install 'pstrain[ray]'") from None
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # see README "Running on Ray": Ray 2.60's token auth
+    changed = _use_ray_auth(auth_token_path)
     if ray.is_initialized():
         current = ray.get_runtime_context()
-        if current.namespace == namespace and (address == "auto" or current.gcs_address == address):
+        if not changed and current.namespace == namespace and (address == "auto" or current.gcs_address == address):
             return ray
         ray.shutdown()
+    if changed:  # Ray keeps the mode and the token it read: have it read them again
+        from ray._raylet import AuthenticationTokenLoader, Config
+
+        Config.initialize("")
+        AuthenticationTokenLoader.instance().reset_cache()
     # Ray warns that removing a placement group kills its detached actors: that is how
     # psctl down ends them, on purpose.
     logging.getLogger("ray.actor").setLevel(logging.ERROR)
@@ -276,7 +343,8 @@ def connect(address: str, namespace: str):
 
 def connect_to(handle: ClusterHandle):
     """Connect to the Ray cluster and namespace a handle records."""
-    return connect(handle.backend["ray_address"], handle.backend.get("namespace", DEFAULT_NAMESPACE))
+    b = handle.backend
+    return connect(b["ray_address"], b.get("namespace", DEFAULT_NAMESPACE), b.get("ray_auth_token_path") or None)
 
 
 # ---- the launcher ------------------------------------------------------------------------------------------
@@ -367,12 +435,14 @@ class RayLauncher(Launcher):
                 temp_dir = os.path.join(tempfile.gettempdir(), f"pstrain-ray-{cluster}")  # short: Ray's socket paths
                 bundles = [res for _, res in self.bundles(spec)]
                 need = {k: sum(res.get(k, 0.0) for res in bundles) for k in ("CPU", "GPU")}
+                token = write_ray_token(os.path.join(spec.state_dir, RAY_TOKEN_FILE))
+                handle.backend["ray_auth_token_path"] = token
                 address, pid = start_head(os.path.join(spec.log_dir, "ray-head.log"), temp_dir,
                                           max(need["CPU"], os.cpu_count() or 1), int(need["GPU"] + 0.999),
-                                          timeout=max(10.0, self.start_timeout))
+                                          timeout=max(10.0, self.start_timeout), auth_token_path=token)
                 handle.backend.update(ray_address=address, head_pid=pid, head_temp_dir=temp_dir)
                 write_handle(handle)  # from here on, `psctl down` can clean up whatever happens
-            ray = connect(address, self.namespace)
+            ray = connect(address, self.namespace, handle.backend.get("ray_auth_token_path"))
             handle.backend["ray_address"] = ray.get_runtime_context().gcs_address
             pg = self._placement_group(ray, spec, cluster, deadline)
             handle.backend["placement_group"] = f"pstrain-{cluster}"
@@ -612,6 +682,9 @@ class RayLauncher(Launcher):
         if b.get("head_pid"):
             stop_head(int(b["head_pid"]))
             shutil.rmtree(b.get("head_temp_dir") or "/nonexistent", ignore_errors=True)
+            if b.get("ray_auth_token_path"):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(b["ray_auth_token_path"])
         remove_shared_memory(handle.pids.get("worker", []))
         remove_handle(handle)
         if stuck:

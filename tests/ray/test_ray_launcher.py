@@ -365,8 +365,37 @@ def test_psctl_up_without_an_address_starts_a_private_head_and_down_stops_it(ray
     b = load_handle(str(state)).backend
     head, temp_dir = b["head_pid"], b["head_temp_dir"]
     assert head > 0 and os.path.isdir(temp_dir) and b["ray_address"] != ray_head.address, b
+    # Ray's token auth, with a token of its own, kept beside the state file.
+    token = b["ray_auth_token_path"]
+    assert os.path.dirname(token) == str(state) and os.stat(token).st_mode & 0o777 == 0o600, b
+    refused = [_ray_driver(b["ray_address"], tmp_path, {"RAY_AUTH_MODE": "disabled"}),  # no token at all
+               _ray_driver(b["ray_address"], tmp_path, {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": "0" * 64})]
+    for out in refused:
+        assert out.returncode != 0 and "connected" not in out.stdout, out.stdout + out.stderr
+        assert re.search(r"InvalidAuthToken|Unauthenticated", out.stderr), out.stderr[-2000:]
+    ok = _ray_driver(b["ray_address"], tmp_path, {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": token})
+    assert ok.returncode == 0 and "connected" in ok.stdout, ok.stderr[-2000:]
     psctl(["down"], env, timeout=120)
     with pytest.raises(ProcessLookupError):
         os.killpg(head, 0)
-    assert not os.path.exists(temp_dir) and load_handle(str(state)) is None
+    assert not os.path.exists(temp_dir) and load_handle(str(state)) is None and not os.path.exists(token)
     os.killpg(ray_head.pid, 0)  # the shared head is untouched
+
+
+def _ray_driver(address: str, tmp_path, auth: dict[str, str]):
+    """A Ray driver process connecting to ``address`` with ``auth`` for Ray's auth variables
+    (and a HOME of its own, so no ~/.ray/auth_token of this machine's helps it)."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")}
+    home = tmp_path / "driver-home"
+    home.mkdir(exist_ok=True)
+    env.update(auth, HOME=str(home))
+    code = ("import ray, sys\n"
+            f"ray.init(address={address!r}, log_to_driver=False)\n"
+            "print('connected', ray.cluster_resources().get('CPU'))\n")
+    try:
+        return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=90)
+    except subprocess.TimeoutExpired as exc:  # refused by retrying for ever counts as refused
+        return subprocess.CompletedProcess(exc.cmd, -1, exc.stdout or "", "timed out: " + str(exc.stderr or ""))
