@@ -71,11 +71,10 @@ class MasterClient:
         if not self._ready:
             try:
                 rpc.wait_ready(self.channel, self.address, self.connect_timeout)
-            except ConnectionError as exc:
-                raise MasterUnavailable(
-                    f"cannot reach the pstrain master at {self.address}: {exc}. Start one with `psctl up`, "
-                    "or point --master / $PSTRAIN_MASTER at a running master"
-                ) from None
+            except rpc.Unreachable as exc:
+                hint = ("" if exc.reason in ("tls", "closed") else
+                        ". Start one with `psctl up`, or point --master / $PSTRAIN_MASTER at a running master")
+                raise MasterUnavailable(f"cannot reach the pstrain master at {self.address}: {exc}{hint}") from None
             self._ready = True
         return method(request, timeout=timeout or self.timeout)
 

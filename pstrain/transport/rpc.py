@@ -97,12 +97,56 @@ def bind(server: grpc.Server, host: str, port: int, tls: TLSFiles | None = None,
     return bound
 
 
+class Unreachable(ConnectionError):
+    """A channel that did not connect; ``reason`` is "refused" (nothing listens), "tls"
+    (the TLS handshake failed), "closed" (the peer hung up: it may speak TLS to a
+    plaintext client) or "other"."""
+
+    def __init__(self, message: str, reason: str):
+        super().__init__(message)
+        self.reason = reason
+
+
 def wait_ready(channel: grpc.Channel, address: str, timeout: float) -> None:
-    """Block until the channel connects; raise ConnectionError naming the address."""
+    """Block until the channel connects; raise Unreachable naming the address and, from
+    one probing call, why (nothing listening, a failed TLS handshake, ...)."""
     try:
         grpc.channel_ready_future(channel).result(timeout=timeout)
     except grpc.FutureTimeoutError:
-        raise ConnectionError(f"no pstrain service answers at {address} (waited {timeout:.0f}s); is it running?") from None
+        message, reason = _why_unreachable(channel, address)
+        raise Unreachable(f"{message} (waited {timeout:.0f}s)", reason) from None
+
+
+def _why_unreachable(channel: grpc.Channel, address: str) -> tuple[str, str]:
+    try:
+        channel.unary_unary("/pstrain.Probe/Connect")(b"", timeout=2.0)
+    except grpc.RpcError as exc:
+        code, details = exc.code(), (exc.details() or "")
+    else:  # no service has that method: something answered after all
+        code, details = grpc.StatusCode.OK, ""
+    text = details.lower()
+    if code not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+        return f"the service at {address} answered only after the wait", "other"
+    if "connection refused" in text:
+        return f"nothing listens at {address}; is the service running?", "refused"
+    if "wrong_version_number" in text:  # a TLS client's hello answered in plaintext
+        return (f"the service at {address} does not speak TLS ({_first_line(details)}): start it with --tls-dir, or "
+                "call a loopback-only cluster without TLS files", "tls")
+    if any(word in text for word in ("handshake", "ssl", "certificate", "verification", "tls")):
+        return (f"the TLS handshake with {address} failed ({_first_line(details)}): the service and this client need "
+                "certificates of the same cluster CA (--tls-dir / PSTRAIN_TLS_DIR; psctl certs init makes them)",
+                "tls")
+    if any(word in text for word in ("socket closed", "connection reset", "end of tcp stream", "broken pipe")):
+        return (f"{address} closed the connection ({_first_line(details)}): it may be a service that speaks TLS "
+                "(give --tls-dir / PSTRAIN_TLS_DIR) or not a pstrain service", "closed")
+    return f"no pstrain service answers at {address} ({_first_line(details) or code.name}); is it running?", "other"
+
+
+def _first_line(text: str, limit: int = 160) -> str:
+    """gRPC's reason, without its "failed to connect to all addresses" preamble."""
+    line = text.strip().splitlines()[0] if text.strip() else ""
+    line = line.split("; last error: ", 1)[-1]
+    return line if len(line) <= limit else line[:limit] + "..."
 
 
 # ---- errors -------------------------------------------------------------------------------

@@ -259,3 +259,41 @@ def test_mutual_tls_end_to_end_and_refusals(tls, monkeypatch, tmp_path):
         server.stop(grace=None).wait(5)
         master.stop(grace=None).wait(5)
         coordinator.close()
+
+
+def test_a_client_that_cannot_connect_is_told_why(tls, tmp_path):
+    """Another CA's certificate, plaintext to a TLS master, TLS to a plaintext one and
+    nothing listening: each says what went wrong, not just that nobody answered."""
+    from pstrain.transport.master_client import MasterUnavailable
+    from pstrain.transport.ports import unused_port
+
+    good, other = tls
+    servers = []
+    try:
+        for name, creds in (("tls", Credentials(tls=TLSFiles(good, "master"))), ("plain", Credentials(node_token="n"))):
+            server, port, coordinator = serve_master(MasterConfig(port=0, db=str(tmp_path / f"{name}.db"),
+                                                                  metrics_port=-1), creds)
+            servers.append((server, coordinator))
+            if name == "tls":
+                tls_address = f"127.0.0.1:{port}"
+            else:
+                plain_address = f"127.0.0.1:{port}"
+        cases = [
+            (tls_address, Credentials(user_token="t", tls=TLSFiles(other, "user")), "the TLS handshake with"),
+            (tls_address, Credentials(user_token="t"), "closed the connection"),
+            (plain_address, Credentials(user_token="t", tls=TLSFiles(good, "user")), "does not speak TLS"),
+            (f"127.0.0.1:{unused_port()}", Credentials(user_token="t"), "nothing listens at"),
+        ]
+        for address, creds, says in cases:
+            client = MasterClient(address, timeout=5, connect_timeout=1, credentials=creds)
+            with pytest.raises(MasterUnavailable) as caught:
+                client.list()
+            client.close()
+            message = str(caught.value)
+            assert message.startswith(f"cannot reach the pstrain master at {address}: ") and says in message, message
+            assert ("psctl up" in message) == (says == "nothing listens at"), message
+            assert "failed to connect to all addresses" not in message, message
+    finally:
+        for server, coordinator in servers:
+            server.stop(grace=None).wait(5)
+            coordinator.close()
