@@ -7,7 +7,7 @@ INVALID_ARGUMENT (a ``ValueError``) naming the field, the value and the limit.
 Usage::
 
     check_request(request_bytes, node_count, config)   # at the service edge, before decoding
-    spec = check_job(spec, config, request_bytes)       # first thing in submit / plan
+    spec = check_job(spec, config)                      # first thing in submit / plan
     waiting_for(3, 0, workers=1, shards=2)             # "3 workers (1 registered)"
 """
 from __future__ import annotations
@@ -35,19 +35,21 @@ def request_limit(config: MasterConfig) -> int:
 
 
 def check_request(request_bytes: int | None, node_count: int, config: MasterConfig) -> None:
-    """The checks that cost nothing: the request's size and the graph's node count, before the
-    graph is decoded (decoding and planning take time and memory in proportion to it)."""
+    """The checks that cost nothing: the request's size (None: not from the wire) and the
+    graph's node count, before the graph is decoded (decoding and planning take time and
+    memory in proportion to it)."""
     if request_bytes is not None and request_bytes > request_limit(config):
         raise _over(f"the request is {request_bytes} bytes", request_limit(config), "max_request_bytes")
     if node_count > config.max_graph_nodes:
         raise _over(f"the graph has {node_count} nodes", config.max_graph_nodes, "max_graph_nodes")
 
 
-def check_job(spec: JobSpec, config: MasterConfig, request_bytes: int | None = None) -> JobSpec:
+def check_job(spec: JobSpec, config: MasterConfig) -> JobSpec:
     """Refuse a job over any limit (ValueError); return it as admitted: with a data root, its
-    dataset path joined to the root (workers load that path)."""
+    dataset path joined to the root (workers load that path). The request's size is the
+    service edge's to check (check_request), before it decodes the spec."""
     graph = spec.model.graph
-    check_request(request_bytes, len(graph.nodes), config)
+    check_request(None, len(graph.nodes), config)
     check_train(spec, config)
     dataset = dataset_path(spec.dataset, config.data_root)
     total = sum(int(v.nbytes) for v in graph.initial_values.values())

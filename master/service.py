@@ -271,16 +271,16 @@ class Coordinator:
         return client
 
     # ---- jobs ---------------------------------------------------------------------------
-    def plan(self, spec: JobSpec, request_bytes: int | None = None) -> JobPlan:
-        return self._plan(limits.check_job(spec, self.config, request_bytes))
+    def plan(self, spec: JobSpec) -> JobPlan:
+        return self._plan(limits.check_job(spec, self.config))
 
     def _plan(self, spec: JobSpec) -> JobPlan:
         with self.lock:
             alive_ps = sum(1 for n in self.nodes.values() if n.role == "ps" and n.alive)
         return plan_job(spec, spec.train.num_shards or max(alive_ps, 1))
 
-    def submit(self, spec: JobSpec, owner: str = "", request_bytes: int | None = None) -> JobRecord:
-        spec = limits.check_job(spec, self.config, request_bytes)  # before any work: over a limit is INVALID_ARGUMENT
+    def submit(self, spec: JobSpec, owner: str = "") -> JobRecord:
+        spec = limits.check_job(spec, self.config)  # before any work: over a limit is INVALID_ARGUMENT
         plan = self._plan(spec)  # validate before recording anything: bad specs fail INVALID_ARGUMENT
         rec = self.store.create(spec.name or "job", jobcodec.job_spec_to_bytes(spec), {}, owner=owner)
         with self.lock:
@@ -1080,10 +1080,8 @@ class MasterServicer(master_pb2_grpc.MasterServicer):
     @rpc.guarded
     def SubmitJob(self, request, context):
         caller = current_caller()
-        size = request.ByteSize()
-        limits.check_request(size, len(request.spec.model.graph.nodes), self.c.config)  # before decoding the graph
-        return _status(self.c.submit(jobcodec.job_spec_from_proto(request.spec), owner=caller.name if caller else "",
-                                     request_bytes=size))
+        limits.check_request(request.ByteSize(), len(request.spec.model.graph.nodes), self.c.config)  # before decoding
+        return _status(self.c.submit(jobcodec.job_spec_from_proto(request.spec), owner=caller.name if caller else ""))
 
     def _own(self, job_id: str, what: str) -> None:
         """Only a job's submitter or an admin may ``what`` it (cancel, export, scale)."""
@@ -1138,9 +1136,8 @@ class MasterServicer(master_pb2_grpc.MasterServicer):
 
     @rpc.guarded
     def GetPlan(self, request, context):
-        size = request.ByteSize()
-        limits.check_request(size, len(request.spec.model.graph.nodes), self.c.config)  # before decoding the graph
-        plan = self.c.plan(jobcodec.job_spec_from_proto(request.spec), request_bytes=size)
+        limits.check_request(request.ByteSize(), len(request.spec.model.graph.nodes), self.c.config)  # before decoding
+        plan = self.c.plan(jobcodec.job_spec_from_proto(request.spec))
         resp = master_pb2.GetPlanResponse(text=plan.text, plan_json=json.dumps(plan.to_dict()))
         resp.graph.CopyFrom(codec.graph_to_proto(plan.graph))
         return resp

@@ -465,12 +465,6 @@ def test_prometheus_and_grafana_are_provisioned(compose):
 
 
 # ---- (d) the compose services' command lines, run locally ------------------------------------------
-def free_ports(n: int) -> list[int]:
-    # Outside the ephemeral range: a port the kernel picked for us and we closed again can
-    # be taken by any outgoing connection before the service binds it.
-    return [unused_port("0.0.0.0") for _ in range(n)]
-
-
 @dataclass
 class Instance:
     """One container of a compose service, as a local process."""
@@ -517,7 +511,9 @@ class LocalCompose:
         for inst in self.instances:
             fixed = sorted({int(v) for k, v in environment(inst.svc).items()
                             if k.startswith("PSTRAIN_") and k.endswith("PORT") and v.isdigit() and int(v) > 0})
-            inst.ports = dict(zip(fixed, free_ports(len(fixed))))
+            # Outside the ephemeral range (unused_port): a port the kernel picked and we closed
+            # again could be taken by any outgoing connection before the service binds it.
+            inst.ports = {p: unused_port("0.0.0.0") for p in fixed}
         for inst in self.instances:
             inst.env = self.environment(inst)
             inst.argv = local_argv(command(inst.svc))
