@@ -102,7 +102,8 @@ EXAMPLES = {
               "psctl train examples/graph_api.py --in-process -o line.npz"],
     "plot": ["psctl plot job-000001 -o curves.png"],
     "plan": ["psctl plan examples/mnist_mlp.py --ps 2", "psctl plan examples/eager_regression.py --png plan.png"],
-    "certs": ["psctl certs init ~/.pstrain/tls", "psctl certs init ./tls --host master.example.org --days 90"],
+    "certs": ["psctl certs init ./tls --host master.example.org --days 90",
+              "psctl certs init deploy/secrets --owner 10001"],
     "token": ["psctl token create alice", "psctl token create ops --admin --state-dir /srv/pstrain"],
 }
 
@@ -213,6 +214,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--days", type=_positive(int), default=365, help="validity of the role certificates (default 365)")
     c.add_argument("--role", action="append", choices=["master", "ps", "worker", "user"],
                    help="only this role (repeatable; default: all four)")
+    c.add_argument("--owner", metavar="UID[:GID]",
+                   help="give the services' keys and node token to this user (compose: 10001, the image's user; "
+                        "needs sudo, and the files you read stay yours)")
 
     c = command("token", token_create_command, "create a user token the master accepts")
     c.add_argument("action", choices=["create"], help="create: print a new token and store its hash")

@@ -6,28 +6,57 @@ import os
 
 from client.cli.common import EXIT_OK, CommandError
 from client.launchers import default_state_dir
-from pstrain.transport.security import CERT_ROLES, UserTokens, make_certificates, new_token, write_private
+from pstrain.transport.security import (
+    CERT_ROLES,
+    SERVICE_SECRETS,
+    USER_SECRETS,
+    UserTokens,
+    hand_over,
+    make_certificates,
+    make_cluster_tokens,
+)
 
 
 def certs_init_command(args) -> int:
     """A cluster CA and a certificate per role in DIR (an existing CA is reused), and the
-    cluster's tokens beside them (``node.token``, ``admin.token``; kept if present): the
-    complete set of secrets a cluster started by hand or by compose needs."""
+    cluster's tokens beside them (``node.token``, ``admin.token``, kept if present, and
+    ``tokens.json``, the admin token's digest for a master): the complete set of secrets a
+    cluster started by hand or by compose needs. ``--owner`` gives the services' private
+    files to the containers' user and, under sudo, the rest to the user who ran it."""
+    owner = _owner(args.owner) if args.owner else None
     try:
         written = make_certificates(args.directory, hosts=args.host or (), days=args.days,
                                     roles=args.role or CERT_ROLES)
-        for name in ("node.token", "admin.token"):
-            path = os.path.join(args.directory, name)
-            if not os.path.exists(path):
-                write_private(path, new_token() + "\n")
-                written.append(path)
+        written += make_cluster_tokens(args.directory)
     except (OSError, ValueError) as exc:
         raise CommandError(f"certs init: {exc}") from None
     for path in written:
         print(f"wrote {path}")
+    if owner is not None:
+        user = None
+        if os.geteuid() == 0 and os.environ.get("SUDO_UID", "").isdigit():
+            user = (int(os.environ["SUDO_UID"]), int(os.environ.get("SUDO_GID") or os.environ["SUDO_UID"]))
+        try:
+            given = hand_over(args.directory, owner, user)
+        except PermissionError:
+            raise CommandError(f"certs init --owner: only root may give files to uid {owner[0]}; run it with sudo "
+                               "(the files you read stay yours), or chown "
+                               f"{' '.join(SERVICE_SECRETS)} in {args.directory} yourself") from None
+        print(f"gave {', '.join(os.path.basename(p) for p in given)} to {owner[0]}:{owner[1]} (the services read "
+              f"them); {', '.join(USER_SECRETS)} stay "
+              f"{'yours' if user is None else str(user[0]) + ':' + str(user[1])}")
     print(f"start the cluster with --tls-dir {os.path.abspath(args.directory)} (or PSTRAIN_TLS_DIR); keep ca.key "
           "off the cluster's machines once every role has its certificate")
     return EXIT_OK
+
+
+def _owner(text: str) -> tuple[int, int]:
+    """``UID`` or ``UID:GID`` (numbers: the containers' user need not exist here)."""
+    uid, _, gid = text.partition(":")
+    if not uid.isdigit() or not (gid or uid).isdigit():
+        raise CommandError(f"certs init --owner: want UID or UID:GID in numbers (e.g. 10001, the image's user), "
+                           f"got {text!r}")
+    return int(uid), int(gid or uid)
 
 
 def token_create_command(args) -> int:

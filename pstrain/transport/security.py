@@ -38,6 +38,7 @@ import ipaddress
 import json
 import os
 import secrets
+import stat
 import threading
 from dataclasses import dataclass, field
 from typing import Iterable
@@ -75,11 +76,12 @@ def read_secret(value: str | None, path: str | None, what: str) -> str:
     return ""
 
 
-def write_private(path: str, text: str) -> None:
-    """Write ``text`` to ``path`` readable by its owner only (0600, from creation on)."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+def write_private(path: str, text: str, mode: int = 0o600) -> None:
+    """Write ``text`` to ``path`` with ``mode`` from creation on (by default readable by
+    its owner only)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
     try:
-        os.fchmod(fd, 0o600)
+        os.fchmod(fd, mode)
         os.write(fd, text.encode())
     finally:
         os.close(fd)
@@ -220,17 +222,32 @@ class UserTokens:
 
     @staticmethod
     def add(path: str, name: str, admin: bool = False) -> str:
-        """Create a token for user ``name`` in the file at ``path`` (0600); returns it."""
+        """Create a token for user ``name`` in the file at ``path``; returns it."""
+        token = new_token()
+        UserTokens.register(path, token, name, admin)
+        return token
+
+    @staticmethod
+    def register(path: str, token: str, name: str, admin: bool = False) -> bool:
+        """Record ``token`` (its digest only) for user ``name`` in the file at ``path``,
+        replaced atomically: a new file is 0600, a rewritten one keeps its mode. Returns
+        whether the file changed."""
         if not name or any(c.isspace() for c in name):
             raise ValueError(f"a user name must be non-empty without spaces, got {name!r}")
         entries = UserTokens._load(path)
-        token = new_token()
-        entries[token_digest(token)] = {"name": name, "admin": bool(admin)}
+        entry = {"name": name, "admin": bool(admin)}
+        if entries.get(token_digest(token)) == entry:
+            return False
+        entries[token_digest(token)] = entry
+        try:
+            mode = stat.S_IMODE(os.stat(path).st_mode)
+        except FileNotFoundError:
+            mode = 0o600
         os.makedirs(os.path.dirname(os.path.abspath(path)), mode=0o700, exist_ok=True)
         tmp = f"{path}.tmp"
-        write_private(tmp, json.dumps(entries, indent=1, sort_keys=True))
+        write_private(tmp, json.dumps(entries, indent=1, sort_keys=True), mode)
         os.replace(tmp, path)
-        return token
+        return True
 
     @staticmethod
     def _load(path: str) -> dict:
@@ -484,3 +501,54 @@ def make_certificates(directory: str, hosts: Iterable[str] = (), days: int = 365
             f.write(cert.public_bytes(serialization.Encoding.PEM))
         written += [crt_path, key_path]
     return written
+
+
+# What ``psctl certs init`` writes besides the certificates, and who reads what. The
+# cluster's services read their role's key and the node token; the master also reads
+# tokens.json, which holds only digests (SHA-256 of 256-bit random tokens: nothing to
+# guess from) and so may be read by anyone. The user reads user.key and admin.token, and
+# ca.key signs certificates. Compose mounts secrets with their host owner and mode, so the
+# services' private files must belong to the containers' user and the user's to the user:
+# no private file is read by both.
+SERVICE_SECRETS = tuple(f"{role}.key" for role in NODE_ROLES) + ("node.token",)
+USER_SECRETS = ("ca.key", "user.key", "admin.token")
+TOKENS_FILE = "tokens.json"
+
+
+def make_cluster_tokens(directory: str) -> list[str]:
+    """The cluster's node token and admin token in ``directory`` (0600; kept when present),
+    and ``tokens.json`` (0644, digests only) naming the admin token's holder the admin, so a
+    master given that file (``--tokens-file``) needs no copy of the token itself. Returns
+    the files written."""
+    written = []
+    for name in ("node.token", "admin.token"):
+        path = os.path.join(directory, name)
+        if not os.path.exists(path):
+            write_private(path, new_token() + "\n")
+            written.append(path)
+    users = os.path.join(directory, TOKENS_FILE)
+    fresh = not os.path.exists(users)
+    admin = read_secret(None, os.path.join(directory, "admin.token"), "admin token")
+    if UserTokens.register(users, admin, "admin", admin=True):
+        written.append(users)
+    if fresh:
+        os.chmod(users, 0o644)
+    return written
+
+
+def hand_over(directory: str, owner: tuple[int, int], user: tuple[int, int] | None = None) -> list[str]:
+    """Give the services' private files in ``directory`` (``SERVICE_SECRETS``) to
+    ``owner`` (uid, gid), e.g. the containers' user; with ``user``, the directory and every
+    other file to ``user`` (the person who ran ``sudo psctl certs init``). Changing an
+    owner needs root: PermissionError otherwise. Returns the files given to ``owner``."""
+    given = []
+    for name in sorted(os.listdir(directory)):
+        path = os.path.join(directory, name)
+        if name in SERVICE_SECRETS:
+            os.chown(path, *owner, follow_symlinks=False)
+            given.append(path)
+        elif user is not None:
+            os.chown(path, *user, follow_symlinks=False)
+    if user is not None:
+        os.chown(directory, *user)
+    return given

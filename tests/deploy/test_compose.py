@@ -22,6 +22,7 @@ import shlex
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import time
@@ -426,6 +427,25 @@ def test_state_lives_on_named_volumes_the_image_prepares(compose):
     assert env["master"].get("PSTRAIN_DB", "").startswith("/var/lib/pstrain/master/")
     assert env["ps-0"].get("PSTRAIN_CHECKPOINT_DIR") and env["worker"].get("PSTRAIN_CACHE")
     assert env["worker"].get("PSTRAIN_DEVICE") == "cpu"
+
+
+def test_no_private_file_is_read_by_both_a_container_and_the_user(compose, tmp_path):
+    """Compose mounts a secret with its owner and mode on the host, and the containers run
+    as the image's user: each private file ``psctl certs init`` writes is the services'
+    (``--owner`` gives them to that user) or the user's (the README's psctl commands read
+    them on the host), never both, and the documented owner is the image's uid."""
+    from pstrain.transport.security import SERVICE_SECRETS, USER_SECRETS, make_certificates, make_cluster_tokens
+
+    make_certificates(str(tmp_path))
+    make_cluster_tokens(str(tmp_path))
+    mounted = {Path(s["file"]).name for s in compose["secrets"].values()}
+    assert mounted <= set(os.listdir(tmp_path)), f"compose mounts files certs init does not write: {mounted}"
+    private = {n for n in mounted if stat.S_IMODE(os.stat(tmp_path / n).st_mode) & 0o077 == 0}
+    assert private == set(SERVICE_SECRETS), f"private files compose mounts: {sorted(private)}"
+    assert not mounted & set(USER_SECRETS), "a container would need a file the user reads"
+    uid = re.search(r"useradd\b[^\n]*--uid (\d+)", DOCKERFILE.read_text()).group(1)
+    for doc in (ROOT / "docker-compose.yml", ROOT / "README.md", ROOT / "deploy" / "README.md"):
+        assert f"certs init deploy/secrets --owner {uid}" in doc.read_text(), doc
 
 
 def test_one_image_for_every_role(compose):

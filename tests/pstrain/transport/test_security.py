@@ -7,7 +7,12 @@ refused on addresses other machines reach; token files and certificates 0600."""
 from __future__ import annotations
 
 import os
+import shutil
 import stat
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
 
 import grpc
 import pytest
@@ -25,14 +30,19 @@ from pstrain.transport import rpc
 from pstrain.transport.master_client import MasterClient
 from pstrain.transport.ps_client import ParameterServerClient
 from pstrain.transport.security import (
+    SERVICE_SECRETS,
     Authenticator,
+    Caller,
     Credentials,
     SecurityError,
     TLSFiles,
     UserTokens,
     make_certificates,
+    make_cluster_tokens,
     service_credentials,
 )
+
+ROOT = Path(__file__).resolve().parents[3]
 
 NODE = Credentials(node_token="node-secret")
 WRONG = Credentials(user_token="not-a-token", node_token="not-the-node-token")
@@ -218,6 +228,77 @@ def test_certificates_are_private(tls):
     for name in os.listdir(good):
         mode = stat.S_IMODE(os.stat(os.path.join(good, name)).st_mode)
         assert mode == (0o600 if name.endswith(".key") else mode), name
+
+
+def test_certs_init_gives_a_master_the_admin_token_as_a_digest(tmp_path):
+    """Compose's master reads tokens.json (digests only, 0644), never the admin token
+    itself, which stays the user's; running certs init again rewrites nothing."""
+    d = str(tmp_path / "secrets")
+    make_certificates(d)
+    written = make_cluster_tokens(d)
+    assert sorted(os.path.basename(p) for p in written) == ["admin.token", "node.token", "tokens.json"]
+    admin = (tmp_path / "secrets" / "admin.token").read_text().strip()
+    users = tmp_path / "secrets" / "tokens.json"
+    assert stat.S_IMODE(users.stat().st_mode) == 0o644 and admin not in users.read_text()
+    assert UserTokens(str(users)).lookup(admin) == Caller("user", "admin", admin=True)
+    before = users.stat().st_ino
+    assert make_cluster_tokens(d) == [] and users.stat().st_ino == before
+    bob = UserTokens.add(str(users), "bob")  # psctl token create --tokens-file: the file keeps its mode
+    assert stat.S_IMODE(users.stat().st_mode) == 0o644
+    assert UserTokens(str(users)).lookup(bob) == Caller("user", "bob", admin=False)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="giving files to another user needs root")
+def test_certs_init_owner_splits_the_files_between_the_services_and_the_user():
+    """``sudo psctl certs init DIR --owner 10001``: the services' keys and the node token go
+    to uid 10001 (compose's containers), everything else to the user who ran sudo, who then
+    reads the files psctl needs, and not the services' keys."""
+    base = tempfile.mkdtemp()
+    try:
+        os.chmod(base, 0o755)
+        d = os.path.join(base, "secrets")
+        run = subprocess.run([sys.executable, "-m", "client.cli", "certs", "init", d, "--owner", "10001"],
+                             cwd=ROOT, env=dict(os.environ, SUDO_UID="23456", SUDO_GID="23457"),
+                             capture_output=True, text=True, timeout=60)
+        assert run.returncode == 0, run.stderr
+        assert "gave master.key, node.token, ps.key, worker.key to 10001:10001" in run.stdout
+        owners = {n: (os.stat(os.path.join(d, n)).st_uid, os.stat(os.path.join(d, n)).st_gid) for n in os.listdir(d)}
+        assert {n for n, o in owners.items() if o == (10001, 10001)} == set(SERVICE_SECRETS)
+        assert {n for n, o in owners.items() if o != (10001, 10001)} == set(os.listdir(d)) - set(SERVICE_SECRETS)
+        assert all(o == (23456, 23457) for n, o in owners.items() if n not in SERVICE_SECRETS), owners
+        assert (os.stat(d).st_uid, os.stat(d).st_gid) == (23456, 23457)
+
+        def as_user():
+            os.setgroups([])
+            os.setgid(23457)
+            os.setuid(23456)
+
+        files = ["ca.crt", "user.crt", "user.key", "admin.token", "tokens.json", "master.key", "node.token"]
+        probe = subprocess.run(["/bin/sh", "-c", 'for f; do cat "$f" >/dev/null 2>&1 && echo "$f ok" || echo "$f no"; '
+                                "done", "sh"] + [os.path.join(d, f) for f in files], preexec_fn=as_user,
+                               capture_output=True, text=True, timeout=30)
+        seen = dict(line.rsplit(" ", 1) for line in probe.stdout.split("\n") if line)
+        assert {os.path.basename(f): v for f, v in seen.items()} == {
+            "ca.crt": "ok", "user.crt": "ok", "user.key": "ok", "admin.token": "ok", "tokens.json": "ok",
+            "master.key": "no", "node.token": "no"}, probe.stderr
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def test_certs_init_owner_without_root_says_to_use_sudo(tmp_path, monkeypatch, capsys):
+    from client.cli.common import CommandError
+    from client.cli.parser import build_parser
+
+    def refuse(*args, **kwargs):
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(os, "chown", refuse)
+    args = build_parser().parse_args(["certs", "init", str(tmp_path / "s"), "--owner", "10001:10002"])
+    with pytest.raises(CommandError, match="only root may give files to uid 10001; run it with sudo"):
+        args.func(args)
+    with pytest.raises(CommandError, match="want UID or UID:GID in numbers"):
+        args = build_parser().parse_args(["certs", "init", str(tmp_path / "s"), "--owner", "pstrain"])
+        args.func(args)
 
 
 def test_mutual_tls_end_to_end_and_refusals(tls, monkeypatch, tmp_path):
