@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import tempfile
 import threading
 import time
@@ -156,7 +157,14 @@ class Coordinator:
         self._last_tick = time.monotonic()
         self._stall = max(1.0, config.heartbeat_timeout / 2)  # a gap this long means this process stalled
         self._stop = threading.Event()
-        os.makedirs(self.export_dir, exist_ok=True)
+        # Finished jobs' weights: the master serves them only to their submitter or an admin
+        # (ExportModel), so the files are its own (0600, in a directory created 0700). Without
+        # a database file they go to a private temporary directory, removed on close.
+        self._temp_exports = self.config.db == ":memory:" and not self.config.export_dir
+        self.export_dir = (tempfile.mkdtemp(prefix="pstrain-exports-") if self._temp_exports
+                           else self.config.export_dir or os.path.join(os.path.dirname(os.path.abspath(self.config.db)),
+                                                                       "exports"))
+        os.makedirs(self.export_dir, mode=0o700, exist_ok=True)
         self.recovering: dict[str, Recovery] = {}
         self._recover_after_restart()
         # Every job's state, kept beside the store so a scrape never reads the whole table.
@@ -166,19 +174,14 @@ class Coordinator:
         self._monitor.start()
         threading.Thread(target=self._tick_loop, name="master-ticker", daemon=True).start()
 
-    @property
-    def export_dir(self) -> str:
-        if self.config.export_dir:
-            return self.config.export_dir
-        base = os.path.dirname(os.path.abspath(self.config.db)) if self.config.db != ":memory:" else None
-        return os.path.join(base or tempfile.gettempdir(), "exports")
-
     def close(self) -> None:
         self._stop.set()
         self._monitor.join(timeout=2)
         for c in self._ps_clients.values():
             c.close()
         self.store.close()
+        if self._temp_exports:
+            shutil.rmtree(self.export_dir, ignore_errors=True)
 
     # ---- nodes ------------------------------------------------------------------------
     def register(self, role: str, address: str, name: str, metrics_address: str,
@@ -484,7 +487,7 @@ class Coordinator:
         try:
             versions = [int(self._ps(a).status(job_id)["version"]) for a in rt.shards]
             config, names, weights = self._pull_weights(rt)
-            write_model(self._export_path(job_id), config, weights)
+            write_model(self._export_path(job_id), config, weights, mode=0o600)
             self._transition(job_id, JobState.SUCCEEDED)
             # The shards' versions count the updates applied (async: the pushes applied,
             # each once): what an exactly-once check compares with the steps run.

@@ -21,10 +21,11 @@ from pstrain.runtime.files import atomic_write
 FORMAT = "pstrain-model/1"
 
 
-def write_model(path: str | os.PathLike, config: dict, weights: Sequence[np.ndarray]) -> None:
-    """Write ``config`` and ``weights`` to ``path`` atomically (``read_model`` checks the format)."""
+def write_model(path: str | os.PathLike, config: dict, weights: Sequence[np.ndarray], mode: int = 0o644) -> None:
+    """Write ``config`` and ``weights`` to ``path`` atomically (``read_model`` checks the
+    format), with permission bits ``mode``."""
     arrays = {f"weight_{i}": np.asarray(w) for i, w in enumerate(weights)}
-    with atomic_write(path, mode=0o644) as f:
+    with atomic_write(path, mode=mode) as f:
         np.savez(f, __config__=np.frombuffer(json.dumps(config).encode(), np.uint8), **arrays)
 
 

@@ -76,7 +76,7 @@ def test_mnist_trains_over_mutual_tls_on_a_2x2_local_cluster(tmp_path):
     env = _user_env(tmp_path / "home")
     psctl(["certs", "init", tls], env)
     assert sorted(os.listdir(tls)) == sorted([f"{r}.{e}" for r in ("ca", "master", "ps", "worker", "user")
-                                              for e in ("crt", "key")] + ["admin.token", "node.token"])
+                                              for e in ("crt", "key")] + ["admin.token", "node.token", "tokens.json"])
     assert all(_mode(tls / name) == 0o600 for name in os.listdir(tls) if name.endswith((".key", ".token")))
     out = psctl(["train", MNIST_EXAMPLE, "--workers", "2", "--ps", "2", "--tls-dir", tls, "--json"], env, timeout=600)
     result = last_json(out.stdout)

@@ -6,6 +6,8 @@ parameter server, durability across a master restart, and GetPlan.
 from __future__ import annotations
 
 import json
+import os
+import stat
 import threading
 import time
 
@@ -358,7 +360,7 @@ def test_job_runs_on_registered_nodes_and_cancels(master, heartbeats, ps_server,
     assert job["id"] in wait_for(lambda: heartbeats.received(worker, "cancelled_jobs"))
 
 
-def test_job_succeeds_and_exports(master, heartbeats, ps_server, spec):
+def test_job_succeeds_and_exports(master, heartbeats, ps_server, spec, tmp_path):
     ps_address, _ = ps_server
     c = master.client()
     job_id, _, worker = start_job(c, heartbeats, spec, ps_address)
@@ -377,6 +379,20 @@ def test_job_succeeds_and_exports(master, heartbeats, ps_server, spec):
     assert config == json.loads(spec.model.model_config_json)
     for name, w in zip(names, weights):  # nothing was pushed: the initial values
         np.testing.assert_array_equal(w, codec.tensor_from_proto(spec.model.graph.initial_values[name]))
+    # The weights on disk are the master's alone: it serves them to the submitter or an admin.
+    assert stat.S_IMODE(os.stat(tmp_path / "exports").st_mode) == 0o700
+    assert stat.S_IMODE(os.stat(tmp_path / "exports" / f"{job_id}.npz").st_mode) == 0o600
+
+
+def test_a_master_without_a_database_file_exports_into_a_private_directory_of_its_own():
+    """Not a fixed /tmp/exports, which another user could create first and read or write."""
+    servers = [serve(MasterConfig(port=0, db=":memory:", metrics_port=-1)) for _ in range(2)]
+    dirs = [coordinator.export_dir for _, _, coordinator in servers]
+    for server, _, coordinator in servers:
+        assert stat.S_IMODE(os.stat(coordinator.export_dir).st_mode) == 0o700
+        server.stop(grace=None).wait(5)
+        coordinator.close()
+    assert dirs[0] != dirs[1] and not any(os.path.exists(d) for d in dirs)
 
 
 def test_losing_the_only_worker_fails_the_job_when_no_process_takes_it_over(tmp_path, ps_server, spec):

@@ -374,6 +374,15 @@ def test_a_client_that_cannot_connect_is_told_why(tls, tmp_path):
             assert message.startswith(f"cannot reach the pstrain master at {address}: ") and says in message, message
             assert ("psctl up" in message) == (says == "nothing listens at"), message
             assert "failed to connect to all addresses" not in message, message
+        # psctl itself prints that one line and nothing of gRPC's own logging before it.
+        psctl = Path(sys.executable).with_name("psctl")
+        env = {k: v for k, v in os.environ.items() if k != "GRPC_VERBOSITY"}
+        run = subprocess.run([str(psctl), "list", "--master", tls_address, "--connect-timeout", "1"],
+                             env=dict(env, PSTRAIN_TLS_DIR=other, PSTRAIN_TOKEN="t"), capture_output=True, text=True,
+                             timeout=60)
+        assert run.returncode == 3 and run.stderr.startswith(
+            f"psctl: error: cannot reach the pstrain master at {tls_address}: the TLS handshake with"), run.stderr
+        assert len(run.stderr.splitlines()) == 1, run.stderr
     finally:
         for server, coordinator in servers:
             server.stop(grace=None).wait(5)
