@@ -22,7 +22,7 @@ from client.cli.jobs import (
     submit_command,
 )
 from client.cli.plan import plan_command
-from client.cli.security import certs_init_command, token_create_command
+from client.cli.security import certs_init_command, token_command
 from client.cli.train import train_command
 from client.job import MODES
 from client.launchers import DEFAULT_LAUNCHER, DEVICES, LAUNCHERS, launcher_class
@@ -104,7 +104,7 @@ EXAMPLES = {
     "plan": ["psctl plan examples/mnist_mlp.py --ps 2", "psctl plan examples/eager_regression.py --png plan.png"],
     "certs": ["psctl certs init ./tls --host master.example.org --days 90",
               "psctl certs init deploy/secrets --owner 10001"],
-    "token": ["psctl token create alice", "psctl token create ops --admin --state-dir /srv/pstrain"],
+    "token": ["psctl token create ops --admin --state-dir /srv/pstrain", "psctl token revoke alice"],
 }
 
 
@@ -218,9 +218,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="give the services' keys and node token to this user (compose: 10001, the image's user; "
                         "needs sudo, and the files you read stay yours)")
 
-    c = command("token", token_create_command, "create a user token the master accepts")
-    c.add_argument("action", choices=["create"], help="create: print a new token and store its hash")
-    c.add_argument("name", help="the user's name (jobs they submit are theirs)")
+    c = command("token", token_command, "create, list or revoke the user tokens the master accepts")
+    c.add_argument("action", choices=["create", "list", "revoke"],
+                   help="create: print a new token and store its hash; list: the users; revoke: every token of a user")
+    c.add_argument("name", nargs="?", help="the user's name (jobs they submit are theirs)")
     c.add_argument("--admin", action="store_true", help="may cancel and export anyone's jobs")
     c.add_argument("--state-dir", help="the cluster's state directory (its tokens.json; default $PSTRAIN_HOME or "
                                        "~/.pstrain/cluster)")

@@ -3,8 +3,9 @@ users' tokens (see ``pstrain.transport.security``)."""
 from __future__ import annotations
 
 import os
+import sys
 
-from client.cli.common import EXIT_OK, CommandError
+from client.cli.common import EXIT_OK, EXIT_USAGE, CommandError
 from client.launchers import default_state_dir
 from pstrain.transport.security import (
     CERT_ROLES,
@@ -55,19 +56,39 @@ def _owner(text: str) -> tuple[int, int]:
     uid, _, gid = text.partition(":")
     if not uid.isdigit() or not (gid or uid).isdigit():
         raise CommandError(f"certs init --owner: want UID or UID:GID in numbers (e.g. 10001, the image's user), "
-                           f"got {text!r}")
+                           f"got {text!r}", EXIT_USAGE)
     return int(uid), int(gid or uid)
 
 
-def token_create_command(args) -> int:
-    """A new user token, stored (as its hash) in the master's token file; printed once."""
+def token_command(args) -> int:
+    """``psctl token create NAME`` (a new user token, stored as its hash in the master's
+    token file and printed once), ``token list`` (the users and how many tokens each has)
+    and ``token revoke NAME`` (every token of that user; a running master refuses them
+    from its next call, as it rereads the file when it changes)."""
     path = args.tokens_file or os.path.join(os.path.abspath(os.path.expanduser(args.state_dir or default_state_dir())),
                                             "tokens.json")
+    if args.action != "list" and not args.name:
+        raise CommandError(f"token {args.action}: give the user's name", EXIT_USAGE)
     try:
-        token = UserTokens.add(path, args.name, admin=args.admin)
+        if args.action == "create":
+            token = UserTokens.add(path, args.name, admin=args.admin)
+        elif args.action == "revoke":
+            count = UserTokens.revoke(path, args.name)
+        else:
+            users = UserTokens.users(path)
     except (OSError, ValueError) as exc:
-        raise CommandError(f"token create: {exc}") from None
-    print(token)
-    print(f"# user '{args.name}'{' (admin)' if args.admin else ''}, stored in {path}; give it to the user as "
-          "PSTRAIN_TOKEN (it is shown only now)", file=__import__("sys").stderr)
+        raise CommandError(f"token {args.action}: {exc}") from None
+    if args.action == "create":
+        print(token)
+        print(f"# user '{args.name}'{' (admin)' if args.admin else ''}, stored in {path}; give it to the user as "
+              "PSTRAIN_TOKEN (it is shown only now)", file=sys.stderr)
+    elif args.action == "revoke":
+        if not count:
+            raise CommandError(f"token revoke: no token of user '{args.name}' in {path}", EXIT_USAGE)
+        print(f"revoked {count} token{'s' if count > 1 else ''} of '{args.name}' in {path}; a master reading that file "
+              "refuses them from its next call")
+    else:
+        print(f"{'USER':<24} {'ADMIN':<6} TOKENS")
+        for name, user in sorted(users.items()):
+            print(f"{name:<24} {'yes' if user['admin'] else 'no':<6} {user['tokens']}")
     return EXIT_OK

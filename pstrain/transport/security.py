@@ -239,6 +239,32 @@ class UserTokens:
         if entries.get(token_digest(token)) == entry:
             return False
         entries[token_digest(token)] = entry
+        UserTokens._save(path, entries)
+        return True
+
+    @staticmethod
+    def revoke(path: str, name: str) -> int:
+        """Remove every token of user ``name`` from the file at ``path`` (a master reading
+        it refuses them from its next call on); returns how many there were."""
+        entries = UserTokens._load(path)
+        kept = {digest: entry for digest, entry in entries.items() if entry.get("name") != name}
+        if len(kept) < len(entries):
+            UserTokens._save(path, kept)
+        return len(entries) - len(kept)
+
+    @staticmethod
+    def users(path: str) -> dict[str, dict]:
+        """{name: {"tokens": how many, "admin": whether any of them is an admin's}}."""
+        found: dict[str, dict] = {}
+        for entry in UserTokens._load(path).values():
+            user = found.setdefault(str(entry.get("name", "?")), {"tokens": 0, "admin": False})
+            user["tokens"] += 1
+            user["admin"] = user["admin"] or bool(entry.get("admin", False))
+        return found
+
+    @staticmethod
+    def _save(path: str, entries: dict) -> None:
+        """Replace the file atomically: a new one is 0600, a rewritten one keeps its mode."""
         try:
             mode = stat.S_IMODE(os.stat(path).st_mode)
         except FileNotFoundError:
@@ -247,7 +273,6 @@ class UserTokens:
         tmp = f"{path}.tmp"
         write_private(tmp, json.dumps(entries, indent=1, sort_keys=True), mode)
         os.replace(tmp, path)
-        return True
 
     @staticmethod
     def _load(path: str) -> dict:

@@ -190,6 +190,30 @@ def test_a_user_token_created_while_the_master_runs_is_accepted(secured, tmp_pat
         assert carol.user_token not in f.read()  # only digests are stored
 
 
+def test_a_revoked_token_is_refused_by_the_running_master(secured, tmp_path):
+    """psctl token revoke NAME takes every token of that user out of the master's file;
+    the master refuses them from the next call, and the other users keep theirs."""
+    tokens = str(tmp_path / "tokens.json")
+    second = Credentials(user_token=UserTokens.add(tokens, "alice"))
+    assert secured.master(secured.alice).list() is not None and secured.master(second).list() is not None
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PSTRAIN_")}
+    listed = subprocess.run([sys.executable, "-m", "client.cli", "token", "list", "--tokens-file", tokens], cwd=ROOT,
+                            env=env, capture_output=True, text=True, timeout=60)
+    assert listed.returncode == 0 and [line.split() for line in listed.stdout.splitlines()] == [
+        ["USER", "ADMIN", "TOKENS"], ["alice", "no", "2"], ["bob", "no", "1"]], listed.stdout
+    revoked = subprocess.run([sys.executable, "-m", "client.cli", "token", "revoke", "alice", "--tokens-file", tokens],
+                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert revoked.returncode == 0 and "revoked 2 tokens of 'alice'" in revoked.stdout, revoked.stderr
+    for creds in (secured.alice, second):
+        with pytest.raises(grpc.RpcError) as refused:
+            secured.master(creds).list()
+        assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert secured.master(secured.bob).list() is not None
+    again = subprocess.run([sys.executable, "-m", "client.cli", "token", "revoke", "alice", "--tokens-file", tokens],
+                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert again.returncode == 2 and "no token of user 'alice'" in again.stderr
+
+
 def test_tokens_are_checked_in_constant_time_against_digests():
     auth = Authenticator({"/pstrain.Master/ListJobs": "user"}, node_token="n", users=UserTokens("", "adm"))
     caller, code, _ = auth.check("/pstrain.Master/ListJobs", [("authorization", "Bearer adm")], {})
