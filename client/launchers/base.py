@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 
 STATE_FILE = "cluster.json"
 TARGETS_FILE = "prometheus-targets.json"  # file_sd targets of every role (see write_scrape_targets)
+METRICS_TOKEN_FILE = "metrics.token"  # the bearer token every /metrics of the cluster asks for (0600)
 ROLES = ("master", "ps", "worker")
 STOP_ORDER = ("worker", "ps", "master")  # workers first, so no one pushes to a stopped shard
 DEVICES = (Device.CPU.value, Device.CUDA.value, Device.AUTO.value)  # what a cluster's workers may run on
@@ -164,18 +165,23 @@ class ClusterHandle:
     # -- credentials --------------------------------------------------------------------------------
     def make_secrets(self) -> None:
         """The cluster's tokens, made once: the environment's when set (``PSTRAIN_NODE_TOKEN``,
-        ``PSTRAIN_ADMIN_TOKEN``), else new random ones."""
+        ``PSTRAIN_ADMIN_TOKEN``, ``PSTRAIN_METRICS_TOKEN``), else new random ones. Every
+        /metrics of the cluster asks for the metrics token: the cluster's numbers (jobs,
+        losses, addresses) are not for every user of the machine."""
+        from protos.observability import metrics_token
         from pstrain.transport.security import admin_token_from_env, new_token, node_token_from_env
 
         if not self.secrets.get("node_token"):
             self.secrets["node_token"] = node_token_from_env() or new_token()
         if not self.secrets.get("token"):
             self.secrets["token"] = admin_token_from_env() or new_token()
+        if not self.secrets.get("metrics_token"):
+            self.secrets["metrics_token"] = metrics_token() or new_token()
 
     def service_env(self, role: str) -> dict[str, str]:
         """What a service of ``role`` needs in its environment to join the cluster."""
         self.make_secrets()
-        env = {"PSTRAIN_NODE_TOKEN": self.secrets["node_token"]}
+        env = {"PSTRAIN_NODE_TOKEN": self.secrets["node_token"], "PSTRAIN_METRICS_TOKEN": self.secrets["metrics_token"]}
         if role == "master":
             env["PSTRAIN_ADMIN_TOKEN"] = self.secrets["token"]
         if self.spec is not None and self.spec.tls_dir:
@@ -276,9 +282,14 @@ def user_credentials(master: str, state_dir: str | None = None):
 def write_scrape_targets(handle: ClusterHandle, nodes: list[dict]) -> str:
     """Write ``<state_dir>/prometheus-targets.json``: every role's /metrics address in
     Prometheus' file_sd format (a ``file_sd_configs`` entry watching it makes one
-    Prometheus scrape the whole cluster, wherever its processes run). ``nodes`` are the
-    master's ListNodes records; the master's own address comes from the handle. Labels:
-    ``role`` and ``node`` (the worker's name, else ``ps-<index>``), stable across restarts."""
+    Prometheus scrape the whole cluster, wherever its processes run), and beside it
+    ``metrics.token`` (0600), the bearer token those endpoints ask for (the scrape job's
+    ``authorization: {credentials_file: ...}``). ``nodes`` are the master's ListNodes
+    records; the master's own address comes from the handle. Labels: ``role`` and
+    ``node`` (the worker's name, else ``ps-<index>``), stable across restarts."""
+    if handle.secrets.get("metrics_token"):
+        with atomic_write(os.path.join(handle.state_dir, METRICS_TOKEN_FILE), text=True, mode=0o600) as f:
+            f.write(handle.secrets["metrics_token"] + "\n")
     groups = []
     if handle.metrics_address:
         groups.append({"targets": [handle.metrics_address], "labels": {"role": "master", "node": "master"}})

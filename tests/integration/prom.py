@@ -89,9 +89,11 @@ class PrometheusServer:
 
 @contextlib.contextmanager
 def prometheus_server(targets: list[str], scrape_interval: str = "1s", start_timeout: float = 60.0,
-                      directory: str | None = None, targets_file: str | None = None) -> Iterator[PrometheusServer]:
+                      directory: str | None = None, targets_file: str | None = None,
+                      credentials_file: str | None = None) -> Iterator[PrometheusServer]:
     """Run Prometheus scraping ``targets`` for the ``with`` block (see the module docstring);
-    or, with ``targets_file``, the file_sd targets someone else writes there (a launcher's)."""
+    or, with ``targets_file``, the file_sd targets someone else writes there (a launcher's).
+    ``credentials_file``: the bearer token the targets ask for (a launcher's metrics.token)."""
     binary = prometheus_binary()
     if binary is None:
         raise RuntimeError("the prometheus binary is not on PATH (Debian: apt-get install prometheus)")
@@ -106,6 +108,8 @@ def prometheus_server(targets: list[str], scrape_interval: str = "1s", start_tim
                 "file_sd_configs": [{"files": [targets_file], "refresh_interval": "1s"}],
             }],
         }
+        if credentials_file:
+            config["scrape_configs"][0]["authorization"] = {"credentials_file": credentials_file}
         with open(config_path, "w") as f:
             json.dump(config, f, indent=2)
         port = unused_port()

@@ -10,6 +10,7 @@ that agree with the jobs' recorded progress.
 """
 from __future__ import annotations
 
+import os
 import time
 
 import pytest
@@ -62,7 +63,7 @@ def scraped(tmp_path_factory):
         try:
             targets = cluster_targets(handle, client)
             assert len(targets) == 5, f"expected the master, 2 shards and 2 workers to serve /metrics: {targets}"
-            with prometheus_server(targets) as prom:
+            with prometheus_server(targets, credentials_file=os.path.join(handle.state_dir, "metrics.token")) as prom:
                 prom.wait_for("up == 1", lambda r: len(r) == len(targets), timeout=30)
                 # Submitted together: the async job waits (PENDING) for the sync job's workers.
                 sync_id = client.submit(_digits_spec("sync", "prom-sync"))["id"]

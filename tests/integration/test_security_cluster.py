@@ -8,6 +8,8 @@ from __future__ import annotations
 import json
 import os
 import stat
+import urllib.error
+import urllib.request
 
 import pytest
 
@@ -53,6 +55,16 @@ def test_psctl_up_keeps_the_tokens_private_and_psctl_finds_them(cluster, tmp_pat
     for log in (state / "logs").iterdir():
         assert _mode(log) == 0o600, log
         assert token not in log.read_text() and node_token not in log.read_text()
+    # /metrics asks every caller for the cluster's metrics token, kept 0600 for a Prometheus.
+    metrics_token = (state / "metrics.token").read_text().strip()
+    assert _mode(state / "metrics.token") == 0o600 and metrics_token == handle["secrets"]["metrics_token"]
+    url = f"http://{handle['metrics_address']}/metrics"
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(url, timeout=10)
+    assert refused.value.code == 401
+    with urllib.request.urlopen(urllib.request.Request(url, headers={"Authorization": f"Bearer {metrics_token}"}),
+                                timeout=10) as answer:
+        assert b"pstrain_" in answer.read()
     assert last_json(psctl(["list", "--json"], env).stdout) == []  # the admin token, from the state file
     refused = psctl(["list", "--json"], dict(env, PSTRAIN_TOKEN="wrong"), check=False)
     assert refused.returncode != 0 and "UNAUTHENTICATED: ListJobs needs a user token" in refused.stderr

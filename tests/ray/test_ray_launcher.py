@@ -214,7 +214,8 @@ def test_one_prometheus_scrapes_every_role_from_the_launchers_file_sd_targets(ra
     handle = _start(launcher, tmp_path / "c", workers=1, ps=1)
     try:
         targets = os.path.join(handle.state_dir, "prometheus-targets.json")
-        with prometheus_server([], targets_file=targets, directory=str(tmp_path)) as prom:
+        with prometheus_server([], targets_file=targets, directory=str(tmp_path),
+                               credentials_file=os.path.join(handle.state_dir, "metrics.token")) as prom:
             up = prom.wait_for("up == 1", lambda r: len(r) == 3)
             assert sorted((r["metric"]["role"], r["metric"]["node"]) for r in up) == \
                 [("master", "master"), ("ps", "ps-0"), ("worker", "worker-0")], up
