@@ -29,6 +29,8 @@ def certs_init_command(args) -> int:
         written = make_certificates(args.directory, hosts=args.host or (), days=args.days,
                                     roles=args.role or CERT_ROLES)
         written += make_cluster_tokens(args.directory)
+    except PermissionError as exc:
+        raise CommandError(f"certs init: {_not_yours(exc)}") from None
     except (OSError, ValueError) as exc:
         raise CommandError(f"certs init: {exc}") from None
     for path in written:
@@ -49,6 +51,18 @@ def certs_init_command(args) -> int:
     print(f"start the cluster with --tls-dir {os.path.abspath(args.directory)} (or PSTRAIN_TLS_DIR); keep ca.key "
           "off the cluster's machines once every role has its certificate")
     return EXIT_OK
+
+
+def _not_yours(exc: PermissionError) -> str:
+    """What a refused write in the directory means: usually a file ``--owner`` gave away."""
+    try:
+        uid = os.stat(exc.filename).st_uid
+    except (OSError, TypeError):
+        return str(exc)
+    if uid == os.geteuid():
+        return str(exc)
+    return (f"cannot write {exc.filename}: it belongs to uid {uid} (certs init --owner gives the services' files "
+            "to the containers' user); run it with sudo, and --owner again")
 
 
 def _owner(text: str) -> tuple[int, int]:

@@ -305,6 +305,11 @@ def test_certs_init_owner_splits_the_files_between_the_services_and_the_user():
         assert {os.path.basename(f): v for f, v in seen.items()} == {
             "ca.crt": "ok", "user.crt": "ok", "user.key": "ok", "admin.token": "ok", "tokens.json": "ok",
             "master.key": "no", "node.token": "no"}, probe.stderr
+        # Running it again without sudo cannot rewrite the services' keys, and says why.
+        from client.cli.security import _not_yours
+
+        said = _not_yours(PermissionError(13, "Permission denied", os.path.join(d, "worker.key")))
+        assert "belongs to uid 10001" in said and "run it with sudo" in said, said
     finally:
         shutil.rmtree(base, ignore_errors=True)
 
