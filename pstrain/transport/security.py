@@ -228,10 +228,10 @@ class UserTokens:
         return token
 
     @staticmethod
-    def register(path: str, token: str, name: str, admin: bool = False) -> bool:
+    def register(path: str, token: str, name: str, admin: bool = False, mode: int = 0o600) -> bool:
         """Record ``token`` (its digest only) for user ``name`` in the file at ``path``,
-        replaced atomically: a new file is 0600, a rewritten one keeps its mode. Returns
-        whether the file changed."""
+        replaced atomically: a new file gets ``mode``, a rewritten one keeps its own.
+        Returns whether the file changed."""
         if not name or any(c.isspace() for c in name):
             raise ValueError(f"a user name must be non-empty without spaces, got {name!r}")
         entries = UserTokens._load(path)
@@ -239,7 +239,7 @@ class UserTokens:
         if entries.get(token_digest(token)) == entry:
             return False
         entries[token_digest(token)] = entry
-        UserTokens._save(path, entries)
+        UserTokens._save(path, entries, mode)
         return True
 
     @staticmethod
@@ -263,12 +263,12 @@ class UserTokens:
         return found
 
     @staticmethod
-    def _save(path: str, entries: dict) -> None:
-        """Replace the file atomically: a new one is 0600, a rewritten one keeps its mode."""
+    def _save(path: str, entries: dict, mode: int = 0o600) -> None:
+        """Replace the file atomically: a new one gets ``mode``, a rewritten one keeps its own."""
         try:
             mode = stat.S_IMODE(os.stat(path).st_mode)
         except FileNotFoundError:
-            mode = 0o600
+            pass
         os.makedirs(os.path.dirname(os.path.abspath(path)), mode=0o700, exist_ok=True)
         tmp = f"{path}.tmp"
         write_private(tmp, json.dumps(entries, indent=1, sort_keys=True), mode)
@@ -552,12 +552,9 @@ def make_cluster_tokens(directory: str) -> list[str]:
             write_private(path, new_token() + "\n")
             written.append(path)
     users = os.path.join(directory, TOKENS_FILE)
-    fresh = not os.path.exists(users)
     admin = read_secret(None, os.path.join(directory, "admin.token"), "admin token")
-    if UserTokens.register(users, admin, "admin", admin=True):
+    if UserTokens.register(users, admin, "admin", admin=True, mode=0o644):
         written.append(users)
-    if fresh:
-        os.chmod(users, 0o644)
     return written
 
 

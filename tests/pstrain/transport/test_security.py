@@ -197,20 +197,22 @@ def test_a_revoked_token_is_refused_by_the_running_master(secured, tmp_path):
     second = Credentials(user_token=UserTokens.add(tokens, "alice"))
     assert secured.master(secured.alice).list() is not None and secured.master(second).list() is not None
     env = {k: v for k, v in os.environ.items() if not k.startswith("PSTRAIN_")}
-    listed = subprocess.run([sys.executable, "-m", "client.cli", "token", "list", "--tokens-file", tokens], cwd=ROOT,
-                            env=env, capture_output=True, text=True, timeout=60)
+
+    def token(*args):
+        return subprocess.run([sys.executable, "-m", "client.cli", "token", *args, "--tokens-file", tokens], cwd=ROOT,
+                              env=env, capture_output=True, text=True, timeout=60)
+
+    listed = token("list")
     assert listed.returncode == 0 and [line.split() for line in listed.stdout.splitlines()] == [
         ["USER", "ADMIN", "TOKENS"], ["alice", "no", "2"], ["bob", "no", "1"]], listed.stdout
-    revoked = subprocess.run([sys.executable, "-m", "client.cli", "token", "revoke", "alice", "--tokens-file", tokens],
-                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    revoked = token("revoke", "alice")
     assert revoked.returncode == 0 and "revoked 2 tokens of 'alice'" in revoked.stdout, revoked.stderr
     for creds in (secured.alice, second):
         with pytest.raises(grpc.RpcError) as refused:
             secured.master(creds).list()
         assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
     assert secured.master(secured.bob).list() is not None
-    again = subprocess.run([sys.executable, "-m", "client.cli", "token", "revoke", "alice", "--tokens-file", tokens],
-                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    again = token("revoke", "alice")
     assert again.returncode == 2 and "no token of user 'alice'" in again.stderr
 
 
